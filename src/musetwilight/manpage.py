@@ -1,0 +1,83 @@
+"""``musetwilight man``: the recipe's manual page, in the manner of ``esorex --man-page``."""
+
+from __future__ import annotations
+
+import argparse
+import textwrap
+
+from . import __version__
+from .frames import PRODUCTS, TAG_RULES
+from .params import PARAMETERS, format_value
+
+SYNOPSIS = ("Combine several twilight skyflats into one cube, compute correction factors for each "
+            "IFU, and create a smooth 3D illumination correction.")
+
+DESCRIPTION = (
+    "Processing first handles each raw input image separately: it trims the raw data and records "
+    "the overscan statistics, subtracts the bias (taking account of the overscan, if --overscan is "
+    'not "none"), converts the images from adu to count, subtracts the dark, divides by the '
+    "flat-field and combines all the exposures using input parameters. The input calibrations "
+    "geometry table, trace table, and wavelength calibration table are used to assign 3D "
+    "coordinates to each CCD-based pixel, thereby creating a pixel table from the master sky-flat. "
+    "These pixel tables are then cut in wavelength using the --lambdamin and --lambdamax "
+    "parameters. The integrated flux in each IFU is computed as the sum of the data in the pixel "
+    "table, and saved in the header, to be used later as estimate for the relative throughput of "
+    "each IFU. If an ILLUM exposure was given as input, it is then used to correct the relative "
+    "illumination between all slices of one IFU. The pixel tables of all IFUs are then merged, "
+    "using the integrated fluxes as inverse scaling factors, and a cube is reconstructed from the "
+    "merged dataset. A white-light image is created from the cube; this skyflat cube is saved as "
+    "DATACUBE_SKYFLAT. To construct a smooth 3D illumination correction, each plane of the cube "
+    "is smoothed (5x7 median filter), normalized, fit with a 2D polynomial and normalized again. "
+    "If a vignetting mask was given or NFM data is processed, the vignetted area near the field "
+    "edge is modelled separately and multiplied onto each plane, normalizing each plane again. "
+    "The result is saved as TWILIGHT_CUBE."
+)
+
+
+def render(show_hidden: bool = False, width: int = 80) -> str:
+    """The whole manual page as text."""
+    wrap = textwrap.TextWrapper(width=width, initial_indent="  ", subsequent_indent="  ")
+    lines = [
+        "NAME",
+        f"  muse_twilight -- {SYNOPSIS}",
+        "",
+        "SYNOPSIS",
+        "  musetwilight run [--<parameter>=<value> ...] [--output-dir DIR] sof",
+        "",
+        "DESCRIPTION",
+        wrap.fill(DESCRIPTION),
+        "",
+        '  Input frames for raw frame tag "SKYFLAT":',
+        "",
+        f"   {'Frame tag':<20} {'Type':<5} Req #Fr Description",
+        f"   {'-' * 20} {'-' * 4} --- --- {'-' * 11}",
+    ]
+    for rule in TAG_RULES:
+        required = "Y" if rule.minimum > 0 else "."
+        count = f">={rule.minimum}" if rule.maximum is None and rule.minimum > 1 else (
+            "" if rule.maximum is None else str(rule.maximum))
+        lines.append(f"   {rule.tag:<20} {rule.group:<5} {required:>2}  {count:>3} {rule.description}")
+    lines += ["", '  Product frames for raw frame tag "SKYFLAT":', "",
+              f"   {'Frame tag':<20} {'Level':<8} Description", f"   {'-' * 20} {'-' * 8} {'-' * 11}"]
+    for tag, description in PRODUCTS:
+        lines.append(f"   {tag:<20} {'final':<8} {description}")
+    lines += ["", "OPTIONS", "  The following options are provided by this recipe.", ""]
+    option_wrap = textwrap.TextWrapper(width=width, subsequent_indent=" " * 26)
+    for parameter in PARAMETERS:
+        if parameter.expert and not show_hidden:
+            continue
+        allowed = f" <{' | '.join(parameter.choices)}>" if parameter.choices else ""
+        text = f"  --{parameter.name:<20}: {parameter.help}{allowed} [{format_value(parameter.default)}]"
+        lines.append(option_wrap.fill(text))
+    lines += ["", "RELEASE", f"  musetwilight {__version__} (parameters of ESO muse_twilight 2.8.7)", ""]
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--show-hidden", action="store_true",
+                        help="also list the expert parameters (vign*), as esorex --show-hidden")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    print(render(show_hidden=args.show_hidden))
+    return 0
