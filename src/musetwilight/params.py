@@ -287,3 +287,37 @@ def format_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
+
+
+def config_text(settings: Mapping[str, Any] | None = None) -> str:
+    """An EsoRex-style recipe configuration (``muse.muse_twilight.name=value`` lines)."""
+    import textwrap
+
+    values = settings or {p.name: p.default for p in PARAMETERS}
+    blocks = [f"# Configuration of {RECIPE} (musetwilight), EsoRex format\n"]
+    for parameter in PARAMETERS:
+        allowed = f" <{' | '.join(parameter.choices)}>" if parameter.choices else ""
+        comment = textwrap.fill(parameter.help + allowed, width=77, initial_indent="# ",
+                                subsequent_indent="# ")
+        blocks.append(f"# --{parameter.name}\n{comment}\n"
+                      f"{parameter.fullname}={format_value(values[parameter.name])}\n")
+    return "\n".join(blocks)
+
+
+def read_config(path: str) -> dict[str, Any]:
+    """Parameter values from an EsoRex-style configuration file (validated)."""
+    values: dict[str, Any] = {}
+    with open(path) as handle:
+        for number, line in enumerate(handle, start=1):
+            content = line.split("#", 1)[0].strip()
+            if not content:
+                continue
+            name, sep, value = content.partition("=")
+            if not sep:
+                raise ParameterError(f"{path}, line {number}: expected name=value, found {content!r}")
+            try:
+                parameter = lookup(name.strip())
+                values[parameter.name] = parameter.convert(value.strip())
+            except ParameterError as err:
+                raise ParameterError(f"{path}, line {number}: {err}") from None
+    return values
