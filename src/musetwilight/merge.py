@@ -1,0 +1,213 @@
+"""Per-IFU pixel-table post-processing and the flux-scaled merge of all IFUs.
+
+After the pixel table of each IFU exists, muse_twilight
+- multiplies each slice by the normalised inverse median of an ILLUM exposure (if given),
+- cuts the table to [lambdamin, lambdamax],
+- records the integrated flux of each IFU (``ESO DRS MUSE FLAT FLUX SKYn`` and
+  ``ESO QC TWILIGHTn INTFLUX``) and divides each IFU by its flux relative to the
+  reference IFU (IFU 1 in ESO), and
+- concatenates the tables.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, fields, replace
+from typing import Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+ILLUM_LAMBDA_RANGE = (6500.0, 7500.0)  # Angstrom, range used for the ILLUM slice medians
+NUM_IFUS = 24
+FLUX_SKY = "HIERARCH ESO DRS MUSE FLAT FLUX SKY{}"
+QC_INTFLUX = "HIERARCH ESO QC TWILIGHT{} INTFLUX"
+ILLUM_SLICE = "HIERARCH ESO DRS MUSE PIXTABLE ILLUM{}"
+ILLUM_MEAN = "HIERARCH ESO DRS MUSE PIXTABLE ILLUM MEAN"
+ILLUM_STDEV = "HIERARCH ESO DRS MUSE PIXTABLE ILLUM STDEV"
+
+
+class MergeError(RuntimeError):
+    """The pixel tables cannot be merged into a cube."""
+
+
+def cpl_median(values: np.ndarray) -> float:
+    """Median as CPL computes it for a float column: mean of the middle pair as lo + (hi - lo) / 2."""
+    values = np.asarray(values)
+    n = values.size
+    if n == 0:
+        return float("nan")
+    if n % 2:
+        return float(np.partition(values, n // 2)[n // 2])
+    part = np.partition(values, (n // 2 - 1, n // 2))
+    lo, hi = part[n // 2 - 1], part[n // 2]
+    return float(lo + (hi - lo) / values.dtype.type(2))
+
+
+def _select(table, keep: np.ndarray):
+    """A copy of a pixel table restricted to the rows where ``keep`` is true."""
+    columns = {f.name: getattr(table, f.name)[keep] for f in fields(table)
+               if isinstance(getattr(table, f.name), np.ndarray)}
+    return replace(table, **columns)
+
+
+def slice_numbers(table) -> np.ndarray:
+    """The CCD slice number (1..48) of every row, from the origin bit field."""
+    return (np.asarray(table.origin) & 0x3F).astype(np.int32)
+
+
+def restrict_wavelength(table, lambda_min: float, lambda_max: float):
+    """Keep rows with lambda_min <= lambda <= lambda_max (limits compared in float32, as ESO)."""
+    lam = table.lambda_
+    keep = (lam >= np.float32(lambda_min)) & (lam <= np.float32(lambda_max))
+    return table if keep.all() else _select(table, keep)
+
+
+@dataclass(frozen=True)
+class IllumCorrection:
+    """Per-slice multiplicative factors derived from an ILLUM exposure."""
+
+    slices: np.ndarray  # int, CCD slice numbers in table order
+    factors: np.ndarray  # float64, normalised to mean 1
+
+
+def illum_correction(illum_table) -> IllumCorrection:
+    """Slice factors 1/median(data in 6500..7500 A), normalised to a mean of 1 over the slices."""
+    table = restrict_wavelength(illum_table, *ILLUM_LAMBDA_RANGE)
+    slices = slice_numbers(table)
+    present = np.unique(slices)
+    order = np.argsort(slices, kind="stable")
+    bounds = np.searchsorted(slices[order], present)
+    groups = np.split(table.data[order], bounds[1:])
+    inverse = np.array([1.0 / cpl_median(group) for group in groups])
+    return IllumCorrection(present, inverse / inverse.mean())
+
+
+def apply_illum(table, correction: IllumCorrection, ifu: int):
+    """Multiply each slice's data by its factor (stat by the square); record the factors."""
+    slices = slice_numbers(table)
+    factor_of_slice = np.full(64, np.nan)
+    factor_of_slice[correction.slices] = correction.factors
+    row_factor = factor_of_slice[slices]
+    missing = np.unique(slices[np.isnan(row_factor)])
+    if missing.size:
+        log.warning("ILLUM correction: no ILLUM factor for slice(s) %s of IFU %d; left uncorrected",
+                    ", ".join(map(str, missing)), ifu)
+        row_factor = np.where(np.isnan(row_factor), 1.0, row_factor)
+    data = (table.data * row_factor).astype(np.float32)
+    stat = (table.stat * row_factor**2).astype(np.float32)
+    header = table.header.copy()
+    used = [s for s in correction.slices if s in set(np.unique(slices))]
+    for slice_number, factor in zip(correction.slices, correction.factors):
+        if slice_number in used:
+            header[ILLUM_SLICE.format(int(slice_number))] = float(factor)
+    applied = np.array([f for s, f in zip(correction.slices, correction.factors) if s in used])
+    header[ILLUM_MEAN] = float(applied.mean())
+    header[ILLUM_STDEV] = float(applied.std(ddof=1)) if applied.size > 1 else 0.0
+    log.info("Applying ILLUM flat-field in IFU %d (%d slices)", ifu, applied.size)
+    return replace(table, data=data, stat=stat, header=header)
+
+
+def integrated_flux(table) -> float:
+    """Sum of the data column in double precision (ESO: column mean x number of rows)."""
+    return float(np.mean(table.data, dtype=np.float64) * table.data.size) if table.data.size else 0.0
+
+
+def external_scales(text: str | None) -> list[float] | None:
+    """Parse MUSE_TWILIGHT_SCALES-style comma-separated per-IFU scales (None when unset)."""
+    if text is None or not text.strip():
+        return None
+    try:
+        return [float(word) for word in text.split(",")]
+    except ValueError:
+        raise MergeError(f"MUSE_TWILIGHT_SCALES: cannot parse {text!r} as comma-separated numbers") from None
+
+
+def scales_from_environment() -> list[float] | None:
+    return external_scales(os.environ.get("MUSE_TWILIGHT_SCALES"))
+
+
+@dataclass
+class MergedFlux:
+    """Fluxes and scales applied per IFU."""
+
+    reference_ifu: int
+    flux: dict[int, float]
+    scale: dict[int, float]
+
+
+def flux_scale_tables(tables: dict[int, object], nfm: bool, scales: Sequence[float] | None = None):
+    """Divide each IFU's table by its flux relative to the reference IFU.
+
+    ``tables`` maps IFU number to its wavelength-cut pixel table.  The reference is
+    IFU 1 as in ESO; when IFU 1 is absent the lowest IFU present is used (ESO fails
+    then with a misleading message).  In NFM, IFU 24 uses IFU 23's flux (0 when IFU 23
+    is absent, which makes IFU 24 all NaN, as in ESO).  With external ``scales`` (24
+    numbers), the reference IFU is divided by ``scales[0]`` and IFU n by ``scales[n-1]``;
+    a list of another length is ignored with a warning, after the reference division,
+    as ESO does.
+    """
+    present = sorted(n for n, t in tables.items() if t is not None and t.data.size > 0)
+    if not present:
+        raise MergeError("no IFU has pixels left in the wavelength range: no pixels for cube reconstruction")
+    reference = present[0]
+    if reference != 1:
+        log.warning("IFU 1 (ESO's flux reference) is not present; using IFU %d as the flux reference", reference)
+    scaled: dict[int, object] = {}
+    ref_table = tables[reference]
+    if scales is not None:
+        first = float(scales[0])
+        ref_table = replace(ref_table, data=(ref_table.data / np.float64(first)).astype(np.float32),
+                            stat=(ref_table.stat / np.float64(first * first)).astype(np.float32))
+        if len(scales) != NUM_IFUS:
+            log.warning("%d external scales found instead of %d! Not using them.", len(scales), NUM_IFUS)
+            scales = None
+        else:
+            log.info("Using %d external scales.", len(scales))
+    flux_ref = integrated_flux(ref_table)
+    fluxes = {reference: flux_ref}
+    factors = {reference: 1.0}
+    scaled[reference] = ref_table
+    for ifu in present[1:]:
+        table = tables[ifu]
+        flux = integrated_flux(table)
+        if nfm and ifu == 24:
+            flux = fluxes.get(23, 0.0)
+            log.debug("NFM: using flux (%.3g) from CHAN23 for normalization", flux)
+        if scales is not None:
+            scale = float(scales[ifu - 1])
+            flux = scale * flux_ref
+        else:
+            scale = flux / flux_ref
+        fluxes[ifu], factors[ifu] = flux, scale
+        with np.errstate(divide="ignore", invalid="ignore"):
+            data = (table.data / np.float64(scale)).astype(np.float32)
+            stat = (table.stat / np.float64(scale * scale)).astype(np.float32)
+        scaled[ifu] = replace(table, data=data, stat=stat)
+    return scaled, MergedFlux(reference, fluxes, factors)
+
+
+def concatenate(tables: Sequence[object]):
+    """One table holding all rows of ``tables`` in order; each input is released as it is copied.
+
+    The output columns are allocated once, so the peak memory is the merged table plus
+    one IFU's table, never two copies of the merged table.
+    """
+    tables = list(tables)
+    if not tables:
+        raise MergeError("no pixel tables to merge")
+    first = tables[0]
+    names = [f.name for f in fields(first) if isinstance(getattr(first, f.name), np.ndarray)]
+    total = sum(getattr(t, names[0]).shape[0] for t in tables)
+    merged = {name: np.empty(total, dtype=getattr(first, name).dtype) for name in names}
+    start = 0
+    for index in range(len(tables)):
+        table, tables[index] = tables[index], None
+        count = getattr(table, names[0]).shape[0]
+        for name in names:
+            merged[name][start:start + count] = getattr(table, name)
+        start += count
+        del table
+    return replace(first, **merged)

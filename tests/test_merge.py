@@ -1,0 +1,131 @@
+"""ILLUM slice correction, wavelength cut, per-IFU flux scaling and the merge."""
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from musetwilight import merge
+
+
+@dataclass
+class Table:
+    xpos: np.ndarray
+    ypos: np.ndarray
+    lambda_: np.ndarray
+    data: np.ndarray
+    stat: np.ndarray
+    dq: np.ndarray
+    origin: np.ndarray
+    header: fits.Header
+
+
+def make_table(rng, n, slices=(1, 2, 3), level=100.0, lam=(4800.0, 9300.0), ifu=1):
+    slice_of_row = np.sort(rng.choice(slices, n)).astype(np.uint32)
+    return Table(
+        xpos=rng.uniform(0, 10, n).astype(np.float32), ypos=rng.uniform(0, 10, n).astype(np.float32),
+        lambda_=rng.uniform(*lam, n).astype(np.float32),
+        data=(level * rng.uniform(0.9, 1.1, n)).astype(np.float32),
+        stat=np.full(n, level, np.float32), dq=np.zeros(n, np.uint32),
+        origin=slice_of_row | np.uint32(ifu << 6), header=fits.Header())
+
+
+def test_cpl_median_even_and_odd():
+    assert merge.cpl_median(np.array([3, 1, 2], np.float32)) == 2.0
+    assert merge.cpl_median(np.array([4, 1, 3, 2], np.float32)) == 2.5
+    assert np.isnan(merge.cpl_median(np.array([], np.float32)))
+
+
+def test_restrict_wavelength_is_inclusive_in_float32():
+    rng = np.random.default_rng(1)
+    table = make_table(rng, 1000)
+    table.lambda_[:2] = [5000.0, 9000.0]
+    cut = merge.restrict_wavelength(table, 5000.0, 9000.0)
+    assert cut.lambda_.min() >= 5000.0 and cut.lambda_.max() <= 9000.0
+    assert np.count_nonzero((table.lambda_ >= 5000) & (table.lambda_ <= 9000)) == cut.data.size
+    assert cut.origin.size == cut.data.size == cut.xpos.size
+
+
+def test_illum_correction_recovers_slice_efficiencies():
+    rng = np.random.default_rng(2)
+    illum = make_table(rng, 6000, slices=(1, 2, 3, 4))
+    efficiency = np.array([0, 1.0, 0.8, 1.25, 0.5])
+    illum.data = (illum.data * efficiency[illum.origin & 0x3F]).astype(np.float32)
+    correction = merge.illum_correction(illum)
+    assert list(correction.slices) == [1, 2, 3, 4]
+    assert correction.factors.mean() == pytest.approx(1.0)
+    expected = 1 / efficiency[1:] / np.mean(1 / efficiency[1:])
+    np.testing.assert_allclose(correction.factors, expected, rtol=0.02)
+    sky = make_table(rng, 3000, slices=(1, 2, 3, 4), level=50.0)
+    corrected = merge.apply_illum(sky, correction, ifu=1)
+    rows = (sky.origin & 0x3F) == 3
+    np.testing.assert_allclose(corrected.data[rows], sky.data[rows] * correction.factors[2], rtol=1e-6)
+    np.testing.assert_allclose(corrected.stat[rows], sky.stat[rows] * correction.factors[2] ** 2, rtol=1e-6)
+    assert corrected.header["ESO DRS MUSE PIXTABLE ILLUM3"] == pytest.approx(correction.factors[2])
+    assert corrected.header["ESO DRS MUSE PIXTABLE ILLUM MEAN"] == pytest.approx(1.0)
+
+
+def _tables(rng, levels):
+    return {ifu: make_table(rng, 500, level=level, ifu=ifu) for ifu, level in levels.items()}
+
+
+def test_flux_scaling_relative_to_ifu1():
+    rng = np.random.default_rng(3)
+    tables = _tables(rng, {1: 100.0, 2: 50.0, 3: 200.0})
+    raw_flux = {n: float(np.sum(t.data, dtype=np.float64)) for n, t in tables.items()}
+    scaled, info = merge.flux_scale_tables(tables, nfm=False)
+    assert info.reference_ifu == 1
+    for ifu in (1, 2, 3):
+        assert info.flux[ifu] == pytest.approx(raw_flux[ifu], rel=1e-12)
+        assert info.scale[ifu] == pytest.approx(raw_flux[ifu] / raw_flux[1], rel=1e-12)
+        np.testing.assert_allclose(scaled[ifu].data, tables[ifu].data / info.scale[ifu], rtol=1e-6)
+        np.testing.assert_allclose(scaled[ifu].stat, tables[ifu].stat / info.scale[ifu] ** 2, rtol=1e-6)
+
+
+def test_nfm_ifu24_takes_ifu23_flux_and_without_23_becomes_nonfinite():
+    rng = np.random.default_rng(4)
+    tables = _tables(rng, {1: 100.0, 23: 80.0, 24: 10.0})
+    _, info = merge.flux_scale_tables(tables, nfm=True)
+    assert info.flux[24] == info.flux[23]
+    scaled, info = merge.flux_scale_tables(_tables(rng, {1: 100.0, 24: 10.0}), nfm=True)
+    assert info.flux[24] == 0.0 and not np.isfinite(scaled[24].data).any()
+
+
+def test_external_scales():
+    rng = np.random.default_rng(5)
+    tables = _tables(rng, {1: 100.0, 2: 50.0})
+    scales = [2.0, 0.5] + [1.0] * 22
+    scaled, info = merge.flux_scale_tables(tables, nfm=False, scales=scales)
+    np.testing.assert_allclose(scaled[1].data, tables[1].data / 2.0, rtol=1e-6)
+    np.testing.assert_allclose(scaled[2].data, tables[2].data / 0.5, rtol=1e-6)
+    assert info.flux[2] == pytest.approx(0.5 * info.flux[1])
+    # a list of the wrong length is ignored, after IFU 1 was divided by its first value (ESO)
+    scaled, info = merge.flux_scale_tables(tables, nfm=False, scales=[4.0, 1.0])
+    np.testing.assert_allclose(scaled[1].data, tables[1].data / 4.0, rtol=1e-6)
+    assert info.scale[2] == pytest.approx(info.flux[2] / info.flux[1])
+    assert merge.external_scales(" 1, 2.5 ,3") == [1.0, 2.5, 3.0]
+    with pytest.raises(merge.MergeError, match="cannot parse"):
+        merge.external_scales("1,x")
+
+
+def test_missing_ifu1_uses_first_present_ifu():
+    rng = np.random.default_rng(6)
+    _, info = merge.flux_scale_tables(_tables(rng, {2: 100.0, 3: 50.0}), nfm=False)
+    assert info.reference_ifu == 2 and info.scale[2] == 1.0
+
+
+def test_no_pixels_left_is_a_clear_error():
+    rng = np.random.default_rng(7)
+    empty = merge.restrict_wavelength(make_table(rng, 10, lam=(4000, 4500)), 5000, 9000)
+    with pytest.raises(merge.MergeError, match="no pixels for cube reconstruction"):
+        merge.flux_scale_tables({1: empty}, nfm=False)
+
+
+def test_concatenate_keeps_order_and_columns():
+    rng = np.random.default_rng(8)
+    tables = [make_table(rng, n, ifu=i + 1) for i, n in enumerate((5, 7, 3))]
+    expected = np.concatenate([t.data for t in tables])
+    merged = merge.concatenate(list(tables))
+    np.testing.assert_array_equal(merged.data, expected)
+    assert merged.origin.dtype == np.uint32 and merged.xpos.size == 15
