@@ -1,0 +1,301 @@
+"""The muse_twilight data flow, top to bottom.
+
+1. per IFU (in parallel): basic processing of every raw exposure, combination of the
+   SKYFLATs, bad-pixel interpolation, pixel table, ILLUM slice correction, NaD notch
+   flag (AO modes), wavelength cut;
+2. flux scaling relative to the reference IFU and merge;
+3. cube resampling and white-light image -> DATACUBE_SKYFLAT;
+4. smoothing and vignetting model -> TWILIGHT_CUBE.
+Both products are built in memory and written atomically at the end, so a failure
+never leaves a partial product.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+from astropy.io import fits
+
+from . import basicproc, combine, io, merge, pixtable, products, smooth
+from .cube import make_grid, white_light
+from .frames import FrameSet, InputError, parse_sof, validate_frameset
+from .params import Settings, make_settings
+from .resample import resample_cube
+
+log = logging.getLogger("musetwilight.recipe")
+
+NUM_IFUS = 24
+SKIP_ENV = "MUSE_TWILIGHT_SKIP"
+SCALES_ENV = "MUSE_TWILIGHT_SCALES"
+
+
+@dataclass
+class Inputs:
+    """The input files of one run, resolved by tag."""
+
+    frames: FrameSet
+    skyflats: list[Path]
+    illum: Path | None
+    bias: Path
+    flat: Path
+    dark: Path | None
+    trace: Path
+    wavecal: Path
+    geometry: Path
+    badpix: list[Path]
+    vignetting: Path | None
+
+    @classmethod
+    def from_frameset(cls, frames: FrameSet) -> "Inputs":
+        validate_frameset(frames)
+        return cls(frames, frames.paths("SKYFLAT"), frames.single("ILLUM"), frames.single("MASTER_BIAS"),
+                   frames.single("MASTER_FLAT"), frames.single("MASTER_DARK"), frames.single("TRACE_TABLE"),
+                   frames.single("WAVECAL_TABLE"), frames.single("GEOMETRY_TABLE"),
+                   frames.paths("BADPIX_TABLE"), frames.single("VIGNETTING_MASK"))
+
+    def used_raw(self) -> list[tuple[Path, str]]:
+        return [(p, "SKYFLAT") for p in self.skyflats] + ([(self.illum, "ILLUM")] if self.illum else [])
+
+    def used_calib(self, with_vignetting: bool) -> list[tuple[Path, str]]:
+        calib = [(f.path, f.tag) for f in self.frames.calib if f.tag != "VIGNETTING_MASK"]
+        if with_vignetting and self.vignetting:
+            calib.append((self.vignetting, "VIGNETTING_MASK"))
+        return calib
+
+
+@dataclass
+class IfuResult:
+    """What one IFU contributes: its cut pixel table and its combined image's header (with QC)."""
+
+    ifu: int
+    table: pixtable.PixTable
+    header: fits.Header
+
+
+@dataclass
+class RunResult:
+    """Products of one run (HDULists in memory, paths once written) and bookkeeping."""
+
+    datacube_skyflat: fits.HDUList | None  # None when starting from an existing cube
+    twilight_cube: fits.HDUList
+    paths: dict[str, Path] = field(default_factory=dict)
+    skipped_ifus: dict[int, str] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def instrument_mode(path: Path) -> str:
+    """ESO INS MODE of a raw exposure (primary header)."""
+    mode = io.read_header(path, 0).get("ESO INS MODE")
+    if not mode:
+        raise InputError(f"{path}: raw exposure has no ESO INS MODE keyword")
+    return str(mode).strip()
+
+
+def _ifu_calibrations(inputs: Inputs, ifu: int):
+    """TRACE and WAVECAL tables of one IFU, or the names of the missing ones."""
+    trace = io.read_ifu_table(inputs.trace, ifu, "TRACE_TABLE")
+    wavecal = io.read_ifu_table(inputs.wavecal, ifu, "WAVECAL_TABLE")
+    missing = [name for name, table in (("TRACE_TABLE", trace), ("WAVECAL_TABLE", wavecal)) if table is None]
+    return trace, wavecal, missing
+
+
+def _raw_has_ifu(inputs: Inputs, ifu: int) -> bool:
+    return all(io.file_matches_ifu(path, ifu) for path, _ in inputs.used_raw())
+
+
+def reduce_ifu(ifu: int, inputs: Inputs, settings: Settings, geometry, mode: str) -> IfuResult:
+    """Basic processing, combination, pixel table, ILLUM and wavelength cut of one IFU."""
+    trace, wavecal, missing = _ifu_calibrations(inputs, ifu)
+    if missing:
+        raise SkipIfu(f"Calibrations could not be loaded for IFU {ifu:2d}: {' '.join(missing)}")
+    bias = io.read_muse_image(inputs.bias, ifu)
+    flat = io.read_muse_image(inputs.flat, ifu)
+    dark = io.read_muse_image(inputs.dark, ifu) if inputs.dark else None
+    badpix = [t for t in (io.read_badpix_table(p, ifu) for p in inputs.badpix) if t is not None]
+
+    def process(path: Path, is_illum: bool) -> io.MuseImage:
+        raw = io.read_raw_ifu(path, ifu)
+        return basicproc.process_exposure(raw, bias, settings, flat=flat, dark=dark,
+                                          badpix=badpix or None, is_illum=is_illum)
+
+    exposures = [process(path, False) for path in inputs.skyflats]
+    illum_image = process(inputs.illum, True) if inputs.illum else None
+    master = combine.combine_exposures(exposures, settings)
+    qc = combine.exposure_qc(exposures, ifu, basicproc.flat_rejected(flat))
+    qc.update(combine.master_qc(master, ifu))
+    combine.add_qc(master.header, qc)
+    del exposures
+    master = combine.interpolate_bad_pixels(master)
+    table = pixtable.build_pixtable(master, trace, wavecal, geometry, ifu, mode)
+    if illum_image is not None:
+        illum_table = pixtable.build_pixtable(illum_image, trace, wavecal, geometry, ifu, mode,
+                                              flag_notch=False)
+        table = merge.apply_illum(table, merge.illum_correction(illum_table), ifu)
+    table = merge.restrict_wavelength(table, settings.lambdamin, settings.lambdamax)
+    return IfuResult(ifu, table, master.header)
+
+
+class SkipIfu(RuntimeError):
+    """This IFU cannot be reduced; the recipe goes on without it (as ESO does)."""
+
+
+def reduce_all_ifus(inputs: Inputs, settings: Settings, mode: str, workers: int,
+                    progress: Callable[[str], None] | None = None) -> tuple[dict[int, IfuResult], dict[int, str]]:
+    """Run :func:`reduce_ifu` for IFUs 1..24 (in parallel); collect results and skip reasons."""
+    geometry = io.read_geometry_table(inputs.geometry)
+    results: dict[int, IfuResult] = {}
+    skipped: dict[int, str] = {}
+
+    def one(ifu: int):
+        if not _raw_has_ifu(inputs, ifu):
+            return ifu, None, f"IFU {ifu:2d} is not present in the raw exposures"
+        try:
+            return ifu, reduce_ifu(ifu, inputs, settings, geometry, mode), None
+        except SkipIfu as reason:
+            return ifu, None, str(reason)
+        except (InputError, ValueError, basicproc.OverscanError) as err:
+            return ifu, None, f"Basic processing failed for IFU {ifu:2d}: {err}"
+
+    done = 0
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for ifu, result, reason in pool.map(one, range(1, NUM_IFUS + 1)):
+            done += 1
+            if result is None:
+                skipped[ifu] = reason
+                log.warning("%s", reason)
+            else:
+                results[ifu] = result
+                if progress:
+                    progress(f"IFU {ifu:2d} reduced ({done}/{NUM_IFUS})")
+    return results, skipped
+
+
+def reconstruct(results: dict[int, IfuResult], settings: Settings, mode: str,
+                scales: list[float] | None):
+    """Flux-scale, merge and resample the IFUs' tables; return (cube, white, primary keywords)."""
+    tables = {ifu: r.table for ifu, r in results.items()}
+    scaled, flux = merge.flux_scale_tables(tables, nfm=mode.startswith("NFM"), scales=scales)
+    for r in results.values():
+        r.table = None
+    tables.clear()
+    ordered = [scaled.pop(ifu) for ifu in sorted(scaled)]
+    merged = merge.concatenate(ordered)
+    if merged.data.size == 0:
+        raise merge.MergeError(f"After cutting to {settings.lambdamin:.2f}..{settings.lambdamax:.2f} "
+                               "Angstrom in wavelength no pixels for cube reconstruction are left!")
+    grid = make_grid(merged.xpos, merged.ypos, merged.lambda_, settings.dlambda)
+    cube = resample_cube(merged.xpos, merged.ypos, merged.lambda_, merged.data, merged.stat, merged.dq,
+                         grid, method=settings.resample, crtype=settings.crtype, crsigma=settings.crsigma,
+                         dlambda=settings.dlambda)
+    del merged
+    white = white_light(cube.data)
+    keywords = []
+    for ifu in sorted(flux.flux):
+        keywords.append((f"ESO DRS MUSE FLAT FLUX SKY{ifu}", flux.flux[ifu], None))
+    return cube, white, flux, keywords
+
+
+def primary_keywords(results: dict[int, IfuResult], flux: merge.MergedFlux) -> list[tuple[str, object, str | None]]:
+    """QC TWILIGHT keywords of every IFU, INTFLUX, and the DRS MUSE FLAT FLUX values."""
+    cards: list[tuple[str, object, str | None]] = []
+    for ifu in sorted(results):
+        header = results[ifu].header
+        for card in header.cards:
+            if card.keyword.startswith(f"ESO QC TWILIGHT{ifu} "):
+                cards.append((card.keyword, card.value, card.comment or None))
+        if ifu in flux.flux:
+            cards.append((f"ESO QC TWILIGHT{ifu} INTFLUX", float(np.float32(flux.flux[ifu])),
+                          "Flux integrated over all slices of this IFU"))
+    reference = results[flux.reference_ifu].header
+    lamp = reference.get("ESO DRS MUSE FLAT FLUX LAMP")
+    if lamp is not None:
+        cards.append(("ESO DRS MUSE FLAT FLUX LAMP", float(lamp), None))
+    for ifu in sorted(flux.flux):
+        cards.append((f"ESO DRS MUSE FLAT FLUX SKY{ifu}", float(flux.flux[ifu]), None))
+    return cards
+
+
+def run(frames: FrameSet | str | os.PathLike, settings: Settings | Mapping | None = None,
+        output_dir: str | os.PathLike | None = ".", *, skip_cube: str | os.PathLike | None = None,
+        scales: list[float] | None = None, workers: int | None = None,
+        environ: Mapping[str, str] | None = None,
+        progress: Callable[[str], None] | None = None) -> RunResult:
+    """Reduce one twilight set; write DATACUBE_SKYFLAT.fits and TWILIGHT_CUBE.fits into ``output_dir``.
+
+    ``skip_cube`` (or $MUSE_TWILIGHT_SKIP) starts from an existing DATACUBE_SKYFLAT;
+    ``scales`` (or $MUSE_TWILIGHT_SCALES) are external per-IFU flux scales.  With
+    ``output_dir=None`` nothing is written.
+    """
+    environ = os.environ if environ is None else environ
+    settings = settings if isinstance(settings, Settings) else make_settings(settings or {})
+    frameset = frames if isinstance(frames, FrameSet) else parse_sof(frames)
+    inputs = Inputs.from_frameset(frameset)
+    mode = instrument_mode(inputs.skyflats[0])
+    skip_cube = skip_cube or environ.get(SKIP_ENV) or None
+    if scales is None:
+        scales = merge.external_scales(environ.get(SCALES_ENV))
+    workers = workers or min(NUM_IFUS, os.cpu_count() or 1)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    skipped: dict[int, str] = {}
+
+    if skip_cube:
+        log.warning("Skipping active: loaded previously generated cube from \"%s\"", skip_cube)
+        sky = smooth.read_datacube_skyflat(skip_cube)
+        cube_data, white = sky.cube, sky.white if sky.white is not None else white_light(sky.cube)
+        cube_primary, data_header = sky.primary_header, sky.data_header
+        datacube = None
+    else:
+        results, skipped = reduce_all_ifus(inputs, settings, mode, workers, progress)
+        timings["ifus"] = time.perf_counter() - start
+        if not results:
+            raise merge.MergeError(
+                "no IFU could be reduced: " + "; ".join(skipped[i] for i in sorted(skipped))[:2000])
+        cube, white, flux, _ = reconstruct(results, settings, mode, scales)
+        timings["resample"] = time.perf_counter() - start - timings["ifus"]
+        reference_header = results[flux.reference_ifu].header
+        primary = products.product_primary_header(reference_header, "DATACUBE_SKYFLAT", inputs.used_raw(),
+                                                  inputs.used_calib(False), settings,
+                                                  primary_keywords(results, flux))
+        data_header = cube.grid.header_wcs()
+        cube_data = cube.data
+        if skipped:
+            primary["HIERARCH MUSETWILIGHT SKIPPED"] = (",".join(map(str, sorted(skipped))),
+                                                        "IFUs skipped by this run")
+        datacube = products.datacube_skyflat_hdulist(primary, cube.data, cube.stat, white, data_header)
+        cube_primary = primary
+
+    vignetting = None
+    if inputs.vignetting and not mode.startswith("NFM"):
+        vignetting = smooth.read_vignetting_mask(inputs.vignetting)
+    t0 = time.perf_counter()
+    result = smooth.postprocess(cube_data, cube_primary, settings, vignetting, mode, white=white)
+    for message in result.warnings:
+        log.warning("%s", message)
+    uses_vignetting = result.vign_fit is not None
+    twilight_primary = products.product_primary_header(
+        cube_primary, "TWILIGHT_CUBE", inputs.used_raw(), inputs.used_calib(uses_vignetting), settings,
+        [(c.keyword, c.value, c.comment) for c in cube_primary.cards
+         if c.keyword.startswith("ESO DRS MUSE FLAT FLUX")])
+    twilight = smooth.twilight_cube_hdulist(result, twilight_primary, data_header)
+    timings["smooth"] = time.perf_counter() - t0
+    run_result = RunResult(datacube, twilight, skipped_ifus=skipped, timings=timings)
+    if output_dir is not None:
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, hdul in (("DATACUBE_SKYFLAT", datacube), ("TWILIGHT_CUBE", twilight)):
+            if hdul is None:
+                continue
+            path = out / f"{name}.fits"
+            products.sign_product(hdul, path)
+            io.write_hdulist_atomic(hdul, path)
+            run_result.paths[name] = path
+    timings["total"] = time.perf_counter() - start
+    return run_result
