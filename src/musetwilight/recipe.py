@@ -115,6 +115,8 @@ def reduce_ifu(ifu: int, inputs: Inputs, settings: Settings, geometry, mode: str
     trace, wavecal, missing = _ifu_calibrations(inputs, ifu)
     if missing:
         raise SkipIfu(f"Calibrations could not be loaded for IFU {ifu:2d}: {' '.join(missing)}")
+    if not _raw_has_ifu(inputs, ifu):
+        raise SkipIfu(f"Basic processing failed for IFU {ifu:2d}: no CHAN{ifu:02d} extension in the raw exposures")
     bias = io.read_muse_image(inputs.bias, ifu)
     flat = io.read_muse_image(inputs.flat, ifu)
     dark = io.read_muse_image(inputs.dark, ifu) if inputs.dark else None
@@ -154,8 +156,6 @@ def reduce_all_ifus(inputs: Inputs, settings: Settings, mode: str, workers: int,
     skipped: dict[int, str] = {}
 
     def one(ifu: int):
-        if not _raw_has_ifu(inputs, ifu):
-            return ifu, None, f"IFU {ifu:2d} is not present in the raw exposures"
         try:
             return ifu, reduce_ifu(ifu, inputs, settings, geometry, mode), None
         except SkipIfu as reason:

@@ -1,0 +1,85 @@
+"""The whole recipe against ESO's esorex muse_twilight on simulated mini sets.
+
+These are the acceptance tests of the chain: the same inputs through ESO and
+through musetwilight give the same DATACUBE_SKYFLAT and TWILIGHT_CUBE.
+"""
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from musetwilight import compare, recipe
+from musetwilight.params import make_settings
+
+pytestmark = pytest.mark.eso
+
+# the resampling issue's tolerances for the cube, the smoothing issue's for TWILIGHT_CUBE
+CUBE_TOL = compare.Tolerances(rtol_median=1e-4, rtol_p99=1e-3, nan_mismatch_frac=1e-3, qc_rtol=1e-5)
+
+SETS = {
+    "default": {"seed": 1},
+    "illum": {"seed": 2, "illum": True},
+    "nfm": {"seed": 3, "mode": "NFM-AO-N"},
+    "vignetting": {"seed": 4, "vignetting": True, "dark": True, "badpix": True},
+}
+
+
+@pytest.fixture(scope="module")
+def reduced(simulated_set, eso_twilight, tmp_path_factory):
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            options = SETS[name]
+            ref = eso_twilight(options)
+            assert ref.returncode == 0, ref.errors
+            out = tmp_path_factory.mktemp(f"ours_{name}")
+            result = recipe.run(simulated_set(**options).sof, make_settings(), out)
+            cache[name] = (ref, result, compare.compare_products(ref.output_dir, out, CUBE_TOL))
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", list(SETS))
+def test_datacube_skyflat_equals_eso(reduced, name):
+    ref, result, report = reduced(name)
+    cube = next(f for f in report.files if f.name == "DATACUBE_SKYFLAT.fits")
+    data = report.image("DATACUBE_SKYFLAT.fits", "DATA")
+    assert data.shape == fits.getdata(ref.product("DATACUBE_SKYFLAT.fits"), "DATA").shape
+    assert data.median_rel <= 1e-4 and data.p99_rel <= 1e-3, data
+    assert data.nan_mismatch_frac <= 1e-3
+    assert cube.ref_extensions == cube.test_extensions == ["PRIMARY", "DATA", "STAT", "white"]
+    intflux = [d for d in cube.keyword_diffs if "INTFLUX" in d.keyword or "FLAT FLUX" in d.keyword]
+    assert all(d.rel_diff is not None and d.rel_diff <= 1e-5 for d in intflux), intflux
+
+
+@pytest.mark.parametrize("name", list(SETS))
+def test_twilight_cube_equals_eso(reduced, name):
+    _, _, report = reduced(name)
+    twilight = next(f for f in report.files if f.name == "TWILIGHT_CUBE.fits")
+    assert twilight.ref_extensions == twilight.test_extensions
+    for image in twilight.images:
+        assert image.nan_mismatch == 0, image
+        assert image.max_rel <= 1e-3, image
+
+
+def test_products_carry_provenance(reduced):
+    ref, result, _ = reduced("default")
+    ours = result.datacube_skyflat[0].header
+    theirs = fits.getheader(ref.product("DATACUBE_SKYFLAT.fits"))
+    for key in ("ESO PRO CATG", "ESO PRO REC1 ID", "ESO PRO DATANCOM", "ESO PRO REC1 RAW1 NAME",
+                "ESO PRO REC1 CAL1 CATG", "ESO PRO REC1 PARAM12 NAME", "ESO PRO REC1 PARAM12 VALUE",
+                "ESO INS MODE", "ESO DET CHIP NAME", "ESO DET OUT1 GAIN", "PIPEFILE"):
+        assert ours[key] == theirs[key], key
+    stored = fits.open(result.paths["TWILIGHT_CUBE"], checksum=True)
+    assert stored[0].header["ESO PRO CATG"] == "TWILIGHT_CUBE"
+    assert not any(k.startswith("ESO QC TWILIGHT") for k in stored[0].header)
+    assert stored[0].header["ESO DRS MUSE FLAT FLUX SKY1"] == pytest.approx(ours["ESO DRS MUSE FLAT FLUX SKY1"])
+    assert len(stored[0].header["DATAMD5"]) == 32
+
+
+def test_planes_of_twilight_cube_have_mean_one(reduced):
+    _, result, _ = reduced("default")
+    planes = result.twilight_cube["DATA"].data.reshape(result.twilight_cube["DATA"].data.shape[0], -1)
+    np.testing.assert_allclose(planes.mean(axis=1), 1.0, rtol=1e-5)
