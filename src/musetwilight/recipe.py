@@ -107,12 +107,15 @@ def _ifu_calibrations(inputs: Inputs, ifu: int):
 
 
 def _raw_has_ifu(inputs: Inputs, ifu: int) -> bool:
-    return all(io.file_matches_ifu(path, ifu) for path, _ in inputs.used_raw())
+    return all(io.has_ifu_extension(path, ifu) for path, _ in inputs.used_raw())
 
 
 def reduce_ifu(ifu: int, inputs: Inputs, settings: Settings, geometry, mode: str) -> IfuResult:
     """Basic processing, combination, pixel table, ILLUM and wavelength cut of one IFU."""
-    trace, wavecal, missing = _ifu_calibrations(inputs, ifu)
+    try:
+        trace, wavecal, missing = _ifu_calibrations(inputs, ifu)
+    except InputError as err:
+        raise SkipIfu(f"Calibrations could not be loaded for IFU {ifu:2d}: {err}") from None
     if missing:
         raise SkipIfu(f"Calibrations could not be loaded for IFU {ifu:2d}: {' '.join(missing)}")
     if not _raw_has_ifu(inputs, ifu):
