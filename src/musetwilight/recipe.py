@@ -17,6 +17,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -151,24 +152,36 @@ class SkipIfu(RuntimeError):
     """This IFU cannot be reduced; the recipe goes on without it (as ESO does)."""
 
 
+def reduce_ifu_or_skip(ifu: int, inputs: Inputs, settings: Settings, geometry, mode: str):
+    """:func:`reduce_ifu` returning ``(ifu, result, None)`` or ``(ifu, None, reason)`` for a skipped IFU."""
+    try:
+        return ifu, reduce_ifu(ifu, inputs, settings, geometry, mode), None
+    except SkipIfu as reason:
+        return ifu, None, str(reason)
+    except (InputError, ValueError, basicproc.OverscanError) as err:
+        return ifu, None, f"Basic processing failed for IFU {ifu:2d}: {err}"
+
+
 def reduce_all_ifus(inputs: Inputs, settings: Settings, mode: str, workers: int,
-                    progress: Callable[[str], None] | None = None) -> tuple[dict[int, IfuResult], dict[int, str]]:
-    """Run :func:`reduce_ifu` for IFUs 1..24 (in parallel); collect results and skip reasons."""
+                    progress: Callable[[str], None] | None = None,
+                    mapper: Callable | None = None) -> tuple[dict[int, IfuResult], dict[int, str]]:
+    """Run :func:`reduce_ifu` for IFUs 1..24 and collect results and skip reasons.
+
+    ``mapper(function, ifus)`` runs a picklable one-argument function over the IFU
+    numbers and yields the results in order (default: a thread pool of ``workers``);
+    the Dask path passes its own to spread IFUs over a cluster.
+    """
     geometry = io.read_geometry_table(inputs.geometry)
+    task = partial(_reduce_task, inputs=inputs, settings=settings, geometry=geometry, mode=mode)
     results: dict[int, IfuResult] = {}
     skipped: dict[int, str] = {}
-
-    def one(ifu: int):
-        try:
-            return ifu, reduce_ifu(ifu, inputs, settings, geometry, mode), None
-        except SkipIfu as reason:
-            return ifu, None, str(reason)
-        except (InputError, ValueError, basicproc.OverscanError) as err:
-            return ifu, None, f"Basic processing failed for IFU {ifu:2d}: {err}"
-
     done = 0
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for ifu, result, reason in pool.map(one, range(1, NUM_IFUS + 1)):
+    pool = None
+    if mapper is None:
+        pool = ThreadPoolExecutor(max_workers=max(1, workers))
+        mapper = pool.map
+    try:
+        for ifu, result, reason in mapper(task, range(1, NUM_IFUS + 1)):
             done += 1
             if result is None:
                 skipped[ifu] = reason
@@ -177,7 +190,14 @@ def reduce_all_ifus(inputs: Inputs, settings: Settings, mode: str, workers: int,
                 results[ifu] = result
                 if progress:
                     progress(f"IFU {ifu:2d} reduced ({done}/{NUM_IFUS})")
+    finally:
+        if pool is not None:
+            pool.shutdown()
     return results, skipped
+
+
+def _reduce_task(ifu: int, *, inputs: Inputs, settings: Settings, geometry, mode: str):
+    return reduce_ifu_or_skip(ifu, inputs, settings, geometry, mode)
 
 
 def reconstruct(results: dict[int, IfuResult], settings: Settings, mode: str,
@@ -229,12 +249,13 @@ def run(frames: FrameSet | str | os.PathLike, settings: Settings | Mapping | Non
         output_dir: str | os.PathLike | None = ".", *, skip_cube: str | os.PathLike | None = None,
         scales: list[float] | None = None, workers: int | None = None,
         environ: Mapping[str, str] | None = None,
-        progress: Callable[[str], None] | None = None) -> RunResult:
+        progress: Callable[[str], None] | None = None, mapper: Callable | None = None) -> RunResult:
     """Reduce one twilight set; write DATACUBE_SKYFLAT.fits and TWILIGHT_CUBE.fits into ``output_dir``.
 
     ``skip_cube`` (or $MUSE_TWILIGHT_SKIP) starts from an existing DATACUBE_SKYFLAT;
     ``scales`` (or $MUSE_TWILIGHT_SCALES) are external per-IFU flux scales.  With
-    ``output_dir=None`` nothing is written.
+    ``output_dir=None`` nothing is written.  ``mapper`` distributes the per-IFU stage
+    (see :func:`reduce_all_ifus`).
     """
     environ = os.environ if environ is None else environ
     settings = settings if isinstance(settings, Settings) else make_settings(settings or {})
@@ -256,7 +277,7 @@ def run(frames: FrameSet | str | os.PathLike, settings: Settings | Mapping | Non
         cube_primary, data_header = sky.primary_header, sky.data_header
         datacube = None
     else:
-        results, skipped = reduce_all_ifus(inputs, settings, mode, workers, progress)
+        results, skipped = reduce_all_ifus(inputs, settings, mode, workers, progress, mapper)
         timings["ifus"] = time.perf_counter() - start
         if not results:
             raise merge.MergeError(
