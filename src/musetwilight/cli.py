@@ -158,7 +158,16 @@ def configure_logging(verbose: int, quiet: int) -> None:
                         datefmt="%H:%M:%S", stream=sys.stderr)
 
 
+def _terminate(signum, frame):
+    """SIGTERM unwinds like Ctrl-C, so that no temporary or partial product is left behind."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
+    if threading_is_main():
+        signal.signal(signal.SIGTERM, _terminate)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
@@ -167,6 +176,15 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.verbose, args.quiet)
     try:
         return int(args.handler(args) or 0)
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, RuntimeError) as err:
         logging.getLogger("musetwilight").error("%s", err)
         return 1
+    except KeyboardInterrupt:
+        logging.getLogger("musetwilight").error("interrupted: no product was written")
+        return 130
+
+
+def threading_is_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

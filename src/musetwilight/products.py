@@ -198,3 +198,43 @@ def sign_product(hdul: fits.HDUList, path: Path | str) -> None:
     """Fill PIPEFILE and DATAMD5 of a product about to be written to ``path``."""
     hdul[0].header["PIPEFILE"] = (Path(path).name, "Filename of data product")
     hdul[0].header["DATAMD5"] = (data_md5(hdul), "MD5 checksum")
+
+
+def write_products(products: dict[str, fits.HDUList], output_dir: Path | str) -> dict[str, Path]:
+    """Write all products or none: each goes to a temporary file first, then all are renamed.
+
+    On any failure (full disk, interruption) the temporary files are removed and no
+    product of this run is left in ``output_dir``; existing files there stay untouched.
+    """
+    import os
+    import tempfile
+    import warnings
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK):
+        raise PermissionError(f"{out}: output directory is not writable")
+    pending: list[tuple[str, str, Path]] = []
+    try:
+        for name, hdul in products.items():
+            path = out / f"{name}.fits"
+            sign_product(hdul, path)
+            handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=out)
+            os.close(handle)
+            pending.append((name, tmp_name, path))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", fits.verify.VerifyWarning)
+                hdul.writeto(tmp_name, overwrite=True, checksum=True, output_verify="exception")
+            mask = os.umask(0)
+            os.umask(mask)
+            os.chmod(tmp_name, 0o666 & ~mask)
+        for _, tmp_name, path in pending:
+            os.replace(tmp_name, path)
+    except BaseException:
+        for _, tmp_name, _ in pending:
+            try:
+                os.unlink(tmp_name)
+            except OSError:
+                pass
+        raise
+    return {name: path for name, _, path in pending}

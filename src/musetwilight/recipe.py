@@ -312,14 +312,8 @@ def run(frames: FrameSet | str | os.PathLike, settings: Settings | Mapping | Non
     timings["smooth"] = time.perf_counter() - t0
     run_result = RunResult(datacube, twilight, skipped_ifus=skipped, timings=timings)
     if output_dir is not None:
-        out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        for name, hdul in (("DATACUBE_SKYFLAT", datacube), ("TWILIGHT_CUBE", twilight)):
-            if hdul is None:
-                continue
-            path = out / f"{name}.fits"
-            products.sign_product(hdul, path)
-            io.write_hdulist_atomic(hdul, path)
-            run_result.paths[name] = path
+        written = {name: hdul for name, hdul in (("DATACUBE_SKYFLAT", datacube), ("TWILIGHT_CUBE", twilight))
+                   if hdul is not None}
+        run_result.paths = products.write_products(written, output_dir)
     timings["total"] = time.perf_counter() - start
     return run_result
