@@ -74,6 +74,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start from this DATACUBE_SKYFLAT (as ESO's MUSE_TWILIGHT_SKIP)")
     parser.add_argument("--scales", default=None,
                         help="24 comma-separated external per-IFU flux scales (as ESO's MUSE_TWILIGHT_SCALES)")
+    parser.add_argument("--timings-json", type=Path, default=None, help="write the per-stage timings to this JSON file")
     parser.add_argument("sof", nargs="?", type=Path, help="set-of-frames file: one 'path TAG' line per input")
 
 
@@ -132,6 +133,10 @@ def run_from_args(args: argparse.Namespace) -> int:
     if result.skipped_ifus:
         print(f"skipped IFUs: {', '.join(map(str, sorted(result.skipped_ifus)))}")
     print(f"total time: {result.timings['total']:.1f} s")
+    if args.timings_json:
+        import json
+
+        args.timings_json.write_text(json.dumps(result.timings, indent=1))
     return 0
 
 
