@@ -83,3 +83,23 @@ def test_planes_of_twilight_cube_have_mean_one(reduced):
     _, result, _ = reduced("default")
     planes = result.twilight_cube["DATA"].data.reshape(result.twilight_cube["DATA"].data.shape[0], -1)
     np.testing.assert_allclose(planes.mean(axis=1), 1.0, rtol=1e-5)
+
+
+def test_skip_mode_equals_eso(reduced, eso_twilight, simulated_set, tmp_path):
+    """Starting from ESO's own DATACUBE_SKYFLAT (MUSE_TWILIGHT_SKIP) gives ESO's TWILIGHT_CUBE."""
+    ref, _, _ = reduced("vignetting")
+    cube = str(ref.product("DATACUBE_SKYFLAT.fits"))
+    skipped = eso_twilight(SETS["vignetting"], env={"MUSE_TWILIGHT_SKIP": cube})
+    assert skipped.returncode == 0 and not (skipped.output_dir / "DATACUBE_SKYFLAT.fits").exists()
+    result = recipe.run(simulated_set(**SETS["vignetting"]).sof, None, tmp_path,
+                        environ={"MUSE_TWILIGHT_SKIP": cube})
+    assert sorted(result.paths) == ["TWILIGHT_CUBE"] and result.datacube_skyflat is None
+    report = compare.compare_products(skipped.output_dir, tmp_path, CUBE_TOL)
+    assert report.ok, report.format()
+    twilight = report.files[0]
+    assert twilight.ref_extensions == twilight.test_extensions
+    assert all(image.max_rel <= 1e-4 for image in twilight.images)
+    header = result.twilight_cube[0].header
+    assert any(k.startswith("ESO QC TWILIGHT1") for k in header)
+    assert header["ESO PRO REC1 CAL1 CATG"] == fits.getval(skipped.output_dir / "TWILIGHT_CUBE.fits",
+                                                           "ESO PRO REC1 CAL1 CATG")

@@ -25,6 +25,7 @@ SUBCOMMANDS = {
     "simulate": ("simulate", "write a simulated MUSE twilight data set (raw frames, calibrations, SOF)"),
     "man": ("manpage", "print the recipe's manual page (parameters, inputs, products)"),
     "compare": ("compare", "compare two product sets (DATACUBE_SKYFLAT, TWILIGHT_CUBE) pixel by pixel"),
+    "smooth": ("smooth", "post-process an existing DATACUBE_SKYFLAT into TWILIGHT_CUBE (ESO's MUSE_TWILIGHT_SKIP)"),
 }
 
 

@@ -64,8 +64,9 @@ class Inputs:
     def used_raw(self) -> list[tuple[Path, str]]:
         return [(p, "SKYFLAT") for p in self.skyflats] + ([(self.illum, "ILLUM")] if self.illum else [])
 
-    def used_calib(self, with_vignetting: bool) -> list[tuple[Path, str]]:
-        calib = [(f.path, f.tag) for f in self.frames.calib if f.tag != "VIGNETTING_MASK"]
+    def used_calib(self, with_vignetting: bool, skipped_cube: bool = False) -> list[tuple[Path, str]]:
+        """Calibrations a product lists; from an existing cube only the vignetting mask is used."""
+        calib = [] if skipped_cube else [(f.path, f.tag) for f in self.frames.calib if f.tag != "VIGNETTING_MASK"]
         if with_vignetting and self.vignetting:
             calib.append((self.vignetting, "VIGNETTING_MASK"))
         return calib
@@ -303,12 +304,14 @@ def run(frames: FrameSet | str | os.PathLike, settings: Settings | Mapping | Non
     result = smooth.postprocess(cube_data, cube_primary, settings, vignetting, mode, white=white)
     for message in result.warnings:
         log.warning("%s", message)
-    uses_vignetting = result.vign_fit is not None
+    uses_vignetting = vignetting is not None  # ESO loads (and lists) the mask only in WFM
     twilight_primary = products.product_primary_header(
-        cube_primary, "TWILIGHT_CUBE", inputs.used_raw(), inputs.used_calib(uses_vignetting), settings,
+        cube_primary, "TWILIGHT_CUBE", inputs.used_raw(), inputs.used_calib(uses_vignetting, bool(skip_cube)), settings,
         [(c.keyword, c.value, c.comment) for c in cube_primary.cards
-         if c.keyword.startswith("ESO DRS MUSE FLAT FLUX")])
-    twilight = smooth.twilight_cube_hdulist(result, twilight_primary, data_header)
+         if c.keyword.startswith("ESO DRS MUSE FLAT FLUX")
+         or (skip_cube and c.keyword.startswith("ESO QC TWILIGHT"))])
+    twilight = smooth.twilight_cube_hdulist(result, twilight_primary, data_header,
+                                            drop_qc=not skip_cube)  # ESO keeps QC in skip mode
     timings["smooth"] = time.perf_counter() - t0
     run_result = RunResult(datacube, twilight, skipped_ifus=skipped, timings=timings)
     if output_dir is not None:

@@ -1,0 +1,856 @@
+"""Smooth illumination and vignetting model: DATACUBE_SKYFLAT -> TWILIGHT_CUBE.
+
+The post-processing of ESO's muse_twilight after the cube reconstruction:
+
+1. white-light mask: non-finite and zero spaxels of the white-light image,
+   dilated by 5 x 1 in x; the outermost columns are forced bad (but, as in
+   ESO, not dilated);
+2. per wavelength plane: a 5 (x) x 7 (y) median filter ignoring the mask and
+   non-finite/zero spaxels, normalisation by the mean of the good spaxels, a 2D
+   polynomial fit (maximum power ``xorder`` in x and ``yorder`` in y, all cross
+   terms) outside the vignetted area, evaluated over the whole plane and
+   normalised again;
+3. with a vignetting mask (WFM: VIGNETTING_MASK, NFM: the top rows): the
+   normalised white-light image divided by the collapsed fit is smoothed
+   inside the vignetted area (polyfit, gaussian or median) and multiplied into
+   every plane, which is then renormalised to mean 1.
+
+All masks are boolean arrays, True = bad (rejected), in NumPy [y, x] order.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from astropy.io import fits
+from numba import njit
+
+from .frames import InputError
+
+log = logging.getLogger(__name__)
+
+#: Environment variable naming an existing DATACUBE_SKYFLAT to start from (as ESO).
+SKIP_ENV = "MUSE_TWILIGHT_SKIP"
+
+#: Half sizes of the fixed per-plane median filter (5 columns x 7 rows).
+PLANE_MEDIAN_HALF = (2, 3)
+
+#: NFM vignetted height used when ``vignnfmmask`` is out of range.
+NFM_MASK_DEFAULT = 22
+
+#: CPL_MATH_SIG_FWHM: sigma / FWHM of a Gaussian.
+SIG_FWHM = 0.5 / math.sqrt(2.0 * math.log(2.0))
+
+FLT_MAX = float(np.finfo(np.float32).max)
+FLT_EPSILON = float(np.finfo(np.float32).eps)
+
+QC_TWILIGHT_PREFIX = "ESO QC TWILIGHT"
+_WCS_KEYS = re.compile(r"^C(TYPE|UNIT|RPIX|RVAL|DELT|SYER|RDER)|^CD[0-9]+_[0-9]+|"
+                       r"^WCSAXES[ A-Z]|^WCSNAME[ A-Z]|^L[OA][NT]POLE$")
+
+
+@dataclass
+class TwilightResult:
+    """The smooth twilight cube and its diagnostic images (None when not made)."""
+
+    cube: np.ndarray  # float32 (nz, ny, nx), each plane mean 1
+    white_global_fit: np.ndarray
+    white_div_global: np.ndarray
+    white_div_global_dq: np.ndarray  # bool, True = bad
+    white_div_global_excl_edges: np.ndarray | None = None
+    white_div_global_excl_edges_dq: np.ndarray | None = None
+    vign_fit: np.ndarray | None = None  # empty array: ESO's failed polyfit (empty HDU)
+    vign_fit_dq: np.ndarray | None = None
+    white_cor: np.ndarray | None = None
+    white_cor_dq: np.ndarray | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def extensions(self) -> list[str]:
+        """Names of the image extensions after DATA, in ESO's order."""
+        names = ["white_global_fit", "white_div_global", "white_div_global_DQ"]
+        for name in ("white_div_global_excl_edges", "vign_fit", "white_cor"):
+            if getattr(self, name) is not None:
+                names.append(name)
+            if getattr(self, name + "_dq") is not None:
+                names.append(name + "_DQ")
+        return names
+
+
+@dataclass
+class SkyflatCube:
+    """A DATACUBE_SKYFLAT read from disk: cube, white-light image and headers."""
+
+    cube: np.ndarray  # float32 (nz, ny, nx)
+    white: np.ndarray | None  # the "white" extension, if it is the first collapsed image
+    primary_header: fits.Header
+    data_header: fits.Header  # the DATA extension header (cube WCS, BUNIT)
+    path: Path
+
+
+# --------------------------------------------------------------------------
+# numba kernels
+
+
+@njit(cache=True, nogil=True)
+def _select(values, n, kth):
+    """The kth smallest of values[:n] (Wirth's selection, partially reorders values)."""
+    lo, hi = 0, n - 1
+    while lo < hi:
+        pivot = values[kth]
+        i, j = lo, hi
+        while i <= j:
+            while values[i] < pivot:
+                i += 1
+            while pivot < values[j]:
+                j -= 1
+            if i <= j:
+                values[i], values[j] = values[j], values[i]
+                i += 1
+                j -= 1
+        if j < kth:
+            lo = i
+        if kth < i:
+            hi = j
+    return values[kth]
+
+
+@njit(cache=True, nogil=True)
+def _median_filter(data, bad, rx, ry):
+    """CPL's masked median filter with CPL_BORDER_FILTER (window shrinks at the edges).
+
+    Output spaxels whose window holds no good input are 0 and flagged.  The
+    median of an even count is lower + (upper - lower) / 2 in float32.
+    """
+    ny, nx = data.shape
+    out = np.zeros((ny, nx), np.float32)
+    outbad = np.zeros((ny, nx), np.bool_)
+    window = np.empty((2 * rx + 1) * (2 * ry + 1), np.float32)
+    half = np.float32(2.0)
+    for y in range(ny):
+        y1 = max(0, y - ry)
+        y2 = min(ny - 1, y + ry)
+        for x in range(nx):
+            x1 = max(0, x - rx)
+            x2 = min(nx - 1, x + rx)
+            k = 0
+            for j in range(y1, y2 + 1):
+                for i in range(x1, x2 + 1):
+                    if not bad[j, i]:
+                        window[k] = data[j, i]
+                        k += 1
+            if k == 0:
+                outbad[y, x] = True
+            elif k % 2 == 1:
+                out[y, x] = _select(window, k, (k - 1) // 2)
+            else:
+                lo = _select(window, k, k // 2 - 1)
+                hi = window[k // 2]
+                for m in range(k // 2 + 1, k):  # the upper half is >= lo after selection
+                    hi = min(hi, window[m])
+                out[y, x] = lo + (hi - lo) / half
+    return out, outbad
+
+
+@njit(cache=True, nogil=True)
+def _linear_filter(data, bad, kernel):
+    """CPL's normalised linear filter with bad pixels and CPL_BORDER_FILTER.
+
+    The weighted sum over good inputs is divided by the sum of |weights| used;
+    output spaxels without any good input are 0 and flagged.
+    """
+    ny, nx = data.shape
+    ry = (kernel.shape[0] - 1) // 2
+    rx = (kernel.shape[1] - 1) // 2
+    out = np.zeros((ny, nx), np.float32)
+    outbad = np.zeros((ny, nx), np.bool_)
+    for y in range(ny):
+        y1 = max(0, y - ry)
+        y2 = min(ny - 1, y + ry)
+        for x in range(nx):
+            x1 = max(0, x - rx)
+            x2 = min(nx - 1, x + rx)
+            total = 0.0
+            weight = 0.0
+            for j in range(y1, y2 + 1):
+                for i in range(x1, x2 + 1):
+                    if not bad[j, i]:
+                        w = kernel[j - y + ry, i - x + rx]
+                        total += w * np.float64(data[j, i])
+                        weight += abs(w)
+            if weight > 0.0:
+                out[y, x] = np.float32(total / weight)
+            else:
+                outbad[y, x] = True
+    return out, outbad
+
+
+# --------------------------------------------------------------------------
+# building blocks
+
+
+def _mean_good(image: np.ndarray, bad: np.ndarray | None = None) -> float:
+    """Mean of the good pixels (double accumulation), 0 when there are none (as CPL)."""
+    values = image if bad is None else image[~bad]
+    return float(np.mean(values, dtype=np.float64)) if values.size else 0.0
+
+
+def _scale(image: np.ndarray, factor: float) -> np.ndarray:
+    """float32 image times a double scalar, rounded back to float32 (CPL)."""
+    return (image.astype(np.float64) * factor).astype(np.float32)
+
+
+def _divide(numerator: np.ndarray, denominator: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """CPL image division: float32 quotient, zero divisors give 0 and are flagged."""
+    zero = denominator == 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        quotient = np.where(zero, np.float32(0), numerator / np.where(zero, 1, denominator))
+    return quotient.astype(np.float32), zero
+
+
+def _threshold(image: np.ndarray, is_wfm: bool) -> np.ndarray:
+    """Clip to >= 1 (WFM: vignetting reduced lamp flats) or <= 1 (NFM: sky flats).
+
+    As cpl_image_threshold: values beyond +-FLT_MAX become +-FLT_MAX, NaN stays.
+    """
+    out = image.copy()
+    if is_wfm:
+        out[out < 1] = 1
+        out[out > FLT_MAX] = FLT_MAX
+    else:
+        out[out > 1] = 1
+        out[out < -FLT_MAX] = -FLT_MAX
+    return out
+
+
+def is_nfm(header: Mapping[str, Any] | fits.Header) -> bool:
+    """True for NFM data (``ESO INS MODE`` starting with NFM), as ESO decides."""
+    mode = header.get("ESO INS MODE", header.get("HIERARCH ESO INS MODE"))
+    return isinstance(mode, str) and mode.strip().startswith("NFM")
+
+
+def collapse(cube: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """White-light image: per-spaxel mean of the finite values (0 and flagged if none)."""
+    finite = np.isfinite(cube)
+    count = finite.sum(axis=0)
+    total = np.where(finite, cube, 0).sum(axis=0, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        white = np.where(count > 0, total / np.maximum(count, 1), 0.0).astype(np.float32)
+    return white, count == 0
+
+
+def white_light_mask(white: np.ndarray) -> np.ndarray:
+    """Mask of empty spaxels in the white-light image, ESO style.
+
+    Non-finite and zero spaxels are dilated by +-2 columns.  The dilation
+    leaves the outer two columns on each side as they were (CPL_BORDER_NOP):
+    columns 1 and nx-2 keep the undilated mask and the outermost columns are
+    forced bad.
+    """
+    bad = ~np.isfinite(white) | (white == 0)
+    ny, nx = bad.shape
+    out = bad.copy()
+    if nx >= 5:
+        dilated = bad[:, 0:nx - 4].copy()
+        for shift in range(1, 5):
+            dilated |= bad[:, shift:nx - 4 + shift]
+        out[:, 2:nx - 2] = dilated
+    out[:, 0] = True
+    out[:, -1] = True
+    return out
+
+
+def adapt_vignetting_mask(mask: np.ndarray, ny: int, nx: int) -> np.ndarray:
+    """Fit a VIGNETTING_MASK to the cube size as ESO does.
+
+    The quadrant with most masked pixels (1-based windows 1..n/2 and n/2..n,
+    so the middle row/column belongs to both halves; first maximum among
+    bottom-left, bottom-right, top-right, top-left wins) is pasted into the
+    same corner of an empty ny x nx mask.
+    """
+    mask = np.asarray(mask, bool)
+    my, mx = mask.shape
+    hx, hy = mx // 2, my // 2
+    # 0-based slices of the 1-based windows (x1..x2, y1..y2)
+    windows = {
+        "bottom left": (slice(0, hy), slice(0, hx)),
+        "bottom right": (slice(0, hy), slice(hx - 1, mx)),
+        "top right": (slice(hy - 1, my), slice(hx - 1, mx)),
+        "top left": (slice(hy - 1, my), slice(0, hx)),
+    }
+    best, nbest = None, 0
+    for name, (sy, sx) in windows.items():
+        count = int(mask[sy, sx].sum())
+        if count > nbest:
+            best, nbest = name, count
+    if best is None:
+        raise InputError(f"VIGNETTING_MASK: no masked quadrant found, cannot adapt "
+                         f"{mx}x{my} mask to {nx}x{ny} cube size")
+    sy, sx = windows[best]
+    part = mask[sy, sx]
+    py, px = part.shape
+    if py > ny or px > nx:
+        raise InputError(f"VIGNETTING_MASK: could not copy {px}x{py} quadrant with masked "
+                         f"region into new {nx}x{ny} mask")
+    out = np.zeros((ny, nx), bool)
+    y0 = 0 if best.startswith("bottom") else ny - py
+    x0 = 0 if best.endswith("left") else nx - px
+    out[y0:y0 + py, x0:x0 + px] = part
+    log.debug("Adapting %dx%d mask in %s quadrant (%d masked pixels) to %dx%d image",
+              mx, my, best, nbest, nx, ny)
+    return out
+
+
+def nfm_vignetting_mask(ny: int, nx: int, nrows: int) -> np.ndarray:
+    """ESO's internal NFM mask: the top ``nrows`` + 1 rows (22 if out of range)."""
+    height = nrows if 0 < nrows < ny else NFM_MASK_DEFAULT
+    mask = np.zeros((ny, nx), bool)
+    mask[max(ny - height - 1, 0):, :] = True
+    return mask
+
+
+class FitError(ValueError):
+    """A polynomial fit that CPL would refuse (too few points, singular equations)."""
+
+
+@njit(cache=True, nogil=True)
+def _running_mean(values):
+    """cpl_tools_get_mean: the running mean CPL uses to centre fit coordinates."""
+    mean = 0.0
+    for i in range(values.size):
+        mean += (values[i] - mean) / (i + 1)
+    return mean
+
+
+@njit(cache=True, nogil=True)
+def _solve_normal_equations(x, y, values, xorder, yorder):
+    """CPL's 2D least squares: normal equations in CPL's summation order, Cholesky.
+
+    Returns (coefficients, ok); the coefficient of x**i * y**j is at
+    j * (xorder + 1) + i.  ``ok`` is False where CPL finds a non-positive pivot.
+    """
+    npts = values.size
+    nc = (xorder + 1) * (yorder + 1)
+    design = np.empty((nc, npts))
+    for p in range(npts):
+        yvalue = 1.0
+        k = 0
+        for _ in range(yorder + 1):
+            xvalue = 1.0
+            for _ in range(xorder + 1):
+                design[k, p] = xvalue * yvalue
+                k += 1
+                xvalue *= x[p]
+            yvalue *= y[p]
+    normal = np.zeros((nc, nc))
+    for i in range(nc):
+        for j in range(i, nc):
+            total = 0.0
+            for p in range(npts):
+                total += design[i, p] * design[j, p]
+            normal[i, j] = total
+    rhs = np.zeros(nc)
+    for start in range(0, npts, 48):  # cpl_matrix_product's blocking
+        stop = min(start + 48, npts)
+        for i in range(nc):
+            total = 0.0
+            for p in range(start, stop):
+                total += design[i, p] * values[p]
+            rhs[i] += total
+    # Cholesky: upper triangle read, lower triangle written (cpl_matrix_decomp_chol)
+    for i in range(nc):
+        for j in range(i, nc):
+            total = normal[i, j]
+            for k in range(i - 1, -1, -1):
+                total -= normal[i, k] * normal[j, k]
+            if j > i:
+                normal[j, i] = total / normal[i, i]
+            elif total > 0.0:
+                normal[i, i] = np.sqrt(total)
+            else:
+                return rhs, False
+    for i in range(nc):
+        total = rhs[i]
+        for j in range(i - 1, -1, -1):
+            total -= normal[i, j] * rhs[j]
+        rhs[i] = total / normal[i, i]
+    for i in range(nc - 1, -1, -1):
+        total = rhs[i]
+        for j in range(i + 1, nc):
+            total -= normal[j, i] * rhs[j]
+        rhs[i] = total / normal[i, i]
+    for i in range(nc):
+        if np.isnan(rhs[i]):
+            return rhs, False
+    return rhs, True
+
+
+def fit_polynomial_image(image: np.ndarray, bad: np.ndarray, xorder: int,
+                         yorder: int) -> np.ndarray:
+    """muse_utils_image_fit_polynomial: least-squares 2D polynomial, evaluated everywhere.
+
+    Terms x**i * y**j for all i <= xorder, j <= yorder, in 1-based pixel
+    coordinates.  As ESO, the last column and the last row never enter the
+    fit.  As CPL, coordinates are centred on their mean and the normal
+    equations are solved by Cholesky; a total degree of 0 is the plain mean.
+    Raises FitError where CPL's fit fails.
+    """
+    ny, nx = image.shape
+    use = ~bad
+    use[-1, :] = False
+    use[:, -1] = False
+    jj, ii = np.nonzero(use.T)  # x outer, y inner, as ESO fills its vectors
+    xs = jj.astype(np.float64) + 1
+    ys = ii.astype(np.float64) + 1
+    values = image.T[jj, ii].astype(np.float64)
+    ncoeff = (xorder + 1) * (yorder + 1)
+    if values.size == 0:
+        raise FitError("No good pixels found in image, polynomial fit cannot be performed!")
+    if values.size < ncoeff:
+        raise FitError(f"Too few data points {values.size} < {ncoeff} for the "
+                       f"{xorder}x{yorder} polynomial fit")
+    if xorder + yorder == 0:
+        return np.full((ny, nx), np.float32(_running_mean(values)), np.float32)
+    xmean, ymean = _running_mean(xs), _running_mean(ys)
+    coeffs, ok = _solve_normal_equations(xs - xmean, ys - ymean, values, xorder, yorder)
+    if not ok:
+        raise FitError(f"{xorder}x{yorder} polynomial fit failed: singular matrix "
+                       f"({values.size} points)")
+    gx = np.arange(1, nx + 1, dtype=np.float64) - xmean
+    gy = np.arange(1, ny + 1, dtype=np.float64) - ymean
+    grid = (np.vander(gy, yorder + 1, increasing=True)
+            @ coeffs.reshape(yorder + 1, xorder + 1)
+            @ np.vander(gx, xorder + 1, increasing=True).T)
+    return grid.astype(np.float32)
+
+
+def gaussian_kernel(fwhm: float) -> np.ndarray:
+    """muse_matrix_new_gaussian_2d for the vignetting smoothing (odd half width ~ FWHM)."""
+    half = int(math.floor(fwhm + 0.5))
+    half = half if half % 2 else half + 1
+    sigma = fwhm * SIG_FWHM
+    offsets = np.arange(-half, half + 1, dtype=np.float64)
+    r2 = offsets[:, None] ** 2 + offsets[None, :] ** 2
+    kernel = np.exp(-r2 / (2 * sigma * sigma)) / (sigma * math.sqrt(2 * math.pi))
+    return kernel / kernel.sum()
+
+
+def _normalize_and_fit(plane: np.ndarray, white_bad: np.ndarray, vign: np.ndarray | None,
+                       xorder: int, yorder: int, warnings: list[str]) -> np.ndarray:
+    """One cube plane: 5x7 masked median, normalise, polynomial fit, normalise."""
+    bad = white_bad | ~np.isfinite(plane) | (plane == 0)
+    ny, nx = plane.shape
+    rx, ry = PLANE_MEDIAN_HALF
+    if nx < 2 * rx + 1 or ny < 2 * ry + 1:
+        _warn(warnings, "filtering cube plane failed: Access beyond boundaries")
+        filtered, fbad = plane.copy(), bad
+    else:
+        filtered, fbad = _median_filter(np.ascontiguousarray(plane, np.float32), bad, rx, ry)
+    mean = _mean_good(filtered, fbad)
+    filtered = _scale(filtered, 1.0 / mean if mean else np.inf)
+    fitbad = fbad | vign if vign is not None else fbad
+    fit = fit_polynomial_image(filtered, fitbad, xorder, yorder)
+    mean = _mean_good(fit, fitbad)
+    return _scale(fit, 1.0 / mean if mean else np.inf)
+
+
+def _warn(warnings: list[str], message: str) -> None:
+    log.warning("%s", message)
+    warnings.append(message)
+
+
+def _edge_exclusion(image: np.ndarray, bad: np.ndarray, limit: float) -> tuple[np.ndarray, np.ndarray]:
+    """Reject the stronger side of every jump >= limit between neighbours.
+
+    Rejected spaxels are set to 1 first; jumps are searched column-wise and
+    row-wise on that image, and of each pair the value farther from 1 is
+    rejected.  Returns the filled image and the extended mask.
+    """
+    filled = np.where(bad, np.float32(1), image).astype(np.float32)
+    values = filled.astype(np.float64)
+    out = bad.copy()
+    for axis in (0, 1):
+        v1 = values[:-1, :] if axis == 0 else values[:, :-1]
+        v2 = values[1:, :] if axis == 0 else values[:, 1:]
+        with np.errstate(invalid="ignore"):
+            jump = ~(np.abs(v2 - v1) < limit)
+            first = np.abs(v1 - 1.0) > np.abs(v2 - 1.0)
+        if axis == 0:
+            out[:-1, :] |= jump & first
+            out[1:, :] |= jump & ~first
+        else:
+            out[:, :-1] |= jump & first
+            out[:, 1:] |= jump & ~first
+    return filled, out
+
+
+def _smooth_vignetted(wdiv: np.ndarray, bad: np.ndarray, is_wfm: bool, method: str,
+                      xpar: int, ypar: int, warnings: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Smooth white_div_global over the vignetted area; returns (fit, its bad mask)."""
+    ny, nx = wdiv.shape
+    if method == "gaussian":
+        xpar = 10 if xpar < 0 else xpar
+        ypar = 10 if ypar < 0 else ypar
+        fwhm = (xpar + ypar) / 2.0
+        log.info("Running %.1f pix FWHM Gaussian filter...", fwhm)
+        kernel = gaussian_kernel(fwhm)
+        if kernel.shape[0] > min(nx, ny):
+            _warn(warnings, "filtering vignetted area failed: Access beyond boundaries")
+            fit = wdiv.copy()
+        else:
+            fit, _ = _linear_filter(wdiv, bad, kernel)
+        return _threshold(fit, is_wfm), bad.copy()
+    if method == "median":
+        xpar = 5 if xpar < 0 else xpar
+        ypar = 5 if ypar < 0 else ypar
+        log.info("Running %dx%d median filter...", xpar, ypar)
+        if xpar < 1 or ypar < 1 or xpar % 2 == 0 or ypar % 2 == 0 or xpar > nx or ypar > ny:
+            # CPL refuses the filter and ESO goes on with the unfiltered image
+            _warn(warnings, f"filtering vignetted ared failed: a {xpar}x{ypar} median filter "
+                            f"needs odd sizes of at most {nx}x{ny}")
+            fit, fitbad = wdiv.copy(), bad.copy()
+        elif xpar == 1 and ypar == 1:  # CPL copies the image, bad pixels included
+            fit, fitbad = wdiv.copy(), bad.copy()
+        else:
+            fit, fitbad = _median_filter(wdiv, bad, xpar // 2, ypar // 2)
+        return _threshold(fit, is_wfm), fitbad
+    xpar = 4 if xpar < 0 else xpar
+    ypar = 4 if ypar < 0 else ypar
+    log.info("Running polyfit (orders %dx%d) ...", xpar, ypar)
+    try:
+        fit = fit_polynomial_image(_threshold(wdiv, is_wfm), bad, xpar, ypar)
+    except FitError as err:
+        # ESO goes on without a vignetting model (empty vign_fit and white_cor)
+        _warn(warnings, f"vignetting polyfit failed, no vignetting correction: {err}")
+        return None, None
+    return _threshold(fit, is_wfm), bad.copy()
+
+
+def _trim_nfm_rows(fit: np.ndarray, fitbad: np.ndarray, vignetted: np.ndarray) -> np.ndarray:
+    """NFM: drop rows from the fitted region, top down, whose mean falls below the running maximum.
+
+    Only once that maximum is within 0.1 of 1; returns the remaining fitted area.
+    """
+    area = vignetted.copy()
+    maxval = -np.inf
+    for j in range(area.shape[0] - 1, -1, -1):
+        if not area[j].any():
+            continue
+        avg = _mean_good(fit[j], fitbad[j])
+        maxval = max(maxval, avg)
+        if abs(maxval - 1.0) < 0.1 and avg < maxval:
+            area[j] = False
+    return area
+
+
+# --------------------------------------------------------------------------
+# the stage
+
+
+def postprocess(cube: np.ndarray, header: Mapping[str, Any] | fits.Header, settings: Mapping[str, Any],
+                vignetting_mask: np.ndarray | None = None, mode: str | None = None,
+                white: np.ndarray | None = None) -> TwilightResult:
+    """Turn a DATACUBE_SKYFLAT cube into the smooth TWILIGHT_CUBE (ESO's post-processing).
+
+    ``cube`` is (nz, ny, nx) float32 with NaN for empty spaxels; ``header``
+    supplies ``ESO INS MODE`` unless ``mode`` is given.  ``white`` is the
+    white-light image as stored with DATACUBE_SKYFLAT (NaN where empty); if
+    None it is collapsed from ``cube`` (0 where empty, as ESO's skip mode
+    does for a cube without one).
+    ``vignetting_mask`` (non-zero = vignetted) is used in WFM only; NFM
+    always uses the top ``vignnfmmask`` rows.
+    """
+    cube = np.asarray(cube, np.float32)
+    if cube.ndim != 3:
+        raise InputError(f"DATACUBE_SKYFLAT: expected a 3D cube, got shape {cube.shape}")
+    nz, ny, nx = cube.shape
+    nfm = mode.strip().startswith("NFM") if mode is not None else is_nfm(header)
+    is_wfm = not nfm
+    warnings: list[str] = []
+    if white is None:
+        white, _ = collapse(cube)
+    white = np.asarray(white, np.float32)
+    if white.shape != (ny, nx):
+        raise InputError(f"white-light image {white.shape} does not match the cube planes {(ny, nx)}")
+    white_bad = white_light_mask(white)
+
+    if is_wfm:
+        vign = (adapt_vignetting_mask(np.asarray(vignetting_mask) != 0, ny, nx)
+                if vignetting_mask is not None else None)
+    else:
+        log.info("NFM: creating internal VIGNETTING_MASK...")
+        vign = nfm_vignetting_mask(ny, nx, int(settings["vignnfmmask"]))
+
+    xorder, yorder = int(settings["xorder"]), int(settings["yorder"])
+    fitted = np.empty_like(cube)
+
+    def fit_plane(k: int) -> None:
+        try:
+            fitted[k] = _normalize_and_fit(cube[k], white_bad, vign, xorder, yorder, warnings)
+        except FitError as err:
+            raise InputError(f"DATACUBE_SKYFLAT plane {k + 1}: {err}") from None
+
+    # the planes are independent and the numba kernels release the GIL
+    with ThreadPoolExecutor(max_workers=min(nz, os.cpu_count() or 1)) as pool:
+        list(pool.map(fit_plane, range(nz)))
+
+    white_global_fit, _ = collapse(fitted)
+    whiten = _scale(white, 1.0 / _mean_good(white, white_bad))
+    wdiv, zero = _divide(whiten, white_global_fit)
+    result = TwilightResult(cube=fitted, white_global_fit=white_global_fit, white_div_global=wdiv,
+                            white_div_global_dq=white_bad | zero, warnings=warnings)
+    if vign is None:
+        return result
+
+    smooth_bad = white_bad | ~vign  # fit only the vignetted part of the field
+    edges = float(settings["vignmaskedges"])
+    if is_wfm and edges > 0:
+        log.info("Excluding strong edges (stronger than %.1f%%) from the vignetted area", edges * 100)
+        filled, smooth_bad = _edge_exclusion(wdiv, smooth_bad, edges)
+        result.white_div_global_excl_edges = filled
+        result.white_div_global_excl_edges_dq = smooth_bad.copy()
+
+    fit, fitbad = _smooth_vignetted(wdiv, smooth_bad, is_wfm, str(settings["vignsmooth"]),
+                                    int(settings["vignxpar"]), int(settings["vignypar"]), warnings)
+    if fit is None:
+        result.vign_fit = np.empty(0, np.float32)
+        result.white_cor = np.empty(0, np.float32)
+        vign_fit = None
+    else:
+        if is_wfm:
+            fitbad = white_bad | ~vign
+        else:
+            fitbad = ~_trim_nfm_rows(fit, fitbad, vign)
+        vign_fit = np.where(fitbad, np.float32(1), fit).astype(np.float32)
+        white_cor, zero = _divide(wdiv, vign_fit)
+        result.vign_fit, result.vign_fit_dq = vign_fit, fitbad
+        result.white_cor, result.white_cor_dq = white_cor, smooth_bad | fitbad | zero
+
+    log.info("Combining smooth field of view and vignetted region in %d planes", nz)
+    for k in range(nz):
+        mean1 = _mean_good(fitted[k])
+        plane = fitted[k] * vign_fit if vign_fit is not None else fitted[k]
+        mean2 = _mean_good(plane)
+        fitted[k] = _scale(plane, 1.0 / mean2 if mean2 else np.inf)
+        mean3 = _mean_good(fitted[k])
+        if abs(mean3 - 1.0) > FLT_EPSILON:  # NaN passes silently, as in ESO
+            _warn(warnings, f"normalization failed in plane {k + 1}: mean(plane) = "
+                            f"{mean1:f} -> {mean2:f} -> {mean3:f}")
+    return result
+
+
+# --------------------------------------------------------------------------
+# file I/O
+
+
+def _is_wcs_key(key: str) -> bool:
+    """ESO's MUSE_WCS_KEYS selection (plain WCSAXES/WCSNAME are not among them)."""
+    return _WCS_KEYS.match(key) is not None
+
+
+def read_datacube_skyflat(path: str | os.PathLike) -> SkyflatCube:
+    """Read a DATACUBE_SKYFLAT as ESO's skip mode does.
+
+    The white-light image is the extension right after STAT when it is called
+    ``white``; otherwise ``white`` is None and :func:`postprocess` collapses
+    the cube (empty spaxels then hold 0 instead of NaN, as in ESO).
+    """
+    path = Path(path)
+    try:
+        hdul = fits.open(path, memmap=False)
+    except (OSError, ValueError) as err:
+        raise InputError(f"{path}: cannot read DATACUBE_SKYFLAT: {err}") from None
+    with hdul:
+        names = [hdu.name for hdu in hdul]
+        if "DATA" not in names[1:]:
+            raise InputError(f"{path}: no DATA extension, not a MUSE cube")
+        idata = names.index("DATA", 1)
+        data = hdul[idata].data
+        if data is None or data.ndim != 3:
+            raise InputError(f"{path}: DATA extension is not a 3D cube")
+        cube = np.asarray(data, np.float32)
+        # ESO looks for collapsed images after STAT (without STAT it starts at
+        # extension 1, finds DATA first and collapses the cube itself)
+        white = None
+        if "STAT" in names[1:]:
+            following = names.index("STAT", 1) + 1
+            if following < len(names) and hdul[following].header.get("EXTNAME") == "white":
+                white = np.asarray(hdul[following].data, np.float32)
+        return SkyflatCube(cube=cube, white=white, primary_header=hdul[0].header.copy(),
+                           data_header=hdul[idata].header.copy(), path=path)
+
+
+def read_vignetting_mask(path: str | os.PathLike) -> np.ndarray:
+    """VIGNETTING_MASK: the primary-HDU image, non-zero = vignetted."""
+    path = Path(path)
+    try:
+        data = fits.getdata(path, 0)
+    except (OSError, ValueError, IndexError) as err:
+        raise InputError(f"{path}: cannot read VIGNETTING_MASK: {err}") from None
+    if data is None or data.ndim != 2:
+        raise InputError(f"{path}: VIGNETTING_MASK needs a 2D image in the primary HDU")
+    return np.asarray(data) != 0
+
+
+def skip_cube_path(option: str | os.PathLike | None = None) -> Path | None:
+    """The DATACUBE_SKYFLAT to start from: ``option`` or else $MUSE_TWILIGHT_SKIP."""
+    value = option if option else os.environ.get(SKIP_ENV)
+    return Path(value) if value else None
+
+
+def _set(header: fits.Header, key: str, value: Any, comment: str) -> None:
+    """Set a keyword, cutting the comment to fit one card (as CFITSIO does)."""
+    room = 80 - max(len(fits.Card(key, value).image.rstrip()), 30) - 3
+    header[key] = (value, comment[:max(room, 0)])
+
+
+def _with_object(header: fits.Header, base: str | None, text: str) -> None:
+    """ESO's OBJECT = '<cube OBJECT> (<text>)', cut to one header card; none without a base."""
+    if base is not None:
+        header["OBJECT"] = f"{base} ({text})"[:68]
+
+
+def _hduclass(header: fits.Header, cls: str, data: str, dq: str | None) -> None:
+    _set(header, "HDUCLASS", "ESO", "class name (ESO format)")
+    _set(header, "HDUDOC", "DICD", "document with class description")
+    _set(header, "HDUVERS", "DICD version 6", "version number (according to spec v2.5.1)")
+    _set(header, "HDUCLAS1", "IMAGE", "Image data format")
+    if cls == "DATA":
+        _set(header, "HDUCLAS2", "DATA", "this extension contains the data itself")
+        if dq:
+            _set(header, "QUALDATA", dq, "pointer to the bad pixel mask extension")
+    else:
+        _set(header, "HDUCLAS2", "QUALITY", "this extension contains bad pixel mask")
+        _set(header, "HDUCLAS3", "FLAG32BIT", "extension contains 32bit Euro3D bad pixel information")
+        _set(header, "QUALMASK", 4294967295, "all non-zero values are bad")
+        _set(header, "SCIDATA", data, "pointer to the data extension")
+
+
+_EXT_OBJECT = {
+    "white_div_global": ("normalized white-light divided by white global fit", "1"),
+    "white_div_global_excl_edges": ("white-light divided by white global, mask excl edges", "1"),
+    "vign_fit": ("vignetting fit", ""),
+    "white_cor": ("white image corrected by vignetting fit", "count"),
+}
+
+
+def twilight_cube_hdulist(result: TwilightResult, primary_header: fits.Header,
+                          cube_header: fits.Header | None = None,
+                          drop_qc: bool = True) -> fits.HDUList:
+    """TWILIGHT_CUBE in ESO's layout (DFS provenance keywords are added by the caller).
+
+    ``primary_header`` is the DATACUBE_SKYFLAT primary header; the DRS MUSE
+    FLAT FLUX keywords are kept, the QC TWILIGHT ones dropped unless
+    ``drop_qc`` is False (ESO keeps them when it starts from an existing
+    cube, MUSE_TWILIGHT_SKIP).  ``cube_header`` carries the cube WCS and
+    BUNIT (the DATA extension header; taken from ``primary_header`` when None).
+    """
+    wcs_source = cube_header if cube_header is not None else primary_header
+    primary = fits.Header()
+    for card in primary_header.cards:
+        key = card.keyword
+        if key in ("SIMPLE", "BITPIX", "NAXIS", "EXTEND", "EXTNAME", "BUNIT", "CHECKSUM",
+                   "DATASUM") or key.startswith("NAXIS") or _is_wcs_key(key):
+            continue
+        if drop_qc and key.startswith(QC_TWILIGHT_PREFIX) and key[len(QC_TWILIGHT_PREFIX):][:1].isdigit():
+            continue
+        primary.append(card)
+    _set(primary, "HIERARCH ESO PRO CATG", "TWILIGHT_CUBE", "Category of pipeline product frame")
+
+    wcs_cards = [c for c in wcs_source.cards if _is_wcs_key(c.keyword)]
+    bunit = wcs_source.get("BUNIT")
+
+    data_header = fits.Header()
+    _with_object(data_header, primary_header.get("OBJECT"), "DATA")
+    for card in wcs_cards:
+        data_header.append(card)
+    _set(data_header, "EXTNAME", "DATA", "This extension contains data values")
+    _hduclass(data_header, "DATA", "DATA", None)
+    if bunit is not None:
+        data_header["BUNIT"] = bunit
+    hdus: list[fits.hdu.base.ExtensionHDU] = [fits.ImageHDU(result.cube.astype(np.float32), data_header)]
+
+    fit_header = fits.Header()
+    fit_header["OBJECT"] = "white from global fit (white_global_fit)"
+    for card in wcs_cards:  # the cube WCS without the spectral axis
+        if not re.match(r"^C...*3$|^CD3_.$", card.keyword):
+            fit_header.append(card)
+    _set(fit_header, "EXTNAME", "white_global_fit", "reconstructed image (data values)")
+    _hduclass(fit_header, "DATA", "white_global_fit", None)
+    if bunit is not None:
+        fit_header["BUNIT"] = bunit
+    hdus.append(fits.ImageHDU(result.white_global_fit.astype(np.float32), fit_header))
+
+    for name in ("white_div_global", "white_div_global_excl_edges", "vign_fit", "white_cor"):
+        image = getattr(result, name)
+        if image is None:
+            continue
+        dq = getattr(result, name + "_dq")
+        obj, unit = _EXT_OBJECT[name]
+        header = fits.Header()
+        _with_object(header, obj, name)
+        _set(header, "EXTNAME", name, "reconstructed image (data values)")
+        _hduclass(header, "DATA", name, name + "_DQ" if dq is not None else None)
+        header["BUNIT"] = unit
+        hdus.append(fits.ImageHDU(image.astype(np.float32) if image.size else None, header))
+        if dq is None:  # failed vignetting fit: ESO writes an empty HDU without DQ
+            continue
+        dq_header = fits.Header()
+        _with_object(dq_header, obj, f"{name}, DQ")
+        _set(dq_header, "EXTNAME", name + "_DQ", "reconstructed image (bad pixel status values)")
+        _hduclass(dq_header, "QUALITY", name, None)
+        hdus.append(fits.ImageHDU(np.asarray(dq).astype(np.int32), dq_header))
+    return fits.HDUList([fits.PrimaryHDU(header=primary), *hdus])
+
+
+def postprocess_file(path: str | os.PathLike, settings: Mapping[str, Any],
+                     vignetting_mask: np.ndarray | None = None) -> tuple[TwilightResult, SkyflatCube]:
+    """Skip mode: post-process an existing DATACUBE_SKYFLAT file."""
+    sky = read_datacube_skyflat(path)
+    header = fits.Header(sky.primary_header)
+    result = postprocess(sky.cube, header, settings, vignetting_mask, white=sky.white)
+    return result, sky
+
+
+# --------------------------------------------------------------------------
+# command line: ``musetwilight smooth`` (ESO's MUSE_TWILIGHT_SKIP as a subcommand)
+
+
+def add_arguments(parser) -> None:
+    """Options of the ``smooth`` subcommand."""
+    parser.add_argument("cube", nargs="?", default=None,
+                        help=f"DATACUBE_SKYFLAT to post-process (default: ${SKIP_ENV})")
+    parser.add_argument("--vignetting-mask", default=None, help="VIGNETTING_MASK (WFM only)")
+    parser.add_argument("--output", default="TWILIGHT_CUBE.fits", help="output file")
+    parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                        help="recipe parameter (xorder, yorder, vignsmooth, ...); repeatable")
+
+
+def run_from_args(args) -> int:
+    """Write TWILIGHT_CUBE from an existing DATACUBE_SKYFLAT."""
+    from .params import make_settings
+
+    path = skip_cube_path(args.cube)
+    if path is None:
+        raise InputError(f"no DATACUBE_SKYFLAT given (argument or ${SKIP_ENV})")
+    pairs = []
+    for item in args.param:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise InputError(f"--param {item!r}: expected NAME=VALUE")
+        pairs.append((name.strip(), value))
+    settings = make_settings(pairs)
+    mask = read_vignetting_mask(args.vignetting_mask) if args.vignetting_mask else None
+    result, sky = postprocess_file(path, settings, mask)
+    hdul = twilight_cube_hdulist(result, sky.primary_header, sky.data_header, drop_qc=False)
+    hdul.writeto(args.output, overwrite=True)
+    log.info("Saved %s (%s)", args.output, ", ".join(["DATA", *result.extensions]))
+    return 0
