@@ -1,0 +1,384 @@
+"""Batch reduction of many twilight sets, serially or on a Dask cluster.
+
+Each SOF is reduced with :func:`musetwilight.recipe.run` into ``<output_root>/<SOF stem>/``;
+a set that fails is recorded with its error and the batch goes on.  With a
+``distributed.Client`` every set becomes one Dask task, and inside it the 24 per-IFU
+stages become Dask tasks of their own (through the recipe's ``mapper`` hook), so one
+large set also spreads over the cluster.  Dask is optional and imported only on the
+Dask path.
+
+Every set is reduced with the same settings and without the environment overrides
+($MUSE_TWILIGHT_SKIP names one cube, $MUSE_TWILIGHT_SCALES one set's scales, and a
+worker's environment is not the submitter's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copyreg
+import json
+import logging
+import time
+import traceback
+import uuid
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+from .params import PARAMETERS, Settings, format_value, make_settings
+
+log = logging.getLogger("musetwilight.batch")
+
+PRODUCTS = ("DATACUBE_SKYFLAT", "TWILIGHT_CUBE")
+DASK_HINT = "the Dask options need dask.distributed: pip install 'musetwilight[dask]'"
+
+
+def _reduce_settings(settings: Settings):
+    return make_settings, (dict(settings.values),)
+
+
+# Settings travels to Dask workers inside the per-IFU task; its __getattr__ defeats default pickling.
+copyreg.pickle(Settings, _reduce_settings)
+
+
+@dataclass(frozen=True)
+class SetJob:
+    """One twilight set of a batch: its SOF (absolute) and its output directory."""
+
+    name: str
+    sof: Path
+    output_dir: Path
+
+
+@dataclass
+class SetOutcome:
+    """How one set went: ``status`` is ``ok``, ``failed`` or ``skipped`` (products already there)."""
+
+    name: str
+    sof: str
+    output_dir: str
+    status: str
+    seconds: float = 0.0
+    error: str | None = None
+    details: str | None = None
+    paths: dict[str, str] = field(default_factory=dict)
+    skipped_ifus: list[int] = field(default_factory=list)
+    worker: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "failed"
+
+
+@dataclass
+class BatchReport:
+    """Outcomes of all sets, in the order the SOFs were given."""
+
+    outcomes: list[SetOutcome]
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> list[SetOutcome]:
+        return [o for o in self.outcomes if not o.ok]
+
+    @property
+    def exit_status(self) -> int:
+        return 1 if self.failed else 0
+
+    def summary(self) -> str:
+        """A plain-text table (set, status, time, products or error), then the totals."""
+        width = max([len(o.name) for o in self.outcomes] + [3])
+        lines = [f"{'set':<{width}}  {'status':<7}  {'time':>8}  products / error"]
+        for o in self.outcomes:
+            if o.status == "failed":
+                detail = o.error or ""
+            else:
+                detail = o.output_dir
+                if o.skipped_ifus:
+                    detail += f" (skipped IFUs {','.join(map(str, o.skipped_ifus))})"
+            lines.append(f"{o.name:<{width}}  {o.status:<7}  {o.seconds:7.1f}s  {detail}")
+        done = sum(o.status == "ok" for o in self.outcomes)
+        skipped = sum(o.status == "skipped" for o in self.outcomes)
+        lines.append(f"{len(self.outcomes)} sets: {done} reduced, {skipped} already done, "
+                     f"{len(self.failed)} failed ({self.seconds:.1f} s)")
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        return json.dumps({"seconds": self.seconds, "sets": [asdict(o) for o in self.outcomes]}, indent=2)
+
+
+def plan_jobs(sofs: Iterable[str | Path], output_root: str | Path) -> list[SetJob]:
+    """One job per SOF, writing into ``<output_root>/<SOF stem>``; two SOFs with the same stem are an error."""
+    root = Path(output_root).expanduser().resolve()
+    jobs: list[SetJob] = []
+    seen: dict[str, Path] = {}
+    for sof in sofs:
+        path = Path(sof).expanduser().resolve()
+        name = path.stem
+        if name in seen:
+            raise ValueError(f"{seen[name]} and {path} would both be reduced into {root / name}: "
+                             "give the SOF files distinct names")
+        seen[name] = path
+        jobs.append(SetJob(name, path, root / name))
+    return jobs
+
+
+def products_present(job: SetJob) -> bool:
+    return all((job.output_dir / f"{name}.fits").is_file() for name in PRODUCTS)
+
+
+def reduce_set(job: SetJob, settings: Settings, *, workers: int | None = None,
+               mapper: Callable | None = None, progress: Callable[[str], None] | None = None) -> SetOutcome:
+    """Reduce one set with :func:`recipe.run`; any exception becomes a failed outcome (never raised)."""
+    from . import recipe
+
+    start = time.perf_counter()
+    outcome = SetOutcome(job.name, str(job.sof), str(job.output_dir), "ok")
+    try:
+        result = recipe.run(job.sof, settings, job.output_dir, workers=workers, environ={},
+                            progress=progress, mapper=mapper)
+        outcome.paths = {name: str(path) for name, path in result.paths.items()}
+        outcome.skipped_ifus = sorted(result.skipped_ifus)
+    except Exception as err:  # noqa: BLE001 - the batch reports every set's failure and goes on
+        outcome.status = "failed"
+        outcome.error = f"{type(err).__name__}: {err}"
+        outcome.details = traceback.format_exc()
+    outcome.seconds = time.perf_counter() - start
+    return outcome
+
+
+def run_batch(sofs: Iterable[str | Path], settings: Settings | None = None, output_root: str | Path = ".",
+              *, client=None, workers: int | None = None, distribute_ifus: bool = True,
+              resume: bool = False, max_in_flight: int | None = None,
+              progress: Callable[[str], None] | None = None) -> BatchReport:
+    """Reduce every SOF into ``<output_root>/<stem>/`` and report each set's outcome.
+
+    Without ``client`` the sets run one after the other in this process (``workers``
+    threads for the IFUs, as :func:`recipe.run`); Dask is not imported.  With a
+    ``distributed.Client`` each set is a Dask task and, if ``distribute_ifus``, its
+    per-IFU stages are Dask tasks too; at most ``max_in_flight`` sets (default: the
+    cluster's threads) are in progress at once.  ``resume`` leaves sets whose
+    output directory already holds both products alone.
+    """
+    settings = settings if settings is not None else make_settings()
+    jobs = plan_jobs(sofs, output_root)
+    start = time.perf_counter()
+    outcomes: dict[str, SetOutcome] = {}
+    todo = []
+    for job in jobs:
+        if resume and products_present(job):
+            outcomes[job.name] = SetOutcome(job.name, str(job.sof), str(job.output_dir), "skipped",
+                                            paths={n: str(job.output_dir / f"{n}.fits") for n in PRODUCTS})
+        else:
+            todo.append(job)
+    say = progress or (lambda message: None)
+    if client is None:
+        for number, job in enumerate(todo, start=1):
+            say(f"[{number}/{len(todo)}] {job.name}: reducing {job.sof}")
+            ifu_progress = (lambda m, name=job.name: progress(f"{name}: {m}")) if progress else None
+            outcome = reduce_set(job, settings, workers=workers, progress=ifu_progress)
+            outcomes[job.name] = outcome
+            say(_done_message(number, len(todo), outcome))
+    else:
+        for number, outcome in enumerate(_run_on_dask(client, todo, settings, distribute_ifus, max_in_flight),
+                                         start=1):
+            outcomes[outcome.name] = outcome
+            say(_done_message(number, len(todo), outcome))
+    report = BatchReport([outcomes[job.name] for job in jobs], time.perf_counter() - start)
+    for outcome in report.failed:
+        log.error("%s failed: %s", outcome.name, outcome.error)
+    return report
+
+
+def _done_message(number: int, total: int, outcome: SetOutcome) -> str:
+    where = f" on {outcome.worker}" if outcome.worker else ""
+    text = outcome.error if outcome.status == "failed" else outcome.output_dir
+    return f"[{number}/{total}] {outcome.name}: {outcome.status} in {outcome.seconds:.1f} s{where} ({text})"
+
+
+# --------------------------------------------------------------------------- Dask
+
+
+class DaskMapper:
+    """The recipe's per-IFU ``mapper`` on a Dask cluster: one task per IFU, results in order.
+
+    Called inside a Dask task (a set), it secedes from the worker's thread pool while it
+    waits, so the waiting set holds no thread the IFU tasks need, and rejoins afterwards.
+    Usable directly too: ``recipe.run(sof, settings, out, mapper=DaskMapper(client))``.
+    """
+
+    def __init__(self, client, label: str = "set", priority: int = 1):
+        self.client = client
+        self.label = label
+        self.priority = priority
+
+    def __call__(self, function: Callable, items: Iterable[int]) -> Iterator:
+        items = list(items)
+        token = uuid.uuid4().hex[:8]
+        keys = [f"musetwilight-ifu-{self.label}-{item:02d}-{token}" for item in items]
+        futures = self.client.map(function, items, key=keys, pure=False, priority=self.priority)
+        return self._results(futures)
+
+    def _results(self, futures) -> Iterator:
+        from distributed import rejoin, secede
+
+        waiting = deque(futures)
+        seceded = _in_dask_task()
+        if seceded:
+            secede()
+        try:
+            while waiting:
+                future = waiting.popleft()
+                result = future.result()
+                future.release()  # the caller holds the result: do not pin a second copy on the cluster
+                yield result
+        finally:
+            if waiting:
+                self.client.cancel(list(waiting))
+            if seceded:
+                rejoin()
+
+
+def _in_dask_task() -> bool:
+    from distributed import get_worker
+
+    try:
+        get_worker()
+    except ValueError:
+        return False
+    return True
+
+
+def _dask_set_task(job: SetJob, settings: Settings, distribute_ifus: bool) -> SetOutcome:
+    """One set, run on a Dask worker."""
+    from distributed import get_client, get_worker
+
+    mapper = DaskMapper(get_client(), job.name) if distribute_ifus else None
+    outcome = reduce_set(job, settings, mapper=mapper)
+    outcome.worker = get_worker().address
+    return outcome
+
+
+def _run_on_dask(client, jobs: Sequence[SetJob], settings: Settings, distribute_ifus: bool,
+                 max_in_flight: int | None) -> Iterator[SetOutcome]:
+    """Submit the sets (a bounded number at a time) and yield their outcomes as they finish."""
+    from distributed import as_completed
+
+    if not jobs:
+        return
+    limit = max_in_flight or max(1, sum(client.nthreads().values()))
+    token = uuid.uuid4().hex[:8]
+    pending = iter(jobs)
+    in_flight: dict[str, tuple[SetJob, float, object]] = {}
+
+    def submit(job: SetJob):
+        future = client.submit(_dask_set_task, job, settings, distribute_ifus, pure=False,
+                               key=f"musetwilight-set-{job.name}-{token}")
+        in_flight[future.key] = (job, time.perf_counter(), future)
+        return future
+
+    running = as_completed([submit(job) for job in islice(pending, limit)])
+    try:
+        for future in running:
+            job, submitted, _ = in_flight.pop(future.key)
+            try:
+                outcome = future.result()
+            except Exception as err:  # noqa: BLE001 - e.g. a worker died: the set failed, the batch goes on
+                outcome = SetOutcome(job.name, str(job.sof), str(job.output_dir), "failed",
+                                     seconds=time.perf_counter() - submitted,
+                                     error=f"{type(err).__name__}: {err}")
+            future.release()
+            following = next(pending, None)
+            if following is not None:
+                running.add(submit(following))
+            yield outcome
+    finally:
+        running.clear()
+        if in_flight:
+            client.cancel([future for _, _, future in in_flight.values()])
+
+
+@contextmanager
+def dask_client(scheduler: str | None = None, workers: int | None = None, threads_per_worker: int = 1,
+                processes: bool = True, log_level: int | None = None, **cluster_options):
+    """A ``distributed.Client``: connected to ``scheduler`` or to a new LocalCluster of ``workers``.
+
+    The local cluster (if any) is closed on exit; ``log_level`` sets Dask's own loggers.
+    """
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError as err:
+        raise ImportError(DASK_HINT) from err
+    if log_level is not None:
+        logging.getLogger("distributed").setLevel(log_level)
+        cluster_options.setdefault("silence_logs", log_level)
+    if scheduler:
+        with Client(scheduler) as client:
+            yield client
+        return
+    with LocalCluster(n_workers=workers or 1, threads_per_worker=threads_per_worker, processes=processes,
+                      **cluster_options) as cluster, Client(cluster) as client:
+        yield client
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``musetwilight batch SOF [SOF ...]`` options; recipe parameters as in ``musetwilight run``."""
+    parser.add_argument("sofs", nargs="+", type=Path, metavar="SOF", help="set-of-frames files, one per set")
+    parser.add_argument("--output-root", type=Path, default=Path("."),
+                        help="each set is written into OUTPUT_ROOT/<SOF stem>/ [.]")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--scheduler", metavar="ADDRESS",
+                       help="submit to this dask.distributed scheduler (e.g. tcp://host:8786)")
+    where.add_argument("--workers", type=_positive_int, metavar="N",
+                       help="start a local Dask cluster of N worker processes")
+    parser.add_argument("--threads-per-worker", type=_positive_int, default=1, metavar="T",
+                        help="threads of each local Dask worker [1]")
+    parser.add_argument("--no-ifu-tasks", action="store_true",
+                        help="on Dask, reduce each set's IFUs inside its own task (less data between workers)")
+    parser.add_argument("--resume", action="store_true",
+                        help="skip sets whose output directory already holds both products")
+    parser.add_argument("--summary-json", type=Path, metavar="FILE", help="also write the summary as JSON")
+    parser.add_argument("--recipe-config", type=Path, help="EsoRex-style configuration file of parameters")
+    group = parser.add_argument_group("recipe parameters (as esorex muse_twilight, the same for every set)")
+    for parameter in PARAMETERS:
+        allowed = f" <{' | '.join(parameter.choices)}>" if parameter.choices else ""
+        group.add_argument(f"--{parameter.name}", metavar="VALUE", default=None,
+                           help=f"{parameter.help}{allowed} [{format_value(parameter.default)}]")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    from .cli import Progress, settings_from_args
+
+    settings = settings_from_args(args)
+    progress = Progress()
+    options = dict(settings=settings, output_root=args.output_root, resume=args.resume, progress=progress)
+    if args.scheduler or args.workers:
+        try:
+            quiet = logging.WARNING if getattr(args, "verbose", 0) <= 0 else None
+            with dask_client(args.scheduler, args.workers, args.threads_per_worker, log_level=quiet) as client:
+                if getattr(client, "dashboard_link", None):
+                    print(f"Dask dashboard: {client.dashboard_link}")
+                report = run_batch(args.sofs, client=client, distribute_ifus=not args.no_ifu_tasks, **options)
+        except ImportError as err:
+            logging.getLogger("musetwilight").error("%s", err)
+            return 2
+    else:
+        report = run_batch(args.sofs, **options)
+    progress.done()
+    print(report.summary())
+    if args.summary_json:
+        args.summary_json.write_text(report.to_json())
+    return report.exit_status

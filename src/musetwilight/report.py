@@ -1,0 +1,790 @@
+"""QA report of one muse_twilight run: PNG plots and one self-contained HTML page.
+
+``write_report(report_dir, datacube_skyflat, twilight_cube, truth=None)`` draws
+the white-light images of both products, the smooth-fit and vignetting
+diagnostics (white_global_fit, white_div_global, vign_fit, white_cor), the
+per-IFU relative flux (QC TWILIGHTn INTFLUX over the reference IFU's), the
+plane means and the fitted surfaces versus wavelength, and the QC keywords.
+With the simulator's truth it also compares what the run recovered with what
+was injected: per-IFU throughput, field illumination and twilight spectrum.
+The page links its PNGs relatively, so the report directory can be moved or
+served as a whole; ``summary.json`` holds the numbers shown on the page.
+
+Matplotlib (the ``plots`` extra) is imported only here, through its
+object-oriented API with the Agg renderer: no pyplot state, no display needed.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import re
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+
+from . import __version__
+
+DEFAULT_TITLE = "musetwilight QA report"
+QC_RE = re.compile(r"^ESO QC TWILIGHT(\d+) (.+)$")
+INTFLUX_RE = re.compile(r"^ESO QC TWILIGHT(\d+) INTFLUX$")
+SKYFLUX_RE = re.compile(r"^ESO DRS MUSE FLAT FLUX SKY(\d+)$")
+DIAGNOSTIC_TITLES = {
+    "white_global_fit": "white_global_fit: polynomial fit of the white image",
+    "white_div_global": "white_div_global: white / global fit",
+    "white_div_global_excl_edges": "white_div_global_excl_edges: same, mask without its edges",
+    "vign_fit": "vign_fit: vignetting fit",
+    "white_cor": "white_cor: white corrected by the vignetting fit",
+}
+BORDER = 3  # spaxels dropped at the field border for the "interior" statistics
+
+
+class ReportError(RuntimeError):
+    """The report cannot be made (Matplotlib missing, unreadable product)."""
+
+
+def _figure_class():
+    """Matplotlib's Figure (Agg renders PNGs without a display), or a clear error."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ReportError("the QA report needs Matplotlib: pip install 'musetwilight[plots]'") from None
+    return Figure
+
+
+# --------------------------------------------------------------------------------------------
+# products in memory
+
+
+@dataclass
+class _Products:
+    """What the report reads from the two products (None where a product or extension is absent)."""
+
+    sky_primary: fits.Header | None
+    sky_cube: np.ndarray | None
+    sky_white: np.ndarray | None
+    twi_primary: fits.Header
+    twi_cube: np.ndarray
+    wcs: fits.Header
+    images: dict[str, np.ndarray] = field(default_factory=dict)  # TWILIGHT_CUBE 2D extensions
+    masks: dict[str, np.ndarray] = field(default_factory=dict)  # their DQ (True = bad)
+    failed: list[str] = field(default_factory=list)  # extensions present but empty (failed fit)
+
+    @property
+    def wavelengths(self) -> np.ndarray:
+        """Plane wavelengths [Angstrom] from CRVAL3/CRPIX3/CD3_3 (or CDELT3)."""
+        h = self.wcs
+        step = h.get("CD3_3", h.get("CDELT3", 1.0))
+        k = np.arange(self.twi_cube.shape[0]) + 1.0
+        return h.get("CRVAL3", 1.0) + (k - h.get("CRPIX3", 1.0)) * step
+
+    def extent(self) -> list[float]:
+        """imshow extent in the cube's spatial WCS (geometry-table pixels)."""
+        h = self.wcs
+        ny, nx = self.twi_cube.shape[1:]
+        dx, dy = h.get("CD1_1", h.get("CDELT1", 1.0)), h.get("CD2_2", h.get("CDELT2", 1.0))
+        x0 = h.get("CRVAL1", 1.0) + (1.0 - h.get("CRPIX1", 1.0)) * dx
+        y0 = h.get("CRVAL2", 1.0) + (1.0 - h.get("CRPIX2", 1.0)) * dy
+        return [x0 - dx / 2, x0 + (nx - 0.5) * dx, y0 - dy / 2, y0 + (ny - 0.5) * dy]
+
+    def spaxel_coords(self) -> tuple[np.ndarray, np.ndarray]:
+        """(x, y) world coordinates of every spaxel centre, each (ny, nx)."""
+        h = self.wcs
+        ny, nx = self.twi_cube.shape[1:]
+        j, i = np.mgrid[1:ny + 1, 1:nx + 1].astype(float)
+        x = h.get("CRVAL1", 1.0) + (i - h.get("CRPIX1", 1.0)) * h.get("CD1_1", h.get("CDELT1", 1.0))
+        y = h.get("CRVAL2", 1.0) + (j - h.get("CRPIX2", 1.0)) * h.get("CD2_2", h.get("CDELT2", 1.0))
+        return x, y
+
+    def field_mask(self) -> np.ndarray:
+        """Spaxels of the field: finite in the DATACUBE_SKYFLAT white image (all without it)."""
+        if self.sky_white is not None:
+            return np.isfinite(self.sky_white) & (self.sky_white != 0)
+        return np.ones(self.twi_cube.shape[1:], bool)
+
+
+def _open(product, name: str) -> tuple[fits.HDUList | None, bool]:
+    """(HDUList, opened_here) of a product given in memory or as a path (None stays None)."""
+    if product is None or isinstance(product, fits.HDUList):
+        return product, False
+    path = Path(product)
+    try:
+        return fits.open(path, memmap=False), True
+    except (OSError, ValueError) as err:
+        raise ReportError(f"{path}: cannot read {name}: {err}") from None
+
+
+def _hdu(hdul: fits.HDUList, name: str):
+    try:
+        return hdul[name]
+    except KeyError:
+        return None
+
+
+def _load(sky: fits.HDUList | None, twi: fits.HDUList) -> _Products:
+    data = _hdu(twi, "DATA")
+    if data is None or data.data is None or np.ndim(data.data) != 3:
+        raise ReportError("TWILIGHT_CUBE has no 3D DATA extension")
+    sky_cube = sky_white = sky_primary = None
+    if sky is not None:
+        sky_data = _hdu(sky, "DATA")
+        if sky_data is None or sky_data.data is None or np.ndim(sky_data.data) != 3:
+            raise ReportError("DATACUBE_SKYFLAT has no 3D DATA extension")
+        sky_primary = sky[0].header
+        sky_cube = np.asarray(sky_data.data, dtype=np.float32)
+        white = _hdu(sky, "white")
+        if white is not None and white.data is not None:
+            sky_white = np.asarray(white.data, dtype=np.float32)
+        else:
+            with _quiet_nanmean():
+                sky_white = np.nanmean(sky_cube, axis=0)
+    products = _Products(sky_primary, sky_cube, sky_white, twi[0].header,
+                         np.asarray(data.data, dtype=np.float32), data.header)
+    for name in DIAGNOSTIC_TITLES:
+        hdu = _hdu(twi, name)
+        if hdu is None:
+            continue
+        if hdu.data is None or np.size(hdu.data) == 0:
+            products.failed.append(name)
+            continue
+        products.images[name] = np.asarray(hdu.data, dtype=np.float32)
+        dq = _hdu(twi, name + "_DQ")
+        if dq is not None and dq.data is not None and np.shape(dq.data) == np.shape(hdu.data):
+            products.masks[name] = np.asarray(dq.data) != 0
+    return products
+
+
+@contextmanager
+def _quiet_nanmean():
+    """Silence numpy's 'Mean of empty slice' for all-NaN spaxels or planes (they stay NaN)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
+# --------------------------------------------------------------------------------------------
+# numbers
+
+
+def _intflux(products: _Products) -> dict[int, float]:
+    """Per-IFU integrated flux: QC TWILIGHTn INTFLUX, else DRS MUSE FLAT FLUX SKYn."""
+    for header, pattern in ((products.sky_primary, INTFLUX_RE), (products.twi_primary, INTFLUX_RE),
+                            (products.sky_primary, SKYFLUX_RE), (products.twi_primary, SKYFLUX_RE)):
+        if header is None:
+            continue
+        flux = {int(m.group(1)): float(header[key]) for key in header
+                if (m := pattern.match(key)) and _is_number(header[key])}
+        if flux:
+            return dict(sorted(flux.items()))
+    return {}
+
+
+def _nfm(products: _Products) -> bool:
+    primary = products.sky_primary if products.sky_primary is not None else products.twi_primary
+    return str(primary.get("ESO INS MODE", "")).startswith("NFM")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+
+
+def _stats(ratio: np.ndarray) -> dict[str, float | int]:
+    """rms and max |deviation| from 1 of a ratio (finite values), and how many."""
+    values = ratio[np.isfinite(ratio)]
+    if values.size == 0:
+        return {"n": 0, "rms": math.nan, "max_abs": math.nan}
+    dev = values - 1.0
+    return {"n": int(values.size), "rms": float(np.sqrt(np.mean(dev * dev))),
+            "max_abs": float(np.max(np.abs(dev)))}
+
+
+def _normalised(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    good = mask & np.isfinite(image)
+    mean = float(np.mean(image[good])) if good.any() else math.nan
+    return image / mean
+
+
+def _interior(mask: np.ndarray, border: int = BORDER) -> np.ndarray:
+    """``mask`` shrunk by ``border`` spaxels (the field edges, where spaxels are partly covered)."""
+    from scipy.ndimage import binary_erosion
+
+    return binary_erosion(mask, np.ones((2 * border + 1, 2 * border + 1), bool), border_value=0)
+
+
+def _truth_on_grid(truth: dict, products: _Products, key: str) -> np.ndarray | None:
+    """A truth map (on ``truth['cube_grid']``, 1 pixel steps) interpolated onto the cube's spaxels."""
+    from scipy.interpolate import RegularGridInterpolator
+
+    grid, block = truth.get("cube_grid"), truth.get(key) or {}
+    values = block.get("map")
+    if grid is None or values is None:
+        return None
+    values = np.asarray(values, dtype=float)
+    step = float(grid.get("cdelt", 1.0))
+    xs = grid["crval1"] + step * np.arange(values.shape[1])
+    ys = grid["crval2"] + step * np.arange(values.shape[0])
+    x, y = products.spaxel_coords()
+    interp = RegularGridInterpolator((ys, xs), values, bounds_error=False, fill_value=None)
+    return interp(np.column_stack([y.ravel(), x.ravel()])).reshape(x.shape)
+
+
+def expected_illumination(truth: dict, products: _Products) -> tuple[np.ndarray | None, str]:
+    """The smooth field the TWILIGHT_CUBE should recover, on the cube grid, and how it was built.
+
+    The sky exposures carry the field illumination (and, in NFM, the vignetting at
+    the top of the field); WFM vignetting sits in the lamp flats, so flat-fielding
+    divides it out of the sky and the twilight cube holds its inverse.
+    """
+    illum = _truth_on_grid(truth, products, "field_illumination")
+    if illum is None:
+        return None, "truth has no field illumination map"
+    vign = _truth_on_grid(truth, products, "vignetting")
+    model = (truth.get("vignetting") or {}).get("model") or {}
+    kind = model.get("kind")
+    if vign is None or not kind:
+        return illum, "injected field illumination"
+    if kind == "corner":
+        return illum / vign, "injected field illumination / lamp-flat vignetting (divided in by the flat-field)"
+    return illum * vign, "injected field illumination x sky vignetting"
+
+
+# --------------------------------------------------------------------------------------------
+# plots
+
+
+@dataclass
+class _Plot:
+    file: str
+    title: str
+    caption: str
+
+
+class _Plotter:
+    """Writes one PNG per figure into the report directory."""
+
+    def __init__(self, directory: Path, products: _Products):
+        self.dir = directory
+        self.p = products
+        self.Figure = _figure_class()
+        self.plots: list[_Plot] = []
+
+    def save(self, fig, file: str, title: str, caption: str) -> _Plot:
+        fig.savefig(self.dir / file, dpi=100)
+        plot = _Plot(file, title, caption)
+        self.plots.append(plot)
+        return plot
+
+    def image(self, ax, image, title, mask=None, vmin=None, vmax=None, cmap="viridis", colorbar=True):
+        """One spatial image in the cube WCS, masked spaxels grey, robust colour limits."""
+        import matplotlib as mpl
+
+        data = np.ma.masked_invalid(np.asarray(image, dtype=float))
+        if mask is not None:
+            data = np.ma.masked_where(mask, data)
+        finite = data.compressed()
+        if vmin is None or vmax is None:
+            lo, hi = (np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0))
+            vmin = lo if vmin is None else vmin
+            vmax = hi if vmax is None else vmax
+        if not vmax > vmin:
+            vmin, vmax = vmin - 0.5 * max(abs(vmin), 1e-6), vmax + 0.5 * max(abs(vmax), 1e-6)
+        colours = mpl.colormaps[cmap].with_extremes(bad="0.8")
+        ny, nx = data.shape
+        aspect = "equal" if 0.4 <= ny / nx <= 2.5 else "auto"  # NFM sets with far-apart IFUs are thin
+        art = ax.imshow(data, origin="lower", extent=self.p.extent(), cmap=colours, vmin=vmin, vmax=vmax,
+                        interpolation="nearest", aspect=aspect)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("x [pixel]", fontsize=8)
+        ax.set_ylabel("y [pixel]", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if colorbar:
+            ax.figure.colorbar(art, ax=ax, shrink=0.85).ax.tick_params(labelsize=7)
+        return art
+
+    # ---- the figures --------------------------------------------------------------------------
+    def white_images(self):
+        p = self.p
+        panels = []
+        if p.sky_white is not None:
+            panels.append((p.sky_white, "DATACUBE_SKYFLAT white [count]"))
+        with _quiet_nanmean():
+            panels.append((np.nanmean(p.twi_cube, axis=0), "TWILIGHT_CUBE white (mean of planes)"))
+        fig = self.Figure(figsize=(5.2 * len(panels), 4.4), layout="constrained")
+        for ax, (image, title) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+            self.image(ax, image, title)
+        return self.save(fig, "white_images.png", "White-light images",
+                         "Left: white-light image of DATACUBE_SKYFLAT (grey: no data). "
+                         "Right: the smooth TWILIGHT_CUBE averaged over wavelength."
+                         if len(panels) == 2 else "The smooth TWILIGHT_CUBE averaged over wavelength "
+                                                  "(no DATACUBE_SKYFLAT given).")
+
+    def fit_images(self):
+        names = [n for n in ("white_global_fit", "white_div_global") if n in self.p.images]
+        if not names:
+            return None
+        fig = self.Figure(figsize=(5.2 * len(names), 4.4), layout="constrained")
+        for ax, name in zip(fig.subplots(1, len(names), squeeze=False)[0], names):
+            self.image(ax, self.p.images[name], DIAGNOSTIC_TITLES[name], self.p.masks.get(name))
+        return self.save(fig, "global_fit.png", "Global fit of the white-light image",
+                         "The polynomial fit of the white-light image and the white image divided by it "
+                         "(grey: flagged in the DQ extension).")
+
+    def vignetting_images(self):
+        names = [n for n in ("white_div_global_excl_edges", "vign_fit", "white_cor") if n in self.p.images]
+        if "vign_fit" not in names and "white_cor" not in names:
+            return None
+        fig = self.Figure(figsize=(5.2 * len(names), 4.4), layout="constrained")
+        for ax, name in zip(fig.subplots(1, len(names), squeeze=False)[0], names):
+            self.image(ax, self.p.images[name], DIAGNOSTIC_TITLES[name], self.p.masks.get(name))
+        return self.save(fig, "vignetting.png", "Vignetting fit",
+                         "The vignetted area's fit (vign_fit) and the white image corrected for it "
+                         "(white_cor); grey: flagged in the DQ extension.")
+
+    def intflux(self, flux: dict[int, float], reference: int, truth_ratio: dict[int, float] | None):
+        ifus = sorted(flux)
+        ratio = [flux[i] / flux[reference] for i in ifus]
+        fig = self.Figure(figsize=(max(5.0, 0.45 * len(ifus) + 2.5), 3.8), layout="constrained")
+        ax = fig.subplots()
+        x = np.arange(len(ifus))
+        width = 0.4 if truth_ratio else 0.7
+        ax.bar(x - (width / 2 if truth_ratio else 0), ratio, width, label="recovered INTFLUX / reference",
+               color="tab:blue")
+        if truth_ratio:
+            ax.bar(x + width / 2, [truth_ratio.get(i, np.nan) for i in ifus], width,
+                   label="injected throughput / reference", color="tab:orange")
+            fig.legend(fontsize=8, loc="outside lower center", ncols=2)
+        ax.axhline(1.0, color="0.3", lw=0.8)
+        ax.set_xticks(x, [str(i) for i in ifus], fontsize=8)
+        ax.set_xlabel("IFU")
+        ax.set_ylabel(f"flux relative to IFU {reference}")
+        values = np.array(ratio + (list(truth_ratio.values()) if truth_ratio else []), float)
+        values = values[np.isfinite(values)]
+        lo, hi = (values.min(), values.max()) if values.size else (0.9, 1.1)
+        pad = max(0.02, 0.15 * (hi - lo))
+        ax.set_ylim(max(0.0, lo - pad), hi + pad)
+        ax.set_title("Per-IFU relative flux (QC TWILIGHTn INTFLUX)", fontsize=10)
+        return self.save(fig, "intflux.png", "Per-IFU relative flux",
+                         f"Integrated flux of each IFU (ESO QC TWILIGHTn INTFLUX) relative to the flux "
+                         f"reference IFU {reference}; each IFU's data are divided by this ratio before "
+                         "the cube is built.")
+
+    def plane_means(self, spectrum: np.ndarray | None):
+        p = self.p
+        lam = p.wavelengths
+        nplots = 2 if p.sky_cube is not None else 1
+        fig = self.Figure(figsize=(7.5, 3.2 * nplots), layout="constrained")
+        axes = fig.subplots(nplots, 1, squeeze=False)[:, 0]
+        if p.sky_cube is not None:
+            ax = axes[0]
+            with _quiet_nanmean():
+                means = np.nanmean(p.sky_cube, axis=(1, 2))
+                medians = np.nanmedian(p.sky_cube, axis=(1, 2))
+            ax.plot(lam, means, "o-", ms=3, label="plane mean")
+            ax.plot(lam, medians, "s--", ms=3, label="plane median")
+            if spectrum is not None:
+                ax.plot(lam, spectrum, "k:", label="injected twilight spectrum (scaled)")
+            ax.set_ylabel("DATACUBE_SKYFLAT [count]")
+            ax.legend(fontsize=8)
+            ax.set_title("Plane statistics of DATACUBE_SKYFLAT", fontsize=10)
+        ax = axes[-1]
+        cube = p.twi_cube.reshape(p.twi_cube.shape[0], -1)
+        with _quiet_nanmean():
+            pct = np.nanpercentile(cube, [0, 5, 50, 95, 100], axis=1)
+            mean = np.nanmean(cube, axis=1)
+        ax.fill_between(lam, pct[0], pct[4], color="tab:blue", alpha=0.15, label="min..max")
+        ax.fill_between(lam, pct[1], pct[3], color="tab:blue", alpha=0.35, label="5..95 %")
+        ax.plot(lam, pct[2], color="tab:blue", label="median")
+        ax.plot(lam, mean, "k--", lw=0.8, label="mean")
+        ax.set_ylabel("TWILIGHT_CUBE")
+        ax.set_xlabel("wavelength [Angstrom]")
+        ax.legend(fontsize=8, ncols=2)
+        ax.set_title("Fitted surfaces (TWILIGHT_CUBE planes): spatial spread per plane", fontsize=10)
+        return self.save(fig, "plane_means.png", "Plane statistics versus wavelength",
+                         "Top: mean and median of each DATACUBE_SKYFLAT plane. Bottom: spread of each "
+                         "smooth TWILIGHT_CUBE plane over the field (each plane is normalised to mean 1)."
+                         if nplots == 2 else "Spread of each smooth TWILIGHT_CUBE plane over the field.")
+
+    def twilight_planes(self):
+        p = self.p
+        nz = p.twi_cube.shape[0]
+        picks = sorted(set(np.linspace(0, nz - 1, min(4, nz)).round().astype(int)))
+        finite = p.twi_cube[picks][np.isfinite(p.twi_cube[picks])]
+        vmin, vmax = (np.percentile(finite, [1, 99]) if finite.size else (0.9, 1.1))
+        fig = self.Figure(figsize=(4.4 * len(picks), 4.0), layout="constrained")
+        lam = p.wavelengths
+        axes = fig.subplots(1, len(picks), squeeze=False)[0]
+        for ax, k in zip(axes, picks):
+            art = self.image(ax, p.twi_cube[k], f"plane {k + 1}: {lam[k]:.0f} Angstrom", vmin=vmin, vmax=vmax,
+                             colorbar=False)
+        fig.colorbar(art, ax=list(axes), shrink=0.85).ax.tick_params(labelsize=7)
+        return self.save(fig, "twilight_planes.png", "Fitted surfaces at a few wavelengths",
+                         "TWILIGHT_CUBE planes (smooth polynomial fits, normalised to mean 1) "
+                         "on one colour scale.")
+
+    def truth_throughput(self, ifus, recovered, injected):
+        fig = self.Figure(figsize=(9.0, 3.8), layout="constrained")
+        ax1, ax2 = fig.subplots(1, 2)
+        ax1.plot(injected, recovered, "o")
+        for i, x, y in zip(ifus, injected, recovered):
+            ax1.annotate(str(i), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        values = np.concatenate([injected, recovered])
+        lo, hi = float(values.min()), float(values.max())
+        pad = max(0.01, 0.1 * (hi - lo))
+        ax1.plot([lo - pad, hi + pad], [lo - pad, hi + pad], "k:", lw=0.8, label="1:1")
+        ax1.set_xlabel("injected throughput / reference")
+        ax1.set_ylabel("recovered INTFLUX / reference")
+        ax1.legend(fontsize=8)
+        ax2.bar([str(i) for i in ifus], np.asarray(recovered) / np.asarray(injected) - 1.0, color="tab:purple")
+        ax2.axhline(0.0, color="0.3", lw=0.8)
+        ax2.set_xlabel("IFU")
+        ax2.set_ylabel("recovered / injected - 1")
+        ax2.tick_params(axis="x", labelsize=7)
+        return self.save(fig, "truth_throughput.png", "Recovered versus injected IFU throughput",
+                         "INTFLUX ratios against the injected IFU throughput ratios. INTFLUX integrates the "
+                         "flat-fielded sky over an IFU's footprint, so it also carries the field "
+                         "illumination, the inverse of any lamp-flat vignetting and the slice efficiencies "
+                         "averaged over that footprint: per-cent differences from the bare throughput "
+                         "are expected.")
+
+    def truth_illumination(self, recovered, expected, mask, how):
+        ratio = recovered / expected
+        fig = self.Figure(figsize=(15.0, 4.4), layout="constrained")
+        ax1, ax2, ax3 = fig.subplots(1, 3)
+        values = np.concatenate([recovered[mask], expected[mask]])
+        values = values[np.isfinite(values)]
+        vmin, vmax = (np.percentile(values, [1, 99]) if values.size else (0.9, 1.1))
+        self.image(ax1, recovered, "recovered: TWILIGHT white / field mean", ~mask, vmin, vmax)
+        self.image(ax2, expected, "injected / field mean", ~mask, vmin, vmax)
+        dev = np.abs(ratio[mask & np.isfinite(ratio)] - 1.0)
+        span = float(np.percentile(dev, 99)) if dev.size else 0.05
+        self.image(ax3, ratio, "recovered / injected", ~mask, 1 - max(span, 1e-3), 1 + max(span, 1e-3),
+                   cmap="RdBu_r")
+        return self.save(fig, "truth_illumination.png", "Recovered versus injected field illumination",
+                         f"The TWILIGHT_CUBE averaged over wavelength against the {how}, both "
+                         "normalised to mean 1 over the field (grey: outside the field). ESO's per-IFU "
+                         "flux scaling by INTFLUX removes each IFU's mean illumination, so steps "
+                         "between IFUs in the ratio are expected.")
+
+
+# --------------------------------------------------------------------------------------------
+# page
+
+
+def _fmt(value) -> str:
+    if isinstance(value, bool):
+        return "T" if value else "F"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        return "nan" if not math.isfinite(value) else f"{value:.10g}"
+    return str(value)
+
+
+def _cell(value) -> str:
+    numeric = _is_number(value)
+    return f'<td class="{"num" if numeric else "text"}">{html.escape(_fmt(value))}</td>'
+
+
+def _table(header: list[str], rows: list[list], cls: str = "") -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in rows)
+    return f'<div class="scroll"><table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+
+
+def _qc_cards(products: _Products) -> list[tuple[str, str, object, str]]:
+    """(product, keyword, value, comment) of every QC TWILIGHT and DRS MUSE FLAT FLUX keyword."""
+    cards = []
+    for product, header in (("DATACUBE_SKYFLAT", products.sky_primary), ("TWILIGHT_CUBE", products.twi_primary)):
+        if header is None:
+            continue
+        for card in header.cards:
+            if card.keyword.startswith(("ESO QC TWILIGHT", "ESO DRS MUSE FLAT FLUX")):
+                cards.append((product, card.keyword, card.value, card.comment))
+    return cards
+
+
+def _qc_pivot(cards) -> tuple[list[str], list[list]]:
+    """QC TWILIGHT keywords as a table: one row per IFU, one column per quantity."""
+    columns: list[str] = []
+    rows: dict[int, dict[str, object]] = {}
+    for product, key, value, _ in cards:
+        m = QC_RE.match(key)
+        if not m:
+            continue
+        ifu, quantity = int(m.group(1)), m.group(2)
+        if quantity not in columns:
+            columns.append(quantity)
+        rows.setdefault(ifu, {}).setdefault(quantity, value)
+    return ["IFU", *columns], [[ifu, *(rows[ifu].get(c, "") for c in columns)] for ifu in sorted(rows)]
+
+
+def _figure_html(plot: _Plot) -> str:
+    return (f'<figure><img src="{html.escape(plot.file)}" alt="{html.escape(plot.title)}">'
+            f"<figcaption><b>{html.escape(plot.title)}.</b> {html.escape(plot.caption)}</figcaption></figure>")
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.5em auto;max-width:1400px;
+     padding:0 1em;color:#222}
+h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
+figure{margin:1em 0}img{max-width:100%;height:auto;border:1px solid #ddd}
+figcaption{font-size:.9em;color:#444;max-width:70em}
+table{border-collapse:collapse;font-size:.85em}
+td,th{border:1px solid #ccc;padding:.15em .5em;white-space:nowrap}
+th{background:#f0f0f0;text-align:left}td.num{text-align:right}td.text{text-align:left}
+.scroll{overflow-x:auto;max-width:100%}.note{color:#8a4b00}
+"""
+
+
+def _page(title: str, info: list[list], sections: list[tuple[str, str]]) -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    body = "".join(f"<h2>{html.escape(name)}</h2>\n{content}\n" for name, content in sections)
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            f"<title>{html.escape(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
+            f"<h1>{html.escape(title)}</h1>\n"
+            f"<p>Made by musetwilight {html.escape(__version__)} on {stamp}.</p>\n"
+            f"{_table(['', ''], info, 'info')}\n{body}</body>\n</html>\n")
+
+
+# --------------------------------------------------------------------------------------------
+# the report
+
+
+def _load_truth(truth) -> dict | None:
+    if truth is None or isinstance(truth, dict):
+        return truth
+    path = Path(truth)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ReportError(f"{path}: cannot read the simulation truth: {err}") from None
+
+
+def _run_info(products: _Products, flux: dict[int, float], reference: int | None) -> list[list]:
+    primary = products.sky_primary if products.sky_primary is not None else products.twi_primary
+    nz, ny, nx = products.twi_cube.shape
+    lam = products.wavelengths
+    info = []
+    for key, label in (("OBJECT", "object"), ("ESO INS MODE", "instrument mode"), ("DATE-OBS", "date of "
+                       "observation"), ("ESO PRO REC1 PIPE ID", "pipeline")):
+        if key in primary:
+            info.append([label, primary[key]])
+    info.append(["cube size (x, y, wavelength)", f"{nx} x {ny} x {nz}"])
+    info.append(["wavelength range [Angstrom]", f"{lam[0]:.1f} .. {lam[-1]:.1f} in steps of "
+                                                f"{(lam[1] - lam[0]) if nz > 1 else 0:.1f}"])
+    if flux:
+        info.append(["IFUs with INTFLUX", ", ".join(str(i) for i in flux)])
+        info.append(["flux reference IFU", reference])
+    skipped = primary.get("MUSETWILIGHT SKIPPED")
+    if skipped:
+        info.append(["IFUs skipped by the run", skipped])
+    if products.failed:
+        info.append(["empty extensions (failed fits)", ", ".join(products.failed)])
+    if products.sky_primary is None:
+        info.append(["DATACUBE_SKYFLAT", "not given (e.g. a run that started from an existing cube)"])
+    return info
+
+
+def _read_products(datacube_skyflat, twilight_cube) -> _Products:
+    sky, sky_opened = _open(datacube_skyflat, "DATACUBE_SKYFLAT")
+    twi, twi_opened = _open(twilight_cube, "TWILIGHT_CUBE")
+    try:
+        if twi is None:
+            raise ReportError("the QA report needs a TWILIGHT_CUBE")
+        return _load(sky, twi)
+    finally:
+        if sky_opened:
+            sky.close()
+        if twi_opened:
+            twi.close()
+
+
+def write_report(report_dir: str | os.PathLike, datacube_skyflat: fits.HDUList | str | os.PathLike | None,
+                 twilight_cube: fits.HDUList | str | os.PathLike, truth: dict | str | os.PathLike | None = None,
+                 title: str = DEFAULT_TITLE) -> Path:
+    """Write the QA report (PNGs, ``summary.json`` and ``index.html``) into ``report_dir``.
+
+    ``datacube_skyflat`` and ``twilight_cube`` are the products as HDULists or paths;
+    ``datacube_skyflat`` may be None (a run that started from an existing cube).
+    ``truth`` is the simulator's truth (dict or ``truth.json`` path): with it the page
+    also compares the recovered throughput, illumination and spectrum with the injected
+    ones (:func:`compare_with_truth`).  Returns the path of ``index.html``.  Raises
+    :class:`ReportError` when Matplotlib is missing or a product cannot be read.
+    """
+    _figure_class()
+    truth = _load_truth(truth)
+    products = _read_products(datacube_skyflat, twilight_cube)
+    out = Path(report_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return _write(out, products, truth, title)
+
+
+def compare_with_truth(datacube_skyflat: fits.HDUList | str | os.PathLike | None,
+                       twilight_cube: fits.HDUList | str | os.PathLike,
+                       truth: dict | str | os.PathLike) -> dict:
+    """The report's recovered-versus-injected numbers (no plots, no Matplotlib needed).
+
+    ``throughput``: INTFLUX ratios to the reference IFU against the injected throughput
+    ratios; ``illumination``: the TWILIGHT_CUBE averaged over wavelength against the
+    injected field (see :func:`expected_illumination`), over the whole field and over
+    its interior renormalised; ``spectrum``: DATACUBE_SKYFLAT plane means against the
+    injected twilight spectrum, scaled.  Each holds ``n``, ``rms`` and ``max_abs`` of
+    ratio - 1; a part the inputs cannot support is left out.
+    """
+    products = _read_products(datacube_skyflat, twilight_cube)
+    flux = _intflux(products)
+    return _compare(products, _load_truth(truth), flux, min(flux) if flux else None).numbers
+
+
+@dataclass
+class _Comparison:
+    """Recovered versus injected: the numbers (JSON-able) and the arrays the plots need."""
+
+    numbers: dict = field(default_factory=dict)
+    injected_ratio: dict[int, float] | None = None
+    throughput: tuple | None = None  # (ifus, recovered, injected)
+    illumination: tuple | None = None  # (recovered, expected, field mask, how)
+    illumination_note: str = ""
+    spectrum: np.ndarray | None = None  # injected spectrum scaled to the plane means
+
+
+def _compare(products: _Products, truth: dict | None, flux: dict[int, float], reference: int | None) -> _Comparison:
+    result = _Comparison()
+    if not truth:
+        return result
+    throughput = {int(i): float(v["throughput"]) for i, v in (truth.get("ifus") or {}).items()
+                  if isinstance(v, dict) and "throughput" in v}
+    if flux and reference in throughput:
+        result.injected_ratio = {i: t / throughput[reference] for i, t in throughput.items()}
+        ifus = [i for i in flux if i in result.injected_ratio and i != reference]
+        if _nfm(products) and 23 in flux and 24 in ifus:
+            ifus.remove(24)  # ESO's INTFLUX of IFU 24 is IFU 23's in NFM: no measurement of IFU 24
+            result.numbers["throughput_excluded"] = {"24": "NFM: ESO uses IFU 23's integrated flux for IFU 24"}
+        if ifus:
+            recovered = np.array([flux[i] / flux[reference] for i in ifus])
+            injected = np.array([result.injected_ratio[i] for i in ifus])
+            result.throughput = (ifus, recovered, injected)
+            result.numbers["throughput"] = {**_stats(recovered / injected), "ifus": ifus,
+                                            "recovered": recovered.tolist(), "injected": injected.tolist()}
+
+    expected, how = expected_illumination(truth, products)
+    result.illumination_note = how
+    if expected is not None:
+        mask = products.field_mask()
+        with _quiet_nanmean():
+            twi_white = np.nanmean(products.twi_cube, axis=0)
+        recovered = _normalised(twi_white, mask)
+        expected = _normalised(expected, mask)
+        ratio = recovered / expected
+        inner = _interior(mask)
+        result.illumination = (recovered, expected, mask, how)
+        result.numbers["illumination"] = {"field": _stats(ratio[mask]),
+                                          "interior": _stats(ratio[inner] / np.nanmean(ratio[inner])),
+                                          "expected": how, "border_spaxels": BORDER}
+
+    block = truth.get("twilight_spectrum")
+    if block and products.sky_cube is not None:
+        injected = np.interp(products.wavelengths, block["lambda"], block["value"])
+        with _quiet_nanmean():
+            means = np.nanmean(products.sky_cube, axis=(1, 2))
+        good = np.isfinite(means)
+        if good.any():
+            scale = float(np.sum(means[good] * injected[good]) / np.sum(injected[good] ** 2))
+            result.spectrum = scale * injected
+            result.numbers["spectrum"] = _stats(means[good] / result.spectrum[good])
+    return result
+
+
+def _write(out: Path, products: _Products, truth: dict | None, title: str) -> Path:
+    plotter = _Plotter(out, products)
+    flux = _intflux(products)
+    reference = min(flux) if flux else None
+    comparison = _compare(products, truth, flux, reference)
+    sections: list[tuple[str, str]] = []
+
+    sections.append(("White-light images", _figure_html(plotter.white_images())))
+
+    flux_html = []
+    if flux:
+        flux_html.append(_figure_html(plotter.intflux(flux, reference, comparison.injected_ratio)))
+        flux_html.append(_table(["IFU", "INTFLUX", f"INTFLUX / IFU {reference}"],
+                                [[i, v, v / flux[reference]] for i, v in flux.items()]))
+        if _nfm(products) and 24 in flux:
+            flux_html.append('<p class="note">NFM: ESO uses IFU 23\'s integrated flux for IFU 24.</p>')
+    else:
+        flux_html.append('<p class="note">No QC TWILIGHTn INTFLUX or DRS MUSE FLAT FLUX SKYn keywords found.</p>')
+    sections.append(("Per-IFU relative flux", "".join(flux_html)))
+
+    sections.append(("Versus wavelength", _figure_html(plotter.plane_means(comparison.spectrum))
+                     + _figure_html(plotter.twilight_planes())))
+
+    fit_html = [_figure_html(plot) for plot in (plotter.fit_images(), plotter.vignetting_images())
+                if plot is not None]
+    if "vign_fit" in products.failed:
+        fit_html.append('<p class="note">The vignetting fit failed: vign_fit is empty.</p>')
+    elif "vign_fit" not in products.images:
+        fit_html.append("<p>No vignetting correction in this run (no VIGNETTING_MASK used).</p>")
+    sections.append(("Smooth fit and vignetting", "".join(fit_html)))
+
+    if truth:
+        sections.append(("Simulation: recovered versus injected", _truth_section(plotter, comparison)))
+
+    cards = _qc_cards(products)
+    header, rows = _qc_pivot(cards)
+    qc_html = [f"<p>{len(cards)} keywords.</p>"]
+    if rows:
+        qc_html.append("<h3>ESO QC TWILIGHTn (one row per IFU)</h3>" + _table(header, rows, "qc"))
+    other = [[product, key, value, comment] for product, key, value, comment in cards if not QC_RE.match(key)]
+    if other:
+        qc_html.append("<h3>ESO DRS MUSE FLAT FLUX</h3>" + _table(["product", "keyword", "value", "comment"], other))
+    qc_html.append("<details><summary>All keywords as written</summary>"
+                   + _table(["product", "keyword", "value", "comment"], [list(c) for c in cards]) + "</details>")
+    sections.append(("QC keywords", "".join(qc_html)))
+
+    summary = {"title": title, "intflux": {str(i): v for i, v in flux.items()}, "reference_ifu": reference,
+               **comparison.numbers, "plots": [p.file for p in plotter.plots]}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=_json_default))
+    index = out / "index.html"
+    index.write_text(_page(title, _run_info(products, flux, reference), sections), encoding="utf-8")
+    return index
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _truth_section(plotter: _Plotter, comparison: _Comparison) -> str:
+    parts, rows = [], []
+    numbers = comparison.numbers
+    if comparison.throughput is not None:
+        parts.append(_figure_html(plotter.truth_throughput(*comparison.throughput)))
+        s = numbers["throughput"]
+        rows.append(["IFU throughput: INTFLUX ratio / injected ratio", s["n"], s["rms"], s["max_abs"]])
+        for ifu, why in numbers.get("throughput_excluded", {}).items():
+            parts.append(f'<p class="note">IFU {html.escape(ifu)} left out of the throughput comparison: '
+                         f"{html.escape(why)}.</p>")
+    if comparison.illumination is not None:
+        parts.append(_figure_html(plotter.truth_illumination(*comparison.illumination)))
+        field_stats, inner_stats = numbers["illumination"]["field"], numbers["illumination"]["interior"]
+        rows.append(["field illumination: TWILIGHT white / injected (whole field)", field_stats["n"],
+                     field_stats["rms"], field_stats["max_abs"]])
+        rows.append([f"field illumination: same, {BORDER} spaxels from the edges, renormalised",
+                     inner_stats["n"], inner_stats["rms"], inner_stats["max_abs"]])
+    else:
+        parts.append(f'<p class="note">{html.escape(comparison.illumination_note)}.</p>')
+    if "spectrum" in numbers:
+        s = numbers["spectrum"]
+        rows.append(["twilight spectrum: DATACUBE_SKYFLAT plane means / injected (scaled)", s["n"], s["rms"],
+                     s["max_abs"]])
+    if rows:
+        parts.insert(0, _table(["comparison", "N", "rms of ratio - 1", "max |ratio - 1|"], rows))
+    return "".join(parts)

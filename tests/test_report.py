@@ -1,0 +1,274 @@
+"""The QA report: a real report of a simulated mini run, synthetic products with a known
+truth, and the page opened in headless Chromium (skipped only where Chromium is absent)."""
+
+from __future__ import annotations
+
+import builtins
+import html
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from musetwilight import recipe, report
+from musetwilight.params import make_settings
+
+# shared with test_recipe's "vignetting" set, so the session builds it once
+OPTIONS = {"seed": 4, "vignetting": True, "dark": True, "badpix": True}
+IMG_RE = re.compile(r'<img\s[^>]*src="([^"]+)"')
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--allow-file-access-from-files", "--virtual-time-budget=10000"]
+# written into a copy of the page: per <img>, load state, natural size and pixel variance
+IMAGE_CHECK = """
+<script>
+window.addEventListener('load', () => {
+  const out = [];
+  for (const img of document.images) {
+    let variance = -1, error = '';
+    try {
+      const c = document.createElement('canvas');
+      c.width = img.naturalWidth; c.height = img.naturalHeight;
+      const g = c.getContext('2d');
+      g.drawImage(img, 0, 0);
+      const d = g.getImageData(0, 0, c.width, c.height).data;
+      let s = 0, s2 = 0;
+      const n = d.length / 4;
+      for (let i = 0; i < d.length; i += 4) { const v = d[i] + d[i + 1] + d[i + 2]; s += v; s2 += v * v; }
+      variance = s2 / n - (s / n) * (s / n);
+    } catch (e) { error = String(e); }
+    out.push({src: img.getAttribute('src'), complete: img.complete, width: img.naturalWidth,
+              height: img.naturalHeight, variance: variance, error: error});
+  }
+  const pre = document.createElement('pre');
+  pre.id = 'imagecheck';
+  pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+});
+</script>
+"""
+
+
+@pytest.fixture(scope="module")
+def matplotlib_image():
+    pytest.importorskip("matplotlib", reason="the QA report needs Matplotlib (the plots extra)")
+    import matplotlib.image
+
+    return matplotlib.image
+
+
+@pytest.fixture(scope="module")
+def real_report(simulated_set, tmp_path_factory, matplotlib_image):
+    """A report of our own run of a simulated mini set with WFM vignetting, and the set."""
+    sim = simulated_set(**OPTIONS)
+    result = recipe.run(sim.sof, make_settings(), None)
+    index = report.write_report(tmp_path_factory.mktemp("report"), result.datacube_skyflat,
+                                result.twilight_cube, truth=sim.truth(), title="mini <vignetting>")
+    return index, sim, result
+
+
+def _pngs_decode_with_content(directory, image_module):
+    pngs = sorted(directory.glob("*.png"))
+    for png in pngs:
+        pixels = image_module.imread(png)
+        assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 100, png
+        assert float(pixels[..., :3].var()) > 1e-4, f"{png.name} is blank"
+    return pngs
+
+
+def test_real_report_files_and_page(real_report, matplotlib_image):
+    index, sim, result = real_report
+    assert index.name == "index.html" and index.is_file()
+    pngs = _pngs_decode_with_content(index.parent, matplotlib_image)
+    page = index.read_text()
+    linked = IMG_RE.findall(page)
+    assert sorted(linked) == sorted(p.name for p in pngs)  # every PNG on the page, no dangling link
+    assert {"white_images.png", "intflux.png", "plane_means.png", "twilight_planes.png", "global_fit.png",
+            "vignetting.png", "truth_throughput.png", "truth_illumination.png"} <= set(linked)
+    assert not any("/" in link or ":" in link for link in linked)  # relative, self-contained
+
+    summary = json.loads((index.parent / "summary.json").read_text())
+    assert summary["reference_ifu"] == 1
+    assert set(summary["intflux"]) == {str(i) for i in sim.ifus}
+    keywords = [key for hdul in (result.datacube_skyflat, result.twilight_cube) for key in hdul[0].header
+                if key.startswith(("ESO QC TWILIGHT", "ESO DRS MUSE FLAT FLUX"))]
+    assert len(keywords) > 25 * len(sim.ifus)
+    assert all(f'<td class="text">{key}</td>' in page for key in keywords)
+    for ifu, flux in summary["intflux"].items():
+        assert f'<td class="num">{flux:.10g}</td>' in page, ifu
+    assert "<title>mini &lt;vignetting&gt;</title>" in page
+
+
+def test_real_report_recovers_the_injected_truth(real_report):
+    index, sim, result = real_report
+    truth = sim.truth()
+    summary = json.loads((index.parent / "summary.json").read_text())
+    throughput = summary["throughput"]
+    assert throughput["ifus"] == [i for i in sim.ifus if i != 1]
+    expected = [truth["ifus"][str(i)]["throughput"] / truth["ifus"]["1"]["throughput"] for i in throughput["ifus"]]
+    assert throughput["injected"] == pytest.approx(expected)
+    # INTFLUX also integrates the illumination and the lamp vignetting of each footprint: a few per cent
+    assert throughput["rms"] < 0.08
+    illumination = summary["illumination"]
+    assert "vignetting" in illumination["expected"]
+    assert illumination["interior"]["n"] > 200
+    assert illumination["interior"]["rms"] < 0.04  # the smooth fit follows the injected field
+    assert summary["spectrum"]["rms"] < 0.02  # the plane means follow the twilight spectrum
+    page = index.read_text()
+    assert f"{illumination['interior']['rms']:.10g}" in page
+    numbers = report.compare_with_truth(result.datacube_skyflat, result.twilight_cube, sim.truth_path)
+    assert numbers == {key: summary[key] for key in ("throughput", "illumination", "spectrum")}
+
+
+# ----------------------------------------------------------------------------------------------
+# synthetic products with an exactly known truth
+
+
+def _synthetic(nx=30, ny=24, nz=5, offset=(0.0, 0.0), with_vign=True, failed_vign=False):
+    """DATACUBE_SKYFLAT/TWILIGHT_CUBE HDULists whose smooth field equals a given truth map."""
+    crval1, crval2 = -15.0, -12.0
+    y, x = np.mgrid[0:ny, 0:nx]
+    xpos, ypos = crval1 + x, crval2 + y
+    illum = 1.0 + 0.05 * xpos / 15 - 0.03 * ypos / 12 + 0.02 * (xpos / 15) ** 2
+    lam = 5000.0 + 1000.0 * np.arange(nz)
+    spectrum = (lam / 6000.0) ** -2
+    cube = (spectrum[:, None, None] * illum[None] * 1000.0).astype(np.float32)
+    wcs = fits.Header()
+    for key, value in (("CTYPE1", "PIXEL"), ("CRPIX1", 1.0), ("CRVAL1", crval1), ("CD1_1", 1.0),
+                       ("CTYPE2", "PIXEL"), ("CRPIX2", 1.0), ("CRVAL2", crval2), ("CD2_2", 1.0),
+                       ("CTYPE3", "AWAV"), ("CRPIX3", 1.0), ("CRVAL3", 5000.0), ("CD3_3", 1000.0)):
+        wcs[key] = value
+    throughput = {1: 1.0, 2: 0.95, 3: 1.04}
+    primary = fits.Header()
+    primary["OBJECT"] = "synthetic"
+    primary["HIERARCH ESO INS MODE"] = "WFM-NOAO-N"
+    for ifu, t in throughput.items():
+        primary[f"HIERARCH ESO QC TWILIGHT{ifu} MASTER MEAN"] = 100.0 * t
+        primary[f"HIERARCH ESO QC TWILIGHT{ifu} INTFLUX"] = 1e9 * t
+    for ifu, t in throughput.items():
+        primary[f"HIERARCH ESO DRS MUSE FLAT FLUX SKY{ifu}"] = 1e9 * t
+    sky = fits.HDUList([fits.PrimaryHDU(header=primary), fits.ImageHDU(cube, wcs, name="DATA"),
+                        fits.ImageHDU(np.ones_like(cube), wcs, name="STAT"),
+                        fits.ImageHDU(cube.mean(axis=0), name="white")])
+    twi_primary = fits.Header([c for c in primary.cards if not c.keyword.startswith("ESO QC")])
+    norm = (illum / illum.mean()).astype(np.float32)
+    hdus = [fits.PrimaryHDU(header=twi_primary), fits.ImageHDU(np.repeat(norm[None], nz, axis=0), wcs, name="DATA"),
+            fits.ImageHDU(norm, name="white_global_fit"), fits.ImageHDU(np.ones_like(norm), name="white_div_global"),
+            fits.ImageHDU(np.zeros(norm.shape, np.int32), name="white_div_global_DQ")]
+    if failed_vign:
+        hdus.append(fits.ImageHDU(None, name="vign_fit"))
+    elif with_vign:
+        hdus += [fits.ImageHDU(norm, name="vign_fit"), fits.ImageHDU((x < 5).astype(np.int32), name="vign_fit_DQ"),
+                 fits.ImageHDU(np.ones_like(norm), name="white_cor")]
+    twi = fits.HDUList(hdus)
+    # the truth on a grid shifted against the cube's (resampled by the report)
+    gx0, gy0 = crval1 + offset[0], crval2 + offset[1]
+    gy, gx = np.mgrid[0:ny + 2, 0:nx + 2]
+    tx, ty = gx0 - 1 + gx, gy0 - 1 + gy
+    truth_illum = 1.0 + 0.05 * tx / 15 - 0.03 * ty / 12 + 0.02 * (tx / 15) ** 2
+    truth = {"cube_grid": {"crval1": gx0 - 1, "crval2": gy0 - 1, "cdelt": 1.0, "nx": nx + 2, "ny": ny + 2},
+             "field_illumination": {"map": truth_illum.tolist()},
+             "vignetting": {"model": None, "map": np.ones_like(truth_illum).tolist()},
+             "twilight_spectrum": {"lambda": lam.tolist(), "value": (3.0 * spectrum).tolist()},
+             "ifus": {str(i): {"throughput": 0.9 * t} for i, t in throughput.items()}}
+    return sky, twi, truth
+
+
+def test_synthetic_truth_is_recovered_exactly():
+    sky, twi, truth = _synthetic()
+    numbers = report.compare_with_truth(sky, twi, truth)
+    assert numbers["throughput"]["ifus"] == [2, 3]
+    assert numbers["throughput"]["recovered"] == pytest.approx([0.95, 1.04], rel=1e-6)
+    assert numbers["throughput"]["rms"] < 1e-6
+    assert numbers["illumination"]["field"]["n"] == 30 * 24
+    assert numbers["illumination"]["field"]["rms"] < 1e-5  # truth grid mapped onto the cube grid
+    assert numbers["illumination"]["expected"] == "injected field illumination"
+    assert numbers["spectrum"]["rms"] < 1e-5
+
+
+def test_wrong_truth_shows_up():
+    """A truth that does not match the products gives large deviations (the numbers are not cosmetic)."""
+    sky, twi, truth = _synthetic()
+    truth["ifus"]["2"]["throughput"] *= 1.1
+    truth["field_illumination"]["map"] = (np.array(truth["field_illumination"]["map"]) ** 3).tolist()
+    truth["vignetting"] = {"model": {"kind": "corner"},
+                           "map": np.full_like(np.array(truth["field_illumination"]["map"]), 0.8).tolist()}
+    truth["twilight_spectrum"]["value"] = np.linspace(1.0, 2.0, 5).tolist()
+    numbers = report.compare_with_truth(sky, twi, truth)
+    assert numbers["throughput"]["max_abs"] == pytest.approx(1 - 1 / 1.1, rel=1e-6)
+    assert numbers["illumination"]["field"]["rms"] > 0.02
+    assert "vignetting" in numbers["illumination"]["expected"]
+    assert numbers["spectrum"]["rms"] > 0.1
+
+
+def test_paths_without_skyflat_and_failed_vignetting_fit(tmp_path, matplotlib_image):
+    _, twi, _ = _synthetic(failed_vign=True)
+    path = tmp_path / "TWILIGHT_CUBE.fits"
+    twi.writeto(path)
+    index = report.write_report(tmp_path / "qa", None, path)
+    page = index.read_text()
+    assert "The vignetting fit failed" in page
+    assert "vignetting.png" not in page
+    assert "not given" in page  # no DATACUBE_SKYFLAT
+    # the flux falls back to DRS MUSE FLAT FLUX SKYn (TWILIGHT_CUBE has no QC TWILIGHT keywords)
+    summary = json.loads((tmp_path / "qa" / "summary.json").read_text())
+    assert summary["intflux"] == {"1": 1e9, "2": 0.95e9, "3": 1.04e9}
+    assert sorted(IMG_RE.findall(page)) == sorted(p.name for p in (tmp_path / "qa").glob("*.png"))
+
+
+def test_unreadable_product_is_named(tmp_path):
+    bad = tmp_path / "TWILIGHT_CUBE.fits"
+    bad.write_text("not FITS")
+    with pytest.raises(report.ReportError, match="TWILIGHT_CUBE"):
+        report.write_report(tmp_path / "qa", None, bad)
+
+
+def test_missing_matplotlib_says_what_to_install(tmp_path, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    sky, twi, truth = _synthetic()
+    with pytest.raises(report.ReportError, match=r"pip install 'musetwilight\[plots\]'"):
+        report.write_report(tmp_path / "qa", sky, twi)
+    assert not (tmp_path / "qa").exists()
+    assert report.compare_with_truth(sky, twi, truth)["throughput"]["rms"] < 1e-6  # numbers need no plots
+
+
+# ----------------------------------------------------------------------------------------------
+# the page in a real browser
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_page_images_load_in_headless_chromium(real_report, tmp_path):
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("Chromium is not installed (Debian: apt-get install chromium)")
+    index, _, _ = real_report
+    page = index.read_text()
+    check = index.parent / "_imagecheck.html"  # beside the page: the same relative links
+    check.write_text(page.replace("</body>", IMAGE_CHECK + "</body>"))
+    try:
+        done = subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
+                               "--dump-dom", check.as_uri()], capture_output=True, text=True, timeout=120)
+    finally:
+        check.unlink()
+    found = re.search(r'<pre id="imagecheck">(.*?)</pre>', done.stdout, re.S)
+    assert found, f"no image check in Chromium's DOM (exit {done.returncode}): {done.stderr[-2000:]}"
+    images = json.loads(html.unescape(found.group(1)))
+    assert sorted(i["src"] for i in images) == sorted(IMG_RE.findall(page))
+    assert len(images) >= 8
+    for image in images:
+        assert image["complete"] and image["width"] > 100 and image["height"] > 100, image
+        assert image["error"] == "" and image["variance"] > 0, image
