@@ -15,7 +15,6 @@ worker's environment is not the submitter's).
 from __future__ import annotations
 
 import argparse
-import copyreg
 import json
 import logging
 import time
@@ -35,13 +34,6 @@ log = logging.getLogger("musetwilight.batch")
 PRODUCTS = ("DATACUBE_SKYFLAT", "TWILIGHT_CUBE")
 DASK_HINT = "the Dask options need dask.distributed: pip install 'musetwilight[dask]'"
 
-
-def _reduce_settings(settings: Settings):
-    return make_settings, (dict(settings.values),)
-
-
-# Settings travels to Dask workers inside the per-IFU task; its __getattr__ defeats default pickling.
-copyreg.pickle(Settings, _reduce_settings)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ SUBCOMMANDS = {
     "simulate": ("simulate", "write a simulated MUSE twilight data set (raw frames, calibrations, SOF)"),
     "man": ("manpage", "print the recipe's manual page (parameters, inputs, products)"),
     "compare": ("compare", "compare two product sets (DATACUBE_SKYFLAT, TWILIGHT_CUBE) pixel by pixel"),
+    "batch": ("batch", "reduce many twilight sets, each into its own directory, serially or on a Dask cluster"),
     "smooth": ("smooth", "post-process an existing DATACUBE_SKYFLAT into TWILIGHT_CUBE (ESO's MUSE_TWILIGHT_SKIP)"),
 }
 
@@ -47,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--scale", choices=("mini", "full"), default="mini", help="size of the simulated set")
     demo.add_argument("--out", type=Path, default=Path("musetwilight-demo"), help="output directory")
     demo.add_argument("--seed", type=int, default=1, help="random seed of the simulation")
+    demo.add_argument("--report", type=Path, default=None, metavar="DIR",
+                      help="where the QA report goes [OUT/report]")
     demo.set_defaults(handler=demo_from_args)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         module = importlib.import_module(f"{__package__}.{module_name}")
@@ -75,6 +78,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start from this DATACUBE_SKYFLAT (as ESO's MUSE_TWILIGHT_SKIP)")
     parser.add_argument("--scales", default=None,
                         help="24 comma-separated external per-IFU flux scales (as ESO's MUSE_TWILIGHT_SCALES)")
+    parser.add_argument("--report", type=Path, default=None, metavar="DIR",
+                        help="write the QA report (HTML page and PNG plots) into DIR")
     parser.add_argument("--timings-json", type=Path, default=None, help="write the per-stage timings to this JSON file")
     parser.add_argument("sof", nargs="?", type=Path, help="set-of-frames file: one 'path TAG' line per input")
 
@@ -133,12 +138,23 @@ def run_from_args(args: argparse.Namespace) -> int:
         print(f"{name}: {path}")
     if result.skipped_ifus:
         print(f"skipped IFUs: {', '.join(map(str, sorted(result.skipped_ifus)))}")
+    if args.report:
+        print(f"QA report: {_write_report(args.report, result)}")
     print(f"total time: {result.timings['total']:.1f} s")
     if args.timings_json:
         import json
 
         args.timings_json.write_text(json.dumps(result.timings, indent=1))
     return 0
+
+
+def _write_report(directory: Path, result, truth=None) -> Path:
+    from .report import ReportError, write_report
+
+    try:
+        return write_report(directory, result.datacube_skyflat, result.twilight_cube, truth=truth)
+    except ReportError as err:
+        raise RuntimeError(f"QA report not written: {err}") from None
 
 
 def demo_from_args(args: argparse.Namespace) -> int:
@@ -153,6 +169,7 @@ def demo_from_args(args: argparse.Namespace) -> int:
     for name, path in result.paths.items():
         print(f"{name}: {path}")
     print(f"injected truth: {data.truth_path}")
+    print(f"QA report: {_write_report(args.report or args.out / 'report', result, data.truth_path)}")
     print(f"total time: {result.timings['total']:.1f} s")
     return 0
 

@@ -255,6 +255,9 @@ class Settings(Mapping[str, Any]):
         except KeyError:
             raise AttributeError(key) from None
 
+    def __reduce__(self):
+        return make_settings, (dict(self.values),)
+
     def replace(self, **changes: Any) -> "Settings":
         return make_settings({**self.values, **changes})
 

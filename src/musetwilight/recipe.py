@@ -122,24 +122,23 @@ def reduce_ifu(ifu: int, inputs: Inputs, settings: Settings, geometry, mode: str
         raise SkipIfu(f"Calibrations could not be loaded for IFU {ifu:2d}: {' '.join(missing)}")
     if not _raw_has_ifu(inputs, ifu):
         raise SkipIfu(f"Basic processing failed for IFU {ifu:2d}: no CHAN{ifu:02d} extension in the raw exposures")
-    bias = io.read_muse_image(inputs.bias, ifu)
-    flat = io.read_muse_image(inputs.flat, ifu)
-    dark = io.read_muse_image(inputs.dark, ifu) if inputs.dark else None
     badpix = [t for t in (io.read_badpix_table(p, ifu) for p in inputs.badpix) if t is not None]
-
-    def process(path: Path, is_illum: bool) -> io.MuseImage:
-        raw = io.read_raw_ifu(path, ifu)
-        return basicproc.process_exposure(raw, bias, settings, flat=flat, dark=dark,
-                                          badpix=badpix or None, is_illum=is_illum)
-
-    exposures = [process(path, False) for path in inputs.skyflats]
-    illum_image = process(inputs.illum, True) if inputs.illum else None
+    raw_paths = [path for path, _ in inputs.used_raw()]
+    images = basicproc.process_exposures(
+        [io.read_raw_ifu(path, ifu) for path in raw_paths], settings,
+        bias=lambda: io.read_muse_image(inputs.bias, ifu),
+        flat=lambda: io.read_muse_image(inputs.flat, ifu),
+        dark=(lambda: io.read_muse_image(inputs.dark, ifu)) if inputs.dark else None,
+        badpix=badpix or None, illum=[tag == "ILLUM" for _, tag in inputs.used_raw()])
+    exposures = images[:len(inputs.skyflats)]
+    illum_image = images[len(inputs.skyflats)] if inputs.illum else None
+    del images
     master = combine.combine_exposures(exposures, settings)
-    qc = combine.exposure_qc(exposures, ifu, basicproc.flat_rejected(flat))
+    qc = combine.exposure_qc(exposures, ifu, basicproc.flat_rejected(lambda: io.read_muse_image(inputs.flat, ifu)))
     qc.update(combine.master_qc(master, ifu))
     combine.add_qc(master.header, qc)
     del exposures
-    master = combine.interpolate_bad_pixels(master)
+    master = combine.interpolate_bad_pixels(master, in_place=True)
     table = pixtable.build_pixtable(master, trace, wavecal, geometry, ifu, mode)
     if illum_image is not None:
         illum_table = pixtable.build_pixtable(illum_image, trace, wavecal, geometry, ifu, mode,

@@ -55,7 +55,7 @@ def _figure_class():
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise ReportError("the QA report needs Matplotlib: pip install 'musetwilight[plots]'") from None
+        raise ReportError("the QA report needs Matplotlib (a dependency of musetwilight): pip install matplotlib") from None
     return Figure
 
 

@@ -1,0 +1,1070 @@
+"""Simulated MUSE twilight data sets (raw frames, master calibrations, SOF, truth).
+
+``simulate_dataset`` writes, in the real MUSE file formats, everything
+``muse_twilight`` needs: raw SKYFLAT (and optionally ILLUM) exposures with
+pre-/overscans, MASTER_BIAS/DARK/FLAT, TRACE/WAVECAL/GEOMETRY tables, an
+optional BADPIX_TABLE and VIGNETTING_MASK, the SOF, and ``truth.json`` with
+the injected instrument and sky properties.
+
+Two scales: ``full`` is the real instrument (24 IFUs, 4096 x 4112 data pixels
+per CCD, 32-pixel pre-/overscans, slices ~72 pixels wide).  ``mini`` keeps
+48 slices, the real keyword set and 32-pixel pre-/overscans but uses a
+512 x 256 pixel CCD (quadrants 256 x 128, the smallest that ESO's DCR
+overscan rejection accepts), slices ~9 pixels wide, ~18.6 A per CCD row
+(about 4515..9315 A), and by default IFUs 1, 2, 3 (NFM: 1, 23, 24): a
+39 x 36 spaxel field that ESO's muse_twilight reduces in about a second with
+no warning other than one per non-simulated IFU.  Everything is generated IFU
+by IFU with vectorised NumPy, so memory stays bounded by a few CCD-sized
+arrays (~1.3 GB at full scale).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+from numpy.polynomial import Polynomial
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SimulatedSet", "simulate_dataset", "add_arguments", "run_from_args", "LAYOUTS", "MODES",
+           "CcdLayout", "build_instrument", "pixel_maps", "twilight_spectrum", "lamp_spectrum",
+           "notch_transmission"]
+
+MODES = ("WFM-NOAO-N", "WFM-NOAO-E", "WFM-AO-N", "WFM-AO-E", "NFM-AO-N")
+SCALES = ("mini", "full")
+NSLICES = 48
+NIFUS = 24
+SATURATION = 65500.0
+PORT_X_RIGHT = 4096  # ESO DET OUTi X/Y of the right/top ports: constants, not CCD sizes
+PORT_Y_TOP = 4112
+# CCD slice -> sky slice (4 stacks of 12) as on the real instrument
+CCD_TO_SKY = np.array([9, 8, 1, 10, 7, 2, 11, 6, 3, 12, 5, 4])
+CCD_TO_SKY = np.concatenate([CCD_TO_SKY + 12 * k for k in range(4)])
+NAD_RANGES = {"WFM-AO-N": (5805.0, 5966.0), "WFM-AO-E": (5755.0, 6008.0), "NFM-AO-N": (5780.0, 6050.0)}
+# Euro3D bits used here
+DQ_HOT = 1 << 8
+DQ_DARK = 1 << 9
+DQ_DEAD = 1 << 13  # muse_bias marks bad (hot/dark) column segments with this bit
+DQ_TRAP = 1 << 29
+# the parameters of ESO's muse_bias that the twilight recipe compares with its own
+# (values formatted exactly as ESO's muse_bias writes them, doubles without a decimal point)
+BIAS_REC_PARAMS = (("nifu", "0"), ("overscan", "vpoly"), ("ovscreject", "dcr"), ("ovscsigma", "30"),
+                   ("ovscignore", "3"), ("combine", "sigclip"), ("nlow", "1"), ("nhigh", "1"),
+                   ("nkeep", "1"), ("lsigma", "3"), ("hsigma", "3"), ("losigmabadpix", "30"),
+                   ("hisigmabadpix", "3"), ("merge", "true"))
+PIPE_ID = "muse/2.8.7"
+ILLUM_EXPTIME = 5.0
+
+
+@dataclass(frozen=True)
+class CcdLayout:
+    """Sizes of one MUSE CCD: data section per quadrant and pre-/overscans."""
+
+    nx: int  # data columns per quadrant
+    ny: int  # data rows per quadrant
+    prscx: int = 32
+    prscy: int = 32
+    ovscx: int = 32
+    ovscy: int = 32
+
+    @property
+    def width(self) -> int:
+        return 2 * self.nx
+
+    @property
+    def height(self) -> int:
+        return 2 * self.ny
+
+    @property
+    def raw_shape(self) -> tuple[int, int]:
+        return (2 * (self.prscy + self.ny + self.ovscy), 2 * (self.prscx + self.nx + self.ovscx))
+
+    def raw_x(self, x):
+        """Raw (untrimmed) 1-based column of trimmed 1-based column ``x``."""
+        x = np.asarray(x)
+        return np.where(x <= self.nx, x + self.prscx, x + self.prscx + 2 * self.ovscx)
+
+    def raw_y(self, y):
+        y = np.asarray(y)
+        return np.where(y <= self.ny, y + self.prscy, y + self.prscy + 2 * self.ovscy)
+
+    def data_slices(self, q: int) -> tuple[slice, slice]:
+        """0-based raw-array (rows, cols) of the data section of quadrant q (1..4)."""
+        rows = slice(self.prscy, self.prscy + self.ny) if q in (1, 2) else \
+            slice(self.prscy + self.ny + 2 * self.ovscy, self.prscy + 2 * self.ny + 2 * self.ovscy)
+        cols = slice(self.prscx, self.prscx + self.nx) if q in (1, 4) else \
+            slice(self.prscx + self.nx + 2 * self.ovscx, self.prscx + 2 * self.nx + 2 * self.ovscx)
+        return rows, cols
+
+    def quadrant_slices(self, q: int) -> tuple[slice, slice]:
+        """0-based raw-array (rows, cols) of the whole quadrant q incl. its pre-/overscans."""
+        h, w = self.raw_shape
+        rows = slice(0, h // 2) if q in (1, 2) else slice(h // 2, h)
+        cols = slice(0, w // 2) if q in (1, 4) else slice(w // 2, w)
+        return rows, cols
+
+    def trimmed_slices(self, q: int) -> tuple[slice, slice]:
+        rows = slice(0, self.ny) if q in (1, 2) else slice(self.ny, 2 * self.ny)
+        cols = slice(0, self.nx) if q in (1, 4) else slice(self.nx, 2 * self.nx)
+        return rows, cols
+
+
+LAYOUTS = {"mini": CcdLayout(nx=256, ny=128), "full": CcdLayout(nx=2048, ny=2056)}
+DEFAULT_IFUS = {("mini", False): [1, 2, 3], ("mini", True): [1, 23, 24],
+                ("full", False): list(range(1, NIFUS + 1)), ("full", True): list(range(1, NIFUS + 1))}
+
+
+@dataclass
+class SimulatedSet:
+    """Where a simulated set was written and what it holds."""
+
+    out_dir: Path
+    sof: Path
+    truth_path: Path
+    files: dict[str, list[Path]]
+    ifus: list[int]
+    scale: str
+    mode: str
+
+    def truth(self) -> dict:
+        """The injected truth (``truth.json``)."""
+        return json.loads(self.truth_path.read_text())
+
+
+# --------------------------------------------------------------------------------------------
+# instrument model
+
+
+@dataclass
+class Instrument:
+    """Deterministic instrument model (geometry, calibrations, detector) for one seed."""
+
+    layout: CcdLayout
+    mode: str
+    seed: int
+    trace: dict[int, np.ndarray] = field(default_factory=dict)  # ifu -> (48, 3, order+1)
+    wave: dict[int, np.ndarray] = field(default_factory=dict)  # ifu -> (48, 3, 7) wlcXY
+    geometry: np.ndarray | None = None  # structured (24*48,)
+    sky_width: float = 75.0
+
+    @property
+    def nfm(self) -> bool:
+        return self.mode.startswith("NFM")
+
+
+def _poly_in_y(coeffs_t, centre: float, scale: float, order: int) -> np.ndarray:
+    """Coefficients in absolute y of a polynomial given in t = (y - centre) / scale."""
+    coeffs_t = np.asarray(coeffs_t, dtype=float)
+    return _shift_matrix(centre, scale, order + 1, coeffs_t.size) @ coeffs_t
+
+
+@functools.lru_cache(maxsize=16)
+def _shift_matrix(centre: float, scale: float, nout: int, nin: int) -> np.ndarray:
+    """M with M @ c_t = c_y: ((y - centre)/scale)^k = sum_j C(k, j) (-centre)^(k-j) y^j / scale^k."""
+    m = np.zeros((nout, nin))
+    for k in range(nin):
+        for j in range(min(k, nout - 1) + 1):
+            m[j, k] = math.comb(k, j) * (-centre) ** (k - j) / scale**k
+    return m
+
+
+def build_instrument(layout: CcdLayout, mode: str, seed: int) -> Instrument:
+    """Trace, wavelength and geometry solutions for all 24 IFUs (deterministic in seed)."""
+    rng = np.random.default_rng([seed, 1])
+    inst = Instrument(layout, mode, seed)
+    ny = layout.height
+    yc, ys = (ny + 1) / 2.0, ny / 2.0
+    pitch = (layout.width - 4.0) / NSLICES
+    width = 0.85 * pitch
+    inst.sky_width = float(np.round(width, 1))
+    for ifu in range(1, NIFUS + 1):
+        # bounded distortions keep every edge on the CCD (margin 2.5 + (pitch - width) / 2)
+        shift = np.clip(rng.normal(0.0, 0.02 * pitch), -0.04 * pitch, 0.04 * pitch)
+        tilt = np.clip(rng.normal(0.0, 0.01 * pitch, NSLICES), -0.025 * pitch, 0.025 * pitch)
+        curv = np.clip(rng.normal(0.0, 0.005 * pitch, NSLICES), -0.015 * pitch, 0.015 * pitch)
+        dwidth = np.clip(rng.normal(0.0, 0.005 * width, NSLICES), -0.01 * width, 0.01 * width)
+        trace = np.zeros((NSLICES, 3, 6))
+        for s in range(NSLICES):
+            centre = 2.5 + (s + 0.5) * pitch + shift
+            half = (width + dwidth[s]) / 2.0
+            for k, offset in enumerate((0.0, -half, half)):
+                coef_t = [centre + offset, tilt[s], curv[s], 0.002 * pitch * (k - 1)]
+                trace[s, k] = _poly_in_y(coef_t, yc, ys, 5)
+        inst.trace[ifu] = trace
+        # wavelength: lambda(x, y) = A(t) + b1 (x - xc) + b2 (x - xc)^2, t = (y - yc)/ys
+        wave = np.zeros((NSLICES, 3, 7))
+        lshift = rng.normal(0.0, 8.0, NSLICES)
+        span = 4750.0 / 2
+        dldy = span / ys
+        for s in range(NSLICES):
+            xc = 2.5 + (s + 0.5) * pitch + shift
+            a_t = [6975.0 + lshift[s], span, -60.0, 25.0]
+            b1 = rng.normal(0.0, 0.02) * dldy
+            b2 = 0.3 * dldy / (width / 2.0) ** 2
+            base = _poly_in_y(a_t, yc, ys, 6)
+            wave[s, 0] = base
+            wave[s, 0, 0] += -b1 * xc + b2 * xc * xc
+            wave[s, 1, 0] = b1 - 2.0 * b2 * xc
+            wave[s, 2, 0] = b2
+        inst.wave[ifu] = wave
+    # geometry: 4 stacks side by side in x, 12 slice rows per IFU, IFU 1 at the bottom
+    dtype = [("SubField", "i4"), ("SliceCCD", "i4"), ("SliceSky", "i4"), ("x", "f8"), ("xerr", "f8"),
+             ("y", "f8"), ("yerr", "f8"), ("angle", "f8"), ("angleerr", "f8"), ("width", "f8"),
+             ("widtherr", "f8")]
+    geo = np.zeros(NIFUS * NSLICES, dtype=dtype)
+    gap = 0.4
+    for ifu in range(1, NIFUS + 1):
+        dx_ifu = rng.normal(0.0, 0.15)
+        for s in range(NSLICES):
+            sky = int(CCD_TO_SKY[s])
+            stack, row = (sky - 1) // 12, (sky - 1) % 12
+            r = (ifu - 1) * NSLICES + s
+            geo[r] = (ifu, s + 1, sky,
+                      (stack - 1.5) * (inst.sky_width + gap) + dx_ifu + rng.normal(0.0, 0.03), 0.01,
+                      (ifu - 1) * 12 + row - (NIFUS * 12 - 1) / 2.0 + rng.normal(0.0, 0.01), 0.01,
+                      rng.normal(0.0, 0.02), 0.01,
+                      inst.sky_width * (1.0 + rng.normal(0.0, 0.003)), 0.01)
+    inst.geometry = geo
+    return inst
+
+
+def _eval_trace(coef: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return Polynomial(coef)(y)
+
+
+def _eval_wave(wlc: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """lambda(x, y) = sum wlc[X, Y] x^X y^Y (ESO's convention, absolute pixel coordinates)."""
+    out = np.zeros(np.broadcast(x, y).shape)
+    ypow = [np.ones_like(y, dtype=float)]
+    for _ in range(wlc.shape[1] - 1):
+        ypow.append(ypow[-1] * y)
+    xpow = np.ones_like(x, dtype=float)
+    for X in range(wlc.shape[0]):
+        inner = sum(wlc[X, Y] * ypow[Y] for Y in range(wlc.shape[1]) if wlc[X, Y] != 0.0)
+        out = out + xpow * inner
+        xpow = xpow * x
+    return out
+
+
+@dataclass
+class PixelMaps:
+    """Per-pixel model of one IFU's trimmed CCD (float64, 0 outside slices)."""
+
+    cover: np.ndarray  # illuminated fraction of the pixel
+    lam: np.ndarray  # wavelength [A]
+    xpos: np.ndarray  # field position [pix]
+    ypos: np.ndarray
+    slice_index: np.ndarray  # 0-based CCD slice, -1 in gaps
+    eso_mask: np.ndarray  # pixels that ESO's pixel table takes (ceil(xl)..floor(xr))
+
+
+def pixel_maps(inst: Instrument, ifu: int) -> PixelMaps:
+    """Slice coverage, wavelength and field position of every pixel of one IFU (vectorised)."""
+    lay = inst.layout
+    ny, nx = lay.height, lay.width
+    shape = (ny, nx)
+    cover = np.zeros(shape, dtype=np.float32)
+    lam = np.zeros(shape, dtype=np.float32)
+    xpos = np.zeros(shape, dtype=np.float32)
+    ypos = np.zeros(shape, dtype=np.float32)
+    sidx = np.full(shape, -1, dtype=np.int16)
+    emask = np.zeros(shape, dtype=bool)
+    y = np.arange(1, ny + 1, dtype=float)
+    geo = inst.geometry[inst.geometry["SubField"] == ifu]
+    geo = geo[np.argsort(geo["SliceCCD"])]
+    for s in range(NSLICES):
+        xl = _eval_trace(inst.trace[ifu][s, 1], y)
+        xr = _eval_trace(inst.trace[ifu][s, 2], y)
+        i0 = max(int(np.floor(xl.min())) - 1, 1)
+        i1 = min(int(np.ceil(xr.max())) + 1, nx)
+        cols = np.arange(i0, i1 + 1, dtype=float)
+        X = cols[None, :]
+        frac = np.clip(np.minimum(X + 0.5, xr[:, None]) - np.maximum(X - 0.5, xl[:, None]), 0.0, 1.0)
+        inside = frac > 0
+        xc, w = (xl + xr) / 2.0, xr - xl
+        dx = (xc[:, None] - X) / w[:, None] * geo["width"][s]
+        ang = np.deg2rad(geo["angle"][s])
+        sel = (slice(None), slice(i0 - 1, i1))
+        cover[sel][inside] = frac[inside]
+        lam[sel][inside] = _eval_wave(inst.wave[ifu][s], X, y[:, None])[inside]
+        xpos[sel][inside] = (dx * np.cos(ang) + geo["x"][s])[inside]
+        ypos[sel][inside] = (dx * np.sin(ang) + geo["y"][s])[inside]
+        sidx[sel][inside] = s
+        emask[sel] |= (X >= np.ceil(xl)[:, None]) & (X <= np.floor(xr)[:, None])
+    return PixelMaps(cover, lam, xpos, ypos, sidx, emask)
+
+
+# --------------------------------------------------------------------------------------------
+# sky and illumination model
+
+
+def twilight_spectrum(lam):
+    """Blue-ish smooth twilight continuum (photons per pixel per second, arbitrary scale).
+
+    Computed in the dtype of ``lam`` (float32 maps stay float32)."""
+    lam = np.asarray(lam)
+    t = lam / 6000.0
+    return (1.0 + 0.04 * np.sin((2 * np.pi / 2200.0) * (lam - 4600.0))) / (t * t)
+
+
+def lamp_spectrum(lam):
+    """Red-ish smooth halogen-lamp spectrum used for the ILLUM exposure."""
+    t = np.asarray(lam) / 6000.0
+    return t * np.sqrt(t)
+
+
+def notch_transmission(lam, mode: str):
+    """Transmission of the AO NaD notch filter (2 % inside its range, soft 3 A edges); 1 in NOAO."""
+    lam = np.asarray(lam)
+    if mode not in NAD_RANGES:
+        return np.ones(lam.shape, dtype=lam.dtype)
+    lo, hi = NAD_RANGES[mode]
+    edge = lambda d: 0.5 * (1.0 + np.tanh(d / 6.0))  # logistic step of 3 A scale, no overflow
+    inside = edge(lam - lo) * edge(hi - lam)
+    return (1.0 - 0.98 * inside).astype(lam.dtype)
+
+
+@dataclass
+class FieldModel:
+    """Smooth field illumination and vignetting in geometry-table pixel units.
+
+    WFM vignetting (--vignetting) sits in the lamp flats (MASTER_FLAT, ILLUM), as ESO
+    assumes (its fit keeps values >= 1 after flat-fielding); NFM vignetting (always on)
+    darkens the sky at the top of the field (values <= 1).
+    """
+
+    coeffs: dict[str, float]
+    xscale: float
+    yscale: float
+    vign: dict | None = None  # {"kind": "corner", ...} (WFM lamp) or {"kind": "top", ...} (NFM sky)
+
+    def illumination(self, x, y):
+        """Smooth twilight illumination relative to the lamp flat (1 at the field centre)."""
+        u, v = np.asarray(x) / self.xscale, np.asarray(y) / self.yscale
+        c = self.coeffs
+        return (1.0 + c["a10"] * u + c["a01"] * v + c["a20"] * u * u + c["a11"] * u * v
+                + c["a02"] * v * v)
+
+    def vignetting(self, x, y):
+        """Throughput factor (<= 1) of the vignetted part of the field, 1 elsewhere."""
+        x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+        if not self.vign:
+            return np.ones(np.broadcast(x, y).shape)
+        g = self.vign
+        if g["kind"] == "corner":
+            r = np.clip(np.hypot(x - g["x0"], y - g["y0"]) / g["radius"], 0.0, 1.0)
+            return 1.0 - g["depth"] * 0.5 * (1.0 + np.cos(np.pi * r))
+        t = np.clip((y - g["ystart"]) / (g["ytop"] - g["ystart"]), 0.0, 1.0)
+        return 1.0 - g["depth"] * t * t
+
+    def sky(self, x, y):
+        """Factor on the twilight sky exposures."""
+        top = self.vign is not None and self.vign["kind"] == "top"
+        return self.illumination(x, y) * (self.vignetting(x, y) if top else 1.0)
+
+    def lamp(self, x, y):
+        """Factor on the lamp exposures (MASTER_FLAT, ILLUM)."""
+        corner = self.vign is not None and self.vign["kind"] == "corner"
+        return self.vignetting(x, y) if corner else np.ones(np.broadcast(x, y).shape)
+
+
+# --------------------------------------------------------------------------------------------
+# FITS helpers
+
+
+def _primary_common(mode: str) -> fits.Header:
+    h = fits.Header()
+    h["TELESCOP"] = "ESO-VLT-U4"
+    h["INSTRUME"] = "MUSE"
+    h["ORIGIN"] = "ESO"
+    h["HIERARCH ESO INS MODE"] = (mode, "Instrument mode used.")
+    h["HIERARCH ESO DET BINX"] = (1, "Binning factor along X")
+    h["HIERARCH ESO DET BINY"] = (1, "Binning factor along Y")
+    h["HIERARCH ESO DET READ CURID"] = (1, "Used readout mode id")
+    h["HIERARCH ESO DET READ CURNAME"] = ("SCI1RO", "Used readout mode name")
+    return h
+
+
+def _chip_cards(ifu: int) -> list[tuple]:
+    return [("HIERARCH ESO DET CHIP NAME", f"SIM{ifu:02d}", "Detector chip name"),
+            ("HIERARCH ESO DET CHIP ID", f"ESO-CCD-SIM-{ifu:02d}", "Detector chip identification"),
+            ("HIERARCH ESO DET CHIP LIVE", True, "Detector alive")]
+
+
+def _pro_header(mode: str, catg: str, filename: str, recipe: str) -> fits.Header:
+    h = _primary_common(mode)
+    h["PIPEFILE"] = (filename, "Filename of data product")
+    h["HIERARCH ESO PRO DID"] = ("PRO-1.16", "Data dictionary for PRO")
+    h["HIERARCH ESO PRO CATG"] = (catg, "Category of pipeline product frame")
+    h["HIERARCH ESO PRO TYPE"] = ("REDUCED", "Product type")
+    h["HIERARCH ESO PRO TECH"] = ("IFU", "Observation technique")
+    h["HIERARCH ESO PRO SCIENCE"] = (False, "Scientific product if T")
+    h["HIERARCH ESO PRO REC1 ID"] = (recipe, "Pipeline recipe (unique) identifier")
+    h["HIERARCH ESO PRO REC1 DRS ID"] = ("cpl-7.3.2", "Data Reduction System identifier")
+    h["HIERARCH ESO PRO REC1 PIPE ID"] = (PIPE_ID, "Pipeline (unique) identifier")
+    return h
+
+
+def _table_hdu(columns: list[tuple[str, str, np.ndarray, str | None]], name: str | None) -> fits.BinTableHDU:
+    cols = [fits.Column(name=n, format=f, array=a, unit=u) for n, f, a, u in columns]
+    hdu = fits.BinTableHDU.from_columns(cols)
+    if name:
+        hdu.header["EXTNAME"] = name
+    return hdu
+
+
+def _append(path: Path, hdu) -> None:
+    """Append one extension to an existing FITS file (the file is not rewritten)."""
+    with fits.open(path, mode="append") as hdul:
+        hdul.append(hdu)
+
+
+def _write_primary(path: Path, header: fits.Header, data=None) -> None:
+    fits.PrimaryHDU(data=data, header=header).writeto(path, overwrite=True)
+
+
+# --------------------------------------------------------------------------------------------
+# the data set
+
+
+@dataclass
+class _Options:
+    scale: str
+    seed: int
+    nexp: int
+    ifus: list[int]
+    illum: bool
+    dark: bool
+    badpix: bool
+    vignetting: bool
+    mode: str
+    saturate: bool
+
+
+def _cube_grid(inst: Instrument, ifus: list[int], lmin=5000.0, lmax=9000.0, maps=None) -> dict:
+    """Expected output-cube grid: extents of the ESO pixel positions within lmin..lmax."""
+    xmin = ymin = np.inf
+    xmax = ymax = -np.inf
+    for ifu in ifus:
+        m = maps[ifu] if maps is not None else pixel_maps(inst, ifu)
+        sel = m.eso_mask & (m.lam >= lmin) & (m.lam <= lmax)
+        xmin, xmax = min(xmin, m.xpos[sel].min()), max(xmax, m.xpos[sel].max())
+        ymin, ymax = min(ymin, m.ypos[sel].min()), max(ymax, m.ypos[sel].max())
+    return {"crval1": float(xmin), "crval2": float(ymin), "cdelt": 1.0,
+            "nx": int(round(xmax - xmin)) + 1, "ny": int(round(ymax - ymin)) + 1,
+            "xmax": float(xmax), "ymax": float(ymax)}
+
+
+def _cube_grid_fast(inst: Instrument, ifus: list[int]) -> dict:
+    """Cube grid from slice edges only (cheap for the full scale)."""
+    geo = inst.geometry[np.isin(inst.geometry["SubField"], ifus)]
+    half = geo["width"] / 2.0
+    xmin, xmax = (geo["x"] - half).min(), (geo["x"] + half).max()
+    ymin, ymax = geo["y"].min(), geo["y"].max()
+    return {"crval1": float(xmin), "crval2": float(ymin), "cdelt": 1.0,
+            "nx": int(round(xmax - xmin)) + 1, "ny": int(round(ymax - ymin)) + 1,
+            "xmax": float(xmax), "ymax": float(ymax)}
+
+
+def simulate_dataset(out_dir, *, scale="mini", seed=0, nexp=3, ifus=None, illum=False, dark=False,
+                     badpix=False, vignetting=False, mode="WFM-NOAO-N", saturate=False) -> SimulatedSet:
+    """Write a simulated MUSE twilight set into ``out_dir`` and return where everything is.
+
+    Deterministic in ``seed``.  ``ifus`` defaults to 1,2,3 (mini WFM), 1,23,24 (mini NFM)
+    or all 24 (full); IFU 1 (ESO's flux reference) must be included.
+    """
+    if scale not in LAYOUTS:
+        raise ValueError(f"scale must be one of {', '.join(SCALES)}, not {scale!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if nexp < 1:
+        raise ValueError("nexp must be at least 1")
+    ifus = sorted(set(int(i) for i in (ifus if ifus is not None
+                                        else DEFAULT_IFUS[(scale, mode.startswith("NFM"))])))
+    if not ifus or min(ifus) < 1 or max(ifus) > NIFUS:
+        raise ValueError(f"IFU numbers must be within 1..{NIFUS}: {ifus}")
+    opts = _Options(scale, int(seed), int(nexp), ifus, illum, dark, badpix, vignetting, mode, saturate)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return _Writer(out, opts).run()
+
+
+class _Writer:
+    """Generates and writes one set, IFU by IFU."""
+
+    def __init__(self, out: Path, opts: _Options):
+        self.out = out
+        self.o = opts
+        self.lay = LAYOUTS[opts.scale]
+        self.inst = build_instrument(self.lay, opts.mode, opts.seed)
+        self.rng = np.random.default_rng([opts.seed, 2])
+
+    # ---- global model -------------------------------------------------------------------
+    def _global_model(self):
+        o, rng = self.o, self.rng
+        if o.scale == "mini":  # exact, from every pixel; the maps are kept for the data
+            self.maps = {ifu: pixel_maps(self.inst, ifu) for ifu in o.ifus}
+            grid = _cube_grid(self.inst, o.ifus, maps=self.maps)
+        else:  # from the slice edges: no CCD-sized maps of all IFUs in memory
+            self.maps = {}
+            grid = _cube_grid_fast(self.inst, o.ifus)
+        self.grid = grid
+        geo = self.inst.geometry
+        xscale = float(np.abs(geo["x"]).max() + geo["width"].max() / 2)
+        yscale = float(np.abs(geo["y"]).max())
+        coeffs = {"a10": rng.uniform(-0.06, 0.06), "a01": rng.uniform(-0.06, 0.06),
+                  "a20": rng.uniform(-0.04, 0.0), "a11": rng.uniform(-0.02, 0.02),
+                  "a02": rng.uniform(-0.04, 0.0)}
+        vign = None
+        if self.inst.nfm:
+            ytop = float(geo["y"].max())
+            vign = {"kind": "top", "ystart": ytop - 20.0, "ytop": ytop, "depth": 0.5, "in": "sky (SKYFLAT)"}
+        elif o.vignetting:
+            # ESO's 4x4 polynomial fit of the vignetted area needs >= 25 usable spaxels after it
+            # drops the first/last 3 columns and jumps > 2 %: a wide, gentle corner
+            radius = max(22.0, 0.25 * min(grid["nx"], grid["ny"]))
+            vign = {"kind": "corner", "x0": grid["crval1"], "y0": grid["crval2"], "radius": radius,
+                    "depth": 0.2, "in": "lamp flats (MASTER_FLAT, ILLUM)"}
+        self.field = FieldModel(coeffs, xscale, yscale, vign)
+        self.ifu_throughput = {i: (1.0 if i == 1 else float(rng.uniform(0.92, 1.08))) for i in range(1, 25)}
+        # residual slice efficiencies after flat-fielding are small (strong jumps would be taken
+        # for vignetting edges by ESO's vignmaskedges logic)
+        self.slice_eff = {i: rng.uniform(0.985, 1.015, NSLICES) for i in range(1, 25)}
+        self.exptime = [float(10.0 + 2.5 * k) for k in range(self.o.nexp)]
+        # sky brightness falls as the twilight darkens; longer exposures compensate
+        self.sky_level = [1.0 / (1.0 + 0.3 * k) for k in range(self.o.nexp)]
+        # electrons per second per unit spectrum: ~28000 e- in the bluest pixels of a 10 s exposure
+        self.rate = 1400.0
+        # rounded as written to the headers, so that data and header agree exactly
+        self.gain = {i: np.round(rng.uniform(1.05, 1.15, 4), 4) for i in range(1, 25)}  # e-/adu
+        self.ron = {i: np.round(rng.uniform(2.7, 3.3, 4), 4) for i in range(1, 25)}  # adu
+        self.bias = {i: rng.uniform(990.0, 1010.0, 4) for i in range(1, 25)}
+
+    # ---- per-IFU detector model ---------------------------------------------------------------
+    def _ifu_model(self, ifu: int):
+        lay, o = self.lay, self.o
+        rng = np.random.default_rng([o.seed, 3, ifu])
+        ny, nx = lay.height, lay.width
+        xx = (np.arange(nx, dtype=np.float32) / nx - 0.5)[None, :]
+        yy = (np.arange(ny, dtype=np.float32) / ny - 0.5)[:, None]
+        response = rng.standard_normal((ny, nx), dtype=np.float32)
+        response *= 0.01
+        response += 1.0 + 0.02 * xx - 0.015 * yy
+        structure = np.broadcast_to(0.6 * xx + 0.3 * rng.standard_normal(nx, dtype=np.float32)[None, :],
+                                    (ny, nx)).astype(np.float32)
+        defects = {"hot_columns": [], "trap_columns": [], "dark_pixels": []}
+        nhot = 2 if o.scale == "mini" else 6
+        for _ in range(nhot):
+            x = int(rng.integers(1, nx + 1))
+            y0 = int(rng.integers(1, ny // 2))
+            defects["hot_columns"].append({"x": x, "y0": y0, "y1": ny, "level_adu": float(rng.uniform(30, 80))})
+        for _ in range(nhot):
+            x = int(rng.integers(1, nx + 1))
+            yt = int(rng.integers(1, ny + 1))
+            bottom = yt <= lay.ny  # charge moves towards the port: bottom quadrants read down
+            y0, y1 = (yt, lay.ny) if bottom else (lay.ny + 1, yt)
+            defects["trap_columns"].append({"x": x, "y_trap": yt, "y0": y0, "y1": y1,
+                                            "depth_e": float(rng.uniform(200, 600))})
+        for _ in range(nhot * 3):
+            defects["dark_pixels"].append({"x": int(rng.integers(1, nx + 1)), "y": int(rng.integers(1, ny + 1)),
+                                           "qe": float(rng.uniform(0.2, 0.6))})
+        for d in defects["dark_pixels"]:
+            response[d["y"] - 1, d["x"] - 1] *= d["qe"]
+        hot = np.zeros((ny, nx), dtype=np.float32)
+        for d in defects["hot_columns"]:
+            hot[d["y0"] - 1:d["y1"], d["x"] - 1] = d["level_adu"]
+        dark_rate = None
+        if o.dark:
+            dark_rate = (rng.gamma(4.0, 0.5 / 4.0, (ny, nx)) / 3600.0).astype(np.float32)  # e-/s
+            for _ in range(nhot * 5):
+                dark_rate[rng.integers(0, ny), rng.integers(0, nx)] += rng.uniform(0.05, 0.5)
+        return response, structure, hot, dark_rate, defects
+
+    def _expected_electrons(self, ifu: int, maps: PixelMaps, spectrum, field_factor) -> np.ndarray:
+        """Noise-free flux (before pixel response) of one IFU: spectrum x slice efficiency x
+        IFU throughput x field factor x slice coverage of the pixel; 0 in the gaps."""
+        inside = maps.slice_index >= 0
+        lam = maps.lam[inside]
+        flux = spectrum(lam).astype(np.float32, copy=False)
+        if self.o.mode in NAD_RANGES:
+            flux *= notch_transmission(lam, self.o.mode)
+        flux *= self.slice_eff[ifu][maps.slice_index[inside]].astype(np.float32)
+        flux *= np.float32(self.ifu_throughput[ifu])
+        flux *= field_factor(maps.xpos[inside], maps.ypos[inside]).astype(np.float32)
+        flux *= maps.cover[inside]
+        out = np.zeros(maps.lam.shape, dtype=np.float32)
+        out[inside] = flux
+        return out
+
+    def _overscan_drift(self, rng, nrows: int) -> np.ndarray:
+        """Smooth vertical bias drift (adu) along the raw rows of a quadrant."""
+        t = np.linspace(-1.0, 1.0, nrows)
+        a = rng.normal(0.0, 1.0, 3)
+        return a[0] * t + 0.8 * a[1] * (t * t - 1 / 3) + 0.5 * np.sin(np.pi * t * (1 + 0.3 * a[2]))
+
+    def _raw_frame(self, ifu, electrons, structure, hot, rng, bias_only=False):
+        """Assemble one raw uint16 frame from trimmed electrons (already noisy)."""
+        lay = self.lay
+        raw = np.empty(lay.raw_shape, dtype=np.float32)
+        gains, ron, level = self.gain[ifu], self.ron[ifu], self.bias[ifu]
+        for q in range(1, 5):
+            qr, qc = lay.quadrant_slices(q)
+            nrows = qr.stop - qr.start
+            drift = self._overscan_drift(rng, nrows).astype(np.float32)
+            offset = level[q - 1] + rng.normal(0.0, 0.5)
+            noise = rng.standard_normal((nrows, qc.stop - qc.start), dtype=np.float32)
+            noise *= ron[q - 1]
+            raw[qr, qc] = noise + (offset + drift)[:, None]
+            dr, dc = lay.data_slices(q)
+            tr, tc = lay.trimmed_slices(q)
+            data = raw[dr, dc]
+            data += structure[tr, tc]
+            data += hot[tr, tc]
+            if not bias_only:
+                data += electrons[tr, tc] * np.float32(1.0 / gains[q - 1])
+        return raw
+
+    @staticmethod
+    def _to_uint16(raw: np.ndarray) -> np.ndarray:
+        """Digitise (in place): round, clip to 0..65535."""
+        np.rint(raw, out=raw)
+        np.clip(raw, 0, 65535, out=raw)
+        return raw.astype(np.uint16)
+
+    def _raw_header(self, ifu: int) -> fits.Header:
+        lay = self.lay
+        h = fits.Header()
+        h["EXTNAME"] = f"CHAN{ifu:02d}"
+        for key, value, comment in _chip_cards(ifu):
+            h[key] = (value, comment)
+        ports = {1: (1, 1), 2: (PORT_X_RIGHT, 1), 3: (PORT_X_RIGHT, PORT_Y_TOP), 4: (1, PORT_Y_TOP)}
+        for q in range(1, 5):
+            p = f"HIERARCH ESO DET OUT{q} "
+            h[p + "NAME"] = (f"{'ABCD'[q - 1]}", "Description of output")
+            h[p + "ID"] = (f"{'ABCD'[q - 1]}", "Output ID as from manufacturer")
+            h[p + "X"] = (ports[q][0], "X location of output")
+            h[p + "Y"] = (ports[q][1], "Y location of output")
+            h[p + "NX"] = (lay.nx, "valid pixels along X")
+            h[p + "NY"] = (lay.ny, "valid pixels along Y")
+            h[p + "PRSCX"] = (lay.prscx, "Prescan region in X")
+            h[p + "PRSCY"] = (lay.prscy, "Prescan region in Y")
+            h[p + "OVSCX"] = (lay.ovscx, "Overscan region in X")
+            h[p + "OVSCY"] = (lay.ovscy, "Overscan region in Y")
+            h[p + "GAIN"] = (float(round(self.gain[ifu][q - 1], 4)), "Conversion from electrons to ADU")
+            h[p + "RON"] = (float(round(self.ron[ifu][q - 1] * self.gain[ifu][q - 1], 4)),
+                            "Readout noise per output (e-)")
+        return h
+
+    def _raw_primary(self, k: int, tag: str) -> fits.Header:
+        o = self.o
+        h = _primary_common(o.mode)
+        mjd = 61000.95 + k * 40.0 / 86400.0
+        h["DATE-OBS"] = (_mjd_to_iso(mjd), "Observing date")
+        h["MJD-OBS"] = (mjd, "Obs start")
+        h["EXPTIME"] = (self.exptime[k] if tag == "SKYFLAT" else ILLUM_EXPTIME, "Integration time")
+        h["OBJECT"] = ("FLAT,SKY" if tag == "SKYFLAT" else "FLAT,LAMP,ILLUM", "Original target.")
+        h["RA"] = (0.0, "")
+        h["DEC"] = (-24.6, "")
+        h["HIERARCH ESO DPR CATG"] = ("CALIB", "Observation category")
+        h["HIERARCH ESO DPR TYPE"] = ("FLAT,SKY" if tag == "SKYFLAT" else "FLAT,LAMP,ILLUM", "Observation type")
+        h["HIERARCH ESO DPR TECH"] = ("IFU", "Observation technique")
+        nfm = self.inst.nfm
+        tpl = ("MUSE_nfm_cal_twiflat" if nfm else "MUSE_wfm_cal_twiflat") if tag == "SKYFLAT" else \
+            ("MUSE_nfm_cal_illum" if nfm else "MUSE_wfm_cal_illum")
+        h["HIERARCH ESO TPL ID"] = (tpl, "Template signature ID")
+        h["HIERARCH ESO OBS NAME"] = ("Calibration", "OB name")
+        h["HIERARCH ESO OBS ID"] = (200000000, "Observation block ID")
+        h["HIERARCH ESO TEL AIRM START"] = (1.0, "Airmass at start")
+        h["HIERARCH ESO TEL AIRM END"] = (1.0, "Airmass at end")
+        h["HIERARCH ESO TEL PARANG START"] = (0.0, "Parallactic angle at start (deg)")
+        h["HIERARCH ESO TEL PARANG END"] = (0.0, "Parallactic angle at end (deg)")
+        h["HIERARCH ESO INS DROT MODE"] = ("SKY", "Instrument derotator mode")
+        h["HIERARCH ESO INS DROT POSANG"] = (0.0, "Position angle on sky (deg)")
+        return h
+
+    # ---- calibrations headers -------------------------------------------------------------
+    def _bias_primary(self) -> fits.Header:
+        h = _pro_header(self.o.mode, "MASTER_BIAS", "MASTER_BIAS", "muse_bias")
+        for n, (name, value) in enumerate(BIAS_REC_PARAMS, start=1):
+            h[f"HIERARCH ESO PRO REC1 PARAM{n} NAME"] = (name, "")
+            h[f"HIERARCH ESO PRO REC1 PARAM{n} VALUE"] = (value, "")
+        return h
+
+    def run(self) -> SimulatedSet:
+        o, lay, out = self.o, self.lay, self.out
+        self._global_model()
+        tags: dict[str, list[Path]] = {"SKYFLAT": [out / f"SKYFLAT_{k + 1:04d}.fits" for k in range(o.nexp)]}
+        if o.illum:
+            tags["ILLUM"] = [out / "ILLUM_0001.fits"]
+        for name in ("MASTER_BIAS", "MASTER_FLAT", "TRACE_TABLE", "WAVECAL_TABLE", "GEOMETRY_TABLE"):
+            tags[name] = [out / f"{name}.fits"]
+        if o.dark:
+            tags["MASTER_DARK"] = [out / "MASTER_DARK.fits"]
+        if o.badpix:
+            tags["BADPIX_TABLE"] = [out / "BADPIX_TABLE.fits"]
+        if o.vignetting:
+            tags["VIGNETTING_MASK"] = [out / "VIGNETTING_MASK.fits"]
+        for k, path in enumerate(tags["SKYFLAT"]):
+            _write_primary(path, self._raw_primary(k, "SKYFLAT"))
+        if o.illum:
+            _write_primary(tags["ILLUM"][0], self._raw_primary(o.nexp, "ILLUM"))
+        _write_primary(tags["MASTER_BIAS"][0], self._bias_primary())
+        fh = _pro_header(o.mode, "MASTER_FLAT", "MASTER_FLAT", "muse_flat")
+        _write_primary(tags["MASTER_FLAT"][0], fh)
+        _write_primary(tags["TRACE_TABLE"][0], _pro_header(o.mode, "TRACE_TABLE", "TRACE_TABLE", "muse_flat"))
+        _write_primary(tags["WAVECAL_TABLE"][0],
+                       _pro_header(o.mode, "WAVECAL_TABLE", "WAVECAL_TABLE", "muse_wavecal"))
+        if o.dark:
+            dh = _pro_header(o.mode, "MASTER_DARK", "MASTER_DARK", "muse_dark")
+            dh["EXPTIME"] = (3600.0, "Integration time")
+            _write_primary(tags["MASTER_DARK"][0], dh)
+        if o.badpix:
+            _write_primary(tags["BADPIX_TABLE"][0],
+                           _pro_header(o.mode, "BADPIX_TABLE", "BADPIX_TABLE", "muse_bias"))
+        ifu_truth = {}
+        for ifu in o.ifus:
+            ifu_truth[ifu] = self._write_ifu(ifu, tags)
+            log.info("simulated IFU %d (%s scale) in %s", ifu, o.scale, out)
+        self._write_geometry(tags["GEOMETRY_TABLE"][0])
+        if o.vignetting:
+            self._write_vignetting_mask(tags["VIGNETTING_MASK"][0])
+        sof = out / "twilight.sof"
+        order = ["SKYFLAT", "ILLUM", "MASTER_BIAS", "MASTER_DARK", "MASTER_FLAT", "TRACE_TABLE",
+                 "WAVECAL_TABLE", "GEOMETRY_TABLE", "BADPIX_TABLE", "VIGNETTING_MASK"]
+        sof.write_text("".join(f"{p.resolve()} {tag}\n" for tag in order for p in tags.get(tag, [])))
+        truth_path = out / "truth.json"
+        truth_path.write_text(json.dumps(self._truth(ifu_truth), indent=1))
+        return SimulatedSet(out, sof, truth_path, tags, list(o.ifus), o.scale, o.mode)
+
+    def _write_ifu(self, ifu: int, tags) -> dict:
+        o, lay = self.o, self.lay
+        rng = np.random.default_rng([o.seed, 4, ifu])
+        maps = self.maps.pop(ifu, None) or pixel_maps(self.inst, ifu)
+        response, structure, hot, dark_rate, defects = self._ifu_model(ifu)
+        rate = self._expected_electrons(ifu, maps, twilight_spectrum, self.field.sky)
+        rate *= np.float32(self.rate)
+        eso_sel = maps.eso_mask & (maps.lam >= 5000.0) & (maps.lam <= 9000.0)
+        lamp_vign = np.ones(rate.shape, dtype=np.float32)
+        if self.field.vign is not None and self.field.vign["kind"] == "corner":
+            inside = maps.slice_index >= 0
+            lamp_vign[inside] = self.field.lamp(maps.xpos[inside], maps.ypos[inside])
+        trap = np.zeros(rate.shape, dtype=np.float32)
+        for d in defects["trap_columns"]:
+            trap[d["y0"] - 1:d["y1"], d["x"] - 1] = d["depth_e"]
+        header = self._raw_header(ifu)
+        crs, nsat, sat_scale, scales = [], [], 1.0, []
+        for k, path in enumerate(tags["SKYFLAT"]):
+            scale = self.exptime[k] * self.sky_level[k]
+            if o.saturate and k == 0:
+                sat_scale = self._saturation_scale(ifu, rate * response * scale)
+                scale *= sat_scale
+            scales.append(scale)
+            mean_e = rate * response * scale
+            if dark_rate is not None:
+                mean_e = mean_e + dark_rate * self.exptime[k]
+            electrons = _photon_noise(rng, mean_e)
+            electrons = np.maximum(electrons - trap, 0.0)
+            cr = self._cosmics(rng, electrons)
+            crs.append(cr)
+            raw = self._raw_frame(ifu, electrons, structure, hot, rng)
+            digital = self._to_uint16(raw)
+            nsat.append(int(np.count_nonzero(digital > SATURATION)))  # as ESO counts them
+            _append(path, fits.ImageHDU(digital, header=header))
+        illum_eff = None
+        if o.illum:
+            illum_eff = self.slice_eff[ifu]
+            lamp = self._expected_electrons(ifu, maps, lamp_spectrum, self.field.lamp)
+            lamp *= 20000.0 / max(lamp.max(), 1e-30)
+            mean_e = lamp * response
+            if dark_rate is not None:
+                mean_e = mean_e + dark_rate * ILLUM_EXPTIME
+            electrons = _photon_noise(rng, mean_e)
+            raw = self._raw_frame(ifu, electrons, structure, hot, rng)
+            _append(tags["ILLUM"][0], fits.ImageHDU(self._to_uint16(raw), header=header))
+        self._write_bias(ifu, tags["MASTER_BIAS"][0], structure, hot, rng)
+        self._write_flat(ifu, tags["MASTER_FLAT"][0], response * lamp_vign)
+        if o.dark:
+            self._write_dark(ifu, tags["MASTER_DARK"][0], dark_rate, rng)
+        if o.badpix:
+            self._write_badpix(ifu, tags["BADPIX_TABLE"][0], defects)
+        self._write_trace(ifu, tags["TRACE_TABLE"][0])
+        self._write_wavecal(ifu, tags["WAVECAL_TABLE"][0])
+        return {"throughput": self.ifu_throughput[ifu],
+                "slice_efficiency": [float(v) for v in self.slice_eff[ifu]],
+                "illum_slice_factor": None if illum_eff is None else [float(v) for v in illum_eff],
+                "gain": [float(round(g, 4)) for g in self.gain[ifu]],
+                "ron_adu": [float(r) for r in self.ron[ifu]],
+                "bias_level": [float(b) for b in self.bias[ifu]],
+                "defects": defects,
+                "cosmic_rays": {"count": [len(c) for c in crs], "positions": crs},
+                "nsaturated": nsat,
+                "saturation_scale_exp1": float(sat_scale),
+                "exposure_scale": [float(v) for v in scales],
+                # noise-free sum of the mean flat-fielded exposure over the pixels that ESO's
+                # pixel table takes within 5000..9000 A (compare with QC TWILIGHTm INTFLUX)
+                "expected_intflux": float((rate[eso_sel] / lamp_vign[eso_sel]).sum(dtype=np.float64)
+                                          * np.mean(scales)),
+                "rate_scale_e_per_s": float(self.rate)}
+
+    def _saturation_scale(self, ifu: int, mean_e: np.ndarray, fraction: float = 5e-4) -> float:
+        """Brightening of exposure 1 that saturates ~``fraction`` of the data pixels (--saturate).
+
+        ESO warns above 0.1 % saturated pixels, so the default stays below that.
+        """
+        peak = float(np.quantile(mean_e, 1.0 - fraction))
+        level = float(self.bias[ifu].mean()) + 1000.0
+        return max(1.0, (1.02 * SATURATION - level) * float(self.gain[ifu].min()) / peak)
+
+    def _cosmics(self, rng, electrons: np.ndarray) -> list[list[int]]:
+        """Add short cosmic-ray tracks (in place); return their 1-based (x, y) start pixels."""
+        ny, nx = electrons.shape
+        n = max(3, int(round(300 * nx * ny / (4096 * 4112))))
+        out = []
+        for _ in range(n):
+            x, y = int(rng.integers(0, nx)), int(rng.integers(0, ny))
+            length = int(rng.integers(1, 4))
+            dx, dy = (1, 0) if rng.random() < 0.5 else (0, 1)
+            amp = float(rng.uniform(3000.0, 20000.0))
+            for step in range(length):
+                xi, yi = x + step * dx, y + step * dy
+                if xi < nx and yi < ny:
+                    electrons[yi, xi] += amp / (step + 1)
+            out.append([x + 1, y + 1])
+        return out
+
+    def _write_bias(self, ifu, path, structure, hot, rng):
+        """MASTER_BIAS as ESO's muse_bias leaves it after vpoly: level ~0, structure kept."""
+        lay, nbias = self.lay, 11
+        ron = self.ron[ifu]
+        data = structure + hot
+        stat = np.empty_like(data)
+        for q in range(1, 5):
+            tr, tc = lay.trimmed_slices(q)
+            noise = rng.standard_normal(data[tr, tc].shape, dtype=np.float32)
+            noise *= ron[q - 1] / np.sqrt(nbias)
+            data[tr, tc] += noise
+            stat[tr, tc] = ron[q - 1] ** 2 / nbias
+        dq = np.zeros(data.shape, dtype=np.int32)
+        dq[hot > 0] |= DQ_DEAD
+        h = fits.Header()
+        h["EXTNAME"] = f"CHAN{ifu:02d}.DATA"
+        h["BUNIT"] = ("adu", "DATA is in analog-to-digital units")
+        for key, value, comment in _chip_cards(ifu):
+            h[key] = (value, comment)
+        for q in range(1, 5):
+            h[f"HIERARCH ESO DRS MUSE OVSC{q} MEAN"] = (float(round(self.bias[ifu][q - 1], 3)),
+                                              "[adu] raw overscan mean")
+            h[f"HIERARCH ESO DRS MUSE OVSC{q} STDEV"] = (float(round(self.ron[ifu][q - 1], 3)),
+                                               "[adu] raw overscan stdev")
+        for q in range(1, 5):
+            tr, tc = lay.trimmed_slices(q)
+            h[f"HIERARCH ESO QC BIAS MASTER{q} MEAN"] = (round(float(data[tr, tc].mean()), 4), "[adu]")
+            h[f"HIERARCH ESO QC BIAS MASTER{q} RON"] = (round(float(ron[q - 1] * self.gain[ifu][q - 1]), 4), "[count]")
+        _append(path, fits.ImageHDU(data.astype(np.float32), header=h))
+        _append(path, fits.ImageHDU(dq, name=f"CHAN{ifu:02d}.DQ"))
+        sh = fits.Header()
+        sh["EXTNAME"] = f"CHAN{ifu:02d}.STAT"
+        sh["BUNIT"] = "adu**2"
+        _append(path, fits.ImageHDU(stat.astype(np.float32), header=sh))
+
+    def _write_flat(self, ifu, path, response):
+        h = fits.Header()
+        h["EXTNAME"] = f"CHAN{ifu:02d}.DATA"
+        h["BUNIT"] = ("count", "as written by muse_flat")
+        for key, value, comment in _chip_cards(ifu):
+            h[key] = (value, comment)
+        h["HIERARCH ESO QC FLAT MASTER INTFLUX"] = (round(1.0e9 * self.ifu_throughput[ifu], 1),
+                                          "[count] integrated flux")
+        _append(path, fits.ImageHDU(response.astype(np.float32), header=h))
+        _append(path, fits.ImageHDU(np.zeros(response.shape, dtype=np.int32), name=f"CHAN{ifu:02d}.DQ"))
+        _append(path, fits.ImageHDU(np.full(response.shape, 1e-5, dtype=np.float32), name=f"CHAN{ifu:02d}.STAT"))
+
+    def _write_dark(self, ifu, path, dark_rate, rng):
+        texp, ndark = 3600.0, 5
+        counts = dark_rate * texp
+        data = counts + rng.normal(0.0, 1.0, counts.shape) * np.sqrt(counts / ndark)
+        h = fits.Header()
+        h["EXTNAME"] = f"CHAN{ifu:02d}.DATA"
+        h["BUNIT"] = ("count", "DATA is in electrons")
+        for key, value, comment in _chip_cards(ifu):
+            h[key] = (value, comment)
+        _append(path, fits.ImageHDU(data.astype(np.float32), header=h))
+        _append(path, fits.ImageHDU(np.zeros(counts.shape, dtype=np.int32), name=f"CHAN{ifu:02d}.DQ"))
+        sh = fits.Header()
+        sh["EXTNAME"] = f"CHAN{ifu:02d}.STAT"
+        sh["BUNIT"] = "count**2"
+        _append(path, fits.ImageHDU((counts / ndark + 1e-3).astype(np.float32), header=sh))
+
+    def _write_badpix(self, ifu, path, defects):
+        lay = self.lay
+        xs, ys, st, val = [], [], [], []
+        for d in defects["hot_columns"]:
+            y = np.arange(d["y0"], d["y1"] + 1)
+            xs.append(np.full(y.size, d["x"])); ys.append(y)
+            st.append(np.full(y.size, DQ_HOT)); val.append(np.full(y.size, d["level_adu"]))
+        for d in defects["trap_columns"]:
+            y = np.arange(d["y0"], d["y1"] + 1)
+            xs.append(np.full(y.size, d["x"])); ys.append(y)
+            st.append(np.full(y.size, DQ_TRAP)); val.append(np.full(y.size, d["depth_e"]))
+        for d in defects["dark_pixels"]:
+            xs.append(np.array([d["x"]])); ys.append(np.array([d["y"]]))
+            st.append(np.array([DQ_DARK])); val.append(np.array([d["qe"]]))
+        x = lay.raw_x(np.concatenate(xs)).astype(np.int32)
+        y = lay.raw_y(np.concatenate(ys)).astype(np.int32)
+        hdu = _table_hdu([("xpos", "J", x, "pix"), ("ypos", "J", y, "pix"),
+                          ("status", "J", np.concatenate(st).astype(np.int32), None),
+                          ("value", "E", np.concatenate(val).astype(np.float32), None)], f"CHAN{ifu:02d}")
+        _append(path, hdu)
+
+    def _write_trace(self, ifu, path):
+        t = self.inst.trace[ifu]
+        y = np.arange(1, self.lay.height + 1, dtype=float)
+        widths = np.array([np.mean(_eval_trace(t[s, 2], y) - _eval_trace(t[s, 1], y)) for s in range(NSLICES)])
+        cols = [("SliceNo", "J", np.arange(1, NSLICES + 1, dtype=np.int32), None),
+                ("Width", "E", widths.astype(np.float32), "pix")]
+        for k in range(3):
+            for n in range(t.shape[2]):
+                cols.append((f"tc{k}_{n:02d}", "D", t[:, k, n], None))
+            cols.append((f"MSE{k}", "D", np.full(NSLICES, 1e-4), None))
+        _append(path, _table_hdu(cols, f"CHAN{ifu:02d}"))
+
+    def _write_wavecal(self, ifu, path):
+        w = self.inst.wave[ifu]
+        cols = [("SliceNo", "J", np.arange(1, NSLICES + 1, dtype=np.int32), None)]
+        for X in range(w.shape[1]):
+            for Y in range(w.shape[2]):
+                cols.append((f"wlc{X}{Y}", "D", w[:, X, Y], None))
+        cols.append(("MSE", "D", np.full(NSLICES, 1e-3), None))
+        _append(path, _table_hdu(cols, f"CHAN{ifu:02d}"))
+
+    def _write_geometry(self, path):
+        g = self.inst.geometry
+        units = {"x": "pix", "xerr": "pix", "y": "pix", "yerr": "pix", "angle": "deg", "angleerr": "deg",
+                 "width": "pix", "widtherr": "pix"}
+        cols = [(n, "J" if g.dtype[n].kind == "i" else "D", g[n], units.get(n)) for n in g.dtype.names]
+        hdr = _pro_header(self.o.mode, "GEOMETRY_TABLE", "GEOMETRY_TABLE", "muse_geometry")
+        _write_primary(path, hdr)
+        _append(path, _table_hdu(cols, None))
+
+    def _write_vignetting_mask(self, path):
+        """VIGNETTING_MASK: primary-HDU int16 image, masked corner at the bottom left.
+
+        ESO cuts the mask quadrant with most masked pixels (nx/2 x ny/2) and pastes it into
+        the same corner of an empty cube-sized mask (the copy fails if the quadrant is larger
+        than the cube).  The file is therefore 2 x (cube size - 1): its bottom-left quadrant
+        covers the cube up to its last row and column, so a vignetted corner wider than half
+        the (mini) field survives the adaptation.
+        """
+        g = self.grid
+        ny, nx = 2 * (g["ny"] - 1), 2 * (g["nx"] - 1)
+        y, x = np.mgrid[0:ny, 0:nx]
+        mask = np.zeros((ny, nx), dtype=np.int16)
+        if self.field.vign is not None and self.field.vign["kind"] == "corner":
+            vign = self.field.vignetting(g["crval1"] + x, g["crval2"] + y)
+            mask[:] = vign < 1.0 - 0.002
+        else:
+            # NFM (ESO ignores the file there): a plain corner mask
+            mask[:] = np.hypot(x, y) < 0.3 * min(g["nx"], g["ny"])
+        mask[ny // 2:, :] = 0
+        mask[:, nx // 2:] = 0
+        h = fits.Header()
+        h["HIERARCH ESO PRO CATG"] = "VIGNETTING_MASK"
+        h["INSTRUME"] = "MUSE"
+        _write_primary(path, h, mask)
+
+    def _truth(self, ifu_truth) -> dict:
+        o, g = self.o, self.grid
+        lam = 5000.0 + 250.0 * np.arange(17)
+        y, x = np.mgrid[0:g["ny"], 0:g["nx"]]
+        xpos, ypos = g["crval1"] + x, g["crval2"] + y
+        return {"conventions": {
+                    "maps": "[row][column] on cube_grid: x = crval1 + column, y = crval2 + row "
+                            "(geometry-table pixels); vignetting map = throughput factor <= 1",
+                    "ccd_positions": "1-based (x, y) on the trimmed CCD (defects, cosmic rays); "
+                                     "BADPIX_TABLE holds raw (untrimmed) positions",
+                    "slice_efficiency": "per CCD slice (SliceCCD 1..48)",
+                    "flux": "electrons = rate_scale_e_per_s * spectrum(lambda) * slice_efficiency * "
+                            "throughput * field (sky: illumination, NFM also vignetting) * "
+                            "pixel coverage * exposure_scale * pixel response; MASTER_FLAT = "
+                            "pixel response (x lamp vignetting in WFM with --vignetting)"},
+                "options": {"scale": o.scale, "seed": o.seed, "nexp": o.nexp, "ifus": o.ifus,
+                            "illum": o.illum, "dark": o.dark, "badpix": o.badpix,
+                            "vignetting": o.vignetting, "mode": o.mode, "saturate": o.saturate},
+                "ccd": {"nx_quadrant": self.lay.nx, "ny_quadrant": self.lay.ny, "prscx": self.lay.prscx,
+                        "prscy": self.lay.prscy, "ovscx": self.lay.ovscx, "ovscy": self.lay.ovscy,
+                        "raw_shape": list(self.lay.raw_shape)},
+                "exptime": self.exptime, "sky_level": self.sky_level,
+                "twilight_spectrum": {"formula": "(lam/6000)**-2 * (1 + 0.04 sin(2 pi (lam-4600)/2200))",
+                                      "lambda": lam.tolist(), "value": twilight_spectrum(lam).tolist()},
+                "lamp_spectrum": {"formula": "(lam/6000)**1.5"},
+                "notch_filter": {"range": NAD_RANGES.get(o.mode), "transmission_inside": 0.02,
+                                 "applies_to": "SKYFLAT and ILLUM"},
+                "field_illumination": {"formula": "1 + a10 u + a01 v + a20 u^2 + a11 u v + a02 v^2, "
+                                                  "u = x/xscale, v = y/yscale",
+                                       "coeffs": self.field.coeffs, "xscale": self.field.xscale,
+                                       "yscale": self.field.yscale,
+                                       "map": self.field.illumination(xpos, ypos).round(6).tolist()},
+                "vignetting": {"model": self.field.vign,
+                               "map": self.field.vignetting(xpos, ypos).round(6).tolist()},
+                "cube_grid": g,
+                "ifus": {str(k): v for k, v in ifu_truth.items()}}
+
+
+def _photon_noise(rng, mean: np.ndarray) -> np.ndarray:
+    """Poisson-distributed electrons (float32): exact below 30 e-, Gaussian approximation above."""
+    mean = np.asarray(mean, dtype=np.float32)
+    out = rng.standard_normal(mean.shape, dtype=np.float32)
+    out *= np.sqrt(mean)
+    out += mean
+    low = mean < 30.0
+    out[low] = rng.poisson(mean[low])
+    return out
+
+
+def _mjd_to_iso(mjd: float) -> str:
+    from astropy.time import Time
+
+    return Time(mjd, format="mjd", scale="utc").isot[:23]
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+
+
+def _ifu_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of IFU numbers: {text!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument("--scale", choices=SCALES, default="mini", help="mini (tests) or full (real size)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--nexp", type=int, default=3, help="number of SKYFLAT exposures")
+    parser.add_argument("--ifus", type=_ifu_list, default=None, help="comma-separated IFU numbers")
+    parser.add_argument("--illum", action="store_true", help="add an ILLUM exposure")
+    parser.add_argument("--dark", action="store_true", help="add dark current and a MASTER_DARK")
+    parser.add_argument("--badpix", action="store_true", help="write a BADPIX_TABLE")
+    parser.add_argument("--vignetting", action="store_true", help="vignetted corner and VIGNETTING_MASK")
+    parser.add_argument("--saturate", action="store_true", help="saturate the brightest pixels of exposure 1")
+    parser.add_argument("--mode", choices=MODES, default="WFM-NOAO-N", help="instrument mode")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    result = simulate_dataset(args.out, scale=args.scale, seed=args.seed, nexp=args.nexp, ifus=args.ifus,
+                              illum=args.illum, dark=args.dark, badpix=args.badpix,
+                              vignetting=args.vignetting, mode=args.mode, saturate=args.saturate)
+    print(f"simulated {result.scale} set ({result.mode}, IFUs {','.join(map(str, result.ifus))}) "
+          f"in {result.out_dir}")
+    print(f"SOF: {result.sof}")
+    return 0
