@@ -144,3 +144,26 @@ def test_seed_script_same_products_as_python_cpl_with_eso(mini, tmp_path):
     assert report.ok, report.format()
     data = report.image("DATACUBE_SKYFLAT.fits", "DATA")
     assert data.median_rel <= 1e-4 and data.nan_mismatch == 0
+
+
+@pytest.mark.skipif(not Path("/usr/bin/python3").exists(), reason="Debian's python3 is not installed")
+def test_python_cpl_processing_info_reads_our_products(mini, tmp_path):
+    """python-cpl's cpl.dfs.ProcessingInfo rebuilds the call from our provenance keywords."""
+    if subprocess.run(["/usr/bin/python3", "-c", "import cpl.dfs"], capture_output=True).returncode:
+        pytest.skip("Debian's python3-cpl is not installed")
+    recipe = cpl.Recipe("muse_twilight")
+    recipe.calib = _frames(mini)["calib"]
+    res = recipe(_frames(mini)["SKYFLAT"], param={"resample": "nearest", "xorder": 3},
+                 output_dir=str(tmp_path))
+    probe = ("import json, sys; from cpl.dfs import ProcessingInfo; p = ProcessingInfo(sys.argv[1]); "
+             "print(json.dumps({'name': p.name, 'product': p.product, 'tag': p.tag, 'raw': p.raw, "
+             "'calib': p.calib, 'param': p.param, 'pipeline': p.pipeline, 'file': p.orig_filename}))")
+    completed = subprocess.run(["/usr/bin/python3", "-c", probe, res.TWILIGHT_CUBE], capture_output=True,
+                               text=True)
+    assert completed.returncode == 0, completed.stderr
+    info = json.loads(completed.stdout)
+    assert info["name"] == "muse_twilight" and info["product"] == "TWILIGHT_CUBE"
+    assert info["pipeline"] == "musetwilight" and info["file"] == "TWILIGHT_CUBE.fits"
+    assert info["tag"] == "SKYFLAT" and len(info["raw"]) == 3
+    assert info["param"]["resample"] == "nearest" and info["param"]["xorder"] == 3
+    assert info["calib"]["MASTER_BIAS"] == "MASTER_BIAS.fits"

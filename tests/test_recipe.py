@@ -21,6 +21,7 @@ SETS = {
     "illum": {"seed": 2, "illum": True},
     "nfm": {"seed": 3, "mode": "NFM-AO-N"},
     "vignetting": {"seed": 4, "vignetting": True, "dark": True, "badpix": True},
+    "wfm_ao": {"seed": 5, "mode": "WFM-AO-N"},
 }
 
 
@@ -103,3 +104,50 @@ def test_skip_mode_equals_eso(reduced, eso_twilight, simulated_set, tmp_path):
     assert any(k.startswith("ESO QC TWILIGHT1") for k in header)
     assert header["ESO PRO REC1 CAL1 CATG"] == fits.getval(skipped.output_dir / "TWILIGHT_CUBE.fits",
                                                            "ESO PRO REC1 CAL1 CATG")
+
+
+def _intflux(header, ifus):
+    return {ifu: header[f"ESO QC TWILIGHT{ifu} INTFLUX"] for ifu in ifus}
+
+
+def test_external_scales_equal_eso(simulated_set, eso_twilight, tmp_path):
+    """MUSE_TWILIGHT_SCALES (24 values) replaces the measured relative fluxes, as in ESO."""
+    scales = ",".join(["1.0", "1.25", "0.8"] + ["1.0"] * 21)
+    ref = eso_twilight(SETS["default"], env={"MUSE_TWILIGHT_SCALES": scales})
+    assert ref.returncode == 0
+    result = recipe.run(simulated_set(**SETS["default"]).sof, None, tmp_path,
+                        environ={"MUSE_TWILIGHT_SCALES": scales})
+    report = compare.compare_products(ref.output_dir, tmp_path, CUBE_TOL)
+    assert report.ok, report.format()
+    ours = result.datacube_skyflat[0].header
+    assert ours["ESO DRS MUSE FLAT FLUX SKY2"] == pytest.approx(1.25 * ours["ESO DRS MUSE FLAT FLUX SKY1"])
+    theirs = fits.getheader(ref.product("DATACUBE_SKYFLAT.fits"))
+    for ifu in (1, 2, 3):
+        key = f"ESO DRS MUSE FLAT FLUX SKY{ifu}"
+        assert ours[key] == pytest.approx(theirs[key], rel=1e-5)
+
+
+def test_without_ifu1_ours_uses_the_first_ifu_present(simulated_set, eso_twilight, tmp_path, caplog):
+    """ESO fails with a misleading message without IFU 1; we take IFU 2 as the flux reference."""
+    options = {"seed": 6, "ifus": [2, 3]}
+    ref = eso_twilight(options)
+    assert ref.returncode != 0
+    assert any("no pixels for cube reconstruction are left" in e for e in ref.errors)
+    result = recipe.run(simulated_set(**options).sof, None, tmp_path)
+    header = result.datacube_skyflat[0].header
+    assert "ESO DRS MUSE FLAT FLUX SKY1" not in header
+    assert header["ESO DRS MUSE FLAT FLUX SKY2"] == pytest.approx(header["ESO QC TWILIGHT2 INTFLUX"], rel=1e-6)
+    assert "IFU 1 (ESO's flux reference) is not present; using IFU 2" in caplog.text
+    assert np.isfinite(result.twilight_cube["DATA"].data).all()
+
+
+def test_eso_accepts_our_cube_through_its_skip_mechanism(reduced, eso_twilight):
+    """ESO's muse_twilight reads our DATACUBE_SKYFLAT (MUSE_TWILIGHT_SKIP) and gives our TWILIGHT_CUBE."""
+    _, result, _ = reduced("vignetting")
+    ours = str(result.paths["DATACUBE_SKYFLAT"])
+    theirs = eso_twilight(SETS["vignetting"], env={"MUSE_TWILIGHT_SKIP": ours})
+    assert theirs.returncode == 0, theirs.errors
+    report = compare.compare_products(theirs.output_dir, result.paths["TWILIGHT_CUBE"].parent,
+                                      CUBE_TOL, names=["TWILIGHT_CUBE.fits"])
+    for image in report.files[0].images:
+        assert image.max_rel <= 1e-4 and image.nan_mismatch == 0, image

@@ -272,3 +272,27 @@ def test_cube_equals_eso_make_cube(eso_table, tmp_path, method, crtype, crsigma)
     if crsigma > 0:
         found = re.search(r"(\d+) output CR pixels", run.log)
         assert found and abs(ours.ncosmic - int(found.group(1))) <= max(2, ours.ncosmic // 1000)
+
+
+@pytest.mark.eso
+@requires_esorex
+@pytest.mark.parametrize("method", ["drizzle", "lanczos"])
+def test_nonfinite_good_rows_spoil_their_neighbourhood_like_eso(eso_table, tmp_path, method):
+    # ESO adds data x weight for every row of the 3 x 3 x 3 cells, weight 0 or not,
+    # so one NaN row with DQ 0 turns its whole neighbourhood NaN
+    table = {k: v.copy() for k, v in eso_table[0].items()}
+    hit = np.argmin(np.abs(table["lambda"] - 6000) + np.abs(table["ypos"] - np.median(table["ypos"]))
+                    + np.abs(table["xpos"] - np.median(table["xpos"])))
+    table["data"][hit] = np.nan
+    table["dq"][hit] = 0
+    path = tmp_path / "PIXTABLE_NAN.fits"
+    write_eso_pixtable(path, table)
+    path.with_suffix(".sof").write_text(f"{path} PIXTABLE_OBJECT\n")
+    run = eso.run_esorex("muse_scipost_make_cube", path.with_suffix(".sof"), tmp_path / "eso", {
+        "resample": method, "pixfrac": "1", "ld": 1, "crtype": "median", "crsigma": 0.0,
+        "dlambda": 250.0, "lambdamin": 4000.0, "lambdamax": 10000.0, "filter": "none"})
+    assert run.returncode == 0, run.errors[-5:]
+    eso_data = fits.getdata(run.product("DATACUBE_FINAL.fits"), "DATA")
+    ours = resample(table, method=method, crsigma=0.0, dlambda=250.0)
+    assert np.isnan(ours.data).sum() == 27
+    np.testing.assert_array_equal(np.isnan(ours.data), np.isnan(eso_data))
