@@ -24,7 +24,7 @@ from typing import Callable, Mapping
 import numpy as np
 from astropy.io import fits
 
-from . import basicproc, combine, io, merge, pixtable, products, smooth
+from . import basicproc, checks, combine, io, merge, pixtable, products, smooth
 from .cube import make_grid, white_light
 from .frames import FrameSet, InputError, parse_sof, validate_frameset
 from .params import Settings, make_settings
@@ -261,6 +261,7 @@ def run(frames: FrameSet | str | os.PathLike, settings: Settings | Mapping | Non
     settings = settings if isinstance(settings, Settings) else make_settings(settings or {})
     frameset = frames if isinstance(frames, FrameSet) else parse_sof(frames)
     inputs = Inputs.from_frameset(frameset)
+    checks.preflight(inputs, settings)
     mode = instrument_mode(inputs.skyflats[0])
     skip_cube = skip_cube or environ.get(SKIP_ENV) or None
     if scales is None:
