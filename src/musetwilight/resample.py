@@ -15,7 +15,9 @@ geometry pixel, pixfrac 1, loop distance 1, renka critical radius 1.25):
 3. each voxel is the weighted mean of the good (DQ 0) rows in the cells up to
    ``ld`` away in x, y and lambda (``nearest``: the closest row of the own cell,
    whatever its DQ); variance sum(w^2 var) / sum(w)^2; voxels whose weight sum
-   is not a normal number are empty (NaN).
+   is not a normal number are empty (NaN).  As in ESO, a good row with a
+   non-finite value makes every voxel within reach NaN, even at weight 0.
+   (Twilight tables have no weight column, so none is applied.)
 
 Distances for the weights are in pixels spatially and in units of the 1.25 A
 MUSE sampling spectrally; drizzle uses the unscaled offsets with input sizes
@@ -171,6 +173,9 @@ def _crreject(offsets, data, stat, dq, nx, ny, nz, crtype, sigma, bufsize):
         work = np.empty(bufsize + 100, np.float64)
         for j in range(ny):
             for i in range(nx):
+                c = i + nx * j + nxy * l
+                if offsets[c] == offsets[c + 1]:
+                    continue  # nothing to flag
                 level = 0.0
                 dev = 0.0
                 npix = 0
@@ -184,8 +189,8 @@ def _crreject(offsets, data, stat, dq, nx, ny, nz, crtype, sigma, bufsize):
                         for l2 in range(l - width, l + width + 1):
                             if l2 < 0 or l2 >= nz:
                                 continue
-                            c = i2 + nx * j2 + nxy * l2
-                            for p in range(offsets[c], offsets[c + 1]):
+                            c2 = i2 + nx * j2 + nxy * l2
+                            for p in range(offsets[c2], offsets[c2 + 1]):
                                 if not _usable_for_stats(dq[p]):
                                     continue
                                 if crtype == 0:
@@ -211,7 +216,6 @@ def _crreject(offsets, data, stat, dq, nx, ny, nz, crtype, sigma, bufsize):
                     dev = math.sqrt(var / (npix - 1))
                 else:  # median and median absolute deviation
                     level = _median(vals, npix, work)
-                    c = i + nx * j + nxy * l
                     vmax = -np.inf
                     for p in range(offsets[c], offsets[c + 1]):
                         vmax = max(vmax, np.float64(data[p]))
@@ -226,7 +230,6 @@ def _crreject(offsets, data, stat, dq, nx, ny, nz, crtype, sigma, bufsize):
                         vals[m] = abs(vals[m] - level)
                     dev = _median(vals, npix, work)
                 limit = level + sigma * dev
-                c = i + nx * j + nxy * l
                 for p in range(offsets[c], offsets[c + 1]):
                     if data[p] > limit:
                         flags[p] = 1
