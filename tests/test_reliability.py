@@ -10,6 +10,7 @@ import pytest
 from astropy.io import fits
 
 from musetwilight import merge, recipe
+from musetwilight.frames import InputError
 from musetwilight.params import ParameterError, make_settings
 
 
@@ -94,3 +95,11 @@ def test_cli_rejects_invalid_parameters(mini, tmp_path, option, message):
                                 f"--output-dir={tmp_path}", str(mini.sof)], capture_output=True, text=True)
     assert completed.returncode == 1 and message in completed.stderr
     assert _products(tmp_path) == []
+
+
+def test_empty_plane_is_a_clear_error_not_a_truncated_cube(simulated_set, tmp_path):
+    """A plane without spaxels (NaD notch, nearest) cannot be fitted; ESO writes a 4-plane cube."""
+    sim = simulated_set(seed=3, mode="NFM-AO-N", ifus=[1, 22, 23, 24])
+    with pytest.raises(InputError, match=r"DATACUBE_SKYFLAT plane 5 \(6000.0 Angstrom\) cannot be smoothed"):
+        recipe.run(sim.sof, {"resample": "nearest"}, tmp_path / "out")
+    assert _products(tmp_path / "out") == []

@@ -301,7 +301,9 @@ def run(frames: FrameSet | str | os.PathLike, settings: Settings | Mapping | Non
     if inputs.vignetting and not mode.startswith("NFM"):
         vignetting = smooth.read_vignetting_mask(inputs.vignetting)
     t0 = time.perf_counter()
-    result = smooth.postprocess(cube_data, cube_primary, settings, vignetting, mode, white=white)
+    plane_header = cube_primary.copy()
+    plane_header.update(products.wcs_cards(data_header, 3))
+    result = smooth.postprocess(cube_data, plane_header, settings, vignetting, mode, white=white)
     for message in result.warnings:
         log.warning("%s", message)
     uses_vignetting = vignetting is not None  # ESO loads (and lists) the mask only in WFM

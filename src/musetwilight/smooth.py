@@ -596,7 +596,14 @@ def postprocess(cube: np.ndarray, header: Mapping[str, Any] | fits.Header, setti
         try:
             fitted[k] = _normalize_and_fit(cube[k], white_bad, vign, xorder, yorder, warnings)
         except FitError as err:
-            raise InputError(f"DATACUBE_SKYFLAT plane {k + 1}: {err}") from None
+            wavelength = float(header.get("CRVAL3", 0.0)) + k * float(header.get("CD3_3", 0.0)) \
+                if "CRVAL3" in header else None
+            where = f" ({wavelength:.1f} Angstrom)" if wavelength else ""
+            raise InputError(
+                f"DATACUBE_SKYFLAT plane {k + 1}{where} cannot be smoothed: {err} The plane has no "
+                "usable spaxels (e.g. inside the NaD notch of an AO mode); choose lambdamin/lambdamax/"
+                "dlambda so that no plane is empty. ESO writes a truncated TWILIGHT_CUBE in this "
+                "case.") from None
 
     # the planes are independent and the numba kernels release the GIL
     with ThreadPoolExecutor(max_workers=min(nz, os.cpu_count() or 1)) as pool:
