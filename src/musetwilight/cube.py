@@ -99,14 +99,20 @@ def make_grid(xpos: np.ndarray, ypos: np.ndarray, lambda_: np.ndarray,
     """
     if len(xpos) == 0:
         raise ValueError("the pixel table is empty: no pixels for cube reconstruction")
+    return grid_from_limits(np.min(xpos), np.max(xpos), np.min(ypos), np.max(ypos),
+                            np.min(lambda_), np.max(lambda_), dlambda)
+
+
+def grid_from_limits(xmin, xmax, ymin, ymax, lmin, lmax, dlambda: float) -> CubeGrid:
+    """:func:`make_grid` from the table's column limits (e.g. combined over several IFU tables)."""
     if dlambda < 0 or not math.isfinite(dlambda):
         raise ValueError(f"dlambda must be positive, got {dlambda}")
     if dlambda == 0:
         dlambda = SPECTRAL_SAMPLING
     # the limits live in the pixel-table header as float32
-    xlo, xhi = np.float32(np.min(xpos)), np.float32(np.max(xpos))
-    ylo, yhi = np.float32(np.min(ypos)), np.float32(np.max(ypos))
-    llo, lhi = np.float32(np.min(lambda_)), np.float32(np.max(lambda_))
+    xlo, xhi = np.float32(xmin), np.float32(xmax)
+    ylo, yhi = np.float32(ymin), np.float32(ymax)
+    llo, lhi = np.float32(lmin), np.float32(lmax)
     nx = lround(abs(float(xhi) - float(xlo)) / 1.0) + 1
     ny = lround(abs(float(yhi) - float(ylo)) / 1.0) + 1
     # ESO subtracts the float limits in single precision

@@ -112,7 +112,11 @@ def apply_illum(table, correction: IllumCorrection, ifu: int):
 
 def integrated_flux(table) -> float:
     """Sum of the data column in double precision (ESO: column mean x number of rows)."""
-    return float(np.mean(table.data, dtype=np.float64) * table.data.size) if table.data.size else 0.0
+    return integrated_flux_of(table.data)
+
+
+def integrated_flux_of(data: np.ndarray) -> float:
+    return float(np.mean(data, dtype=np.float64) * data.size) if data.size else 0.0
 
 
 def external_scales(text: str | None) -> list[float] | None:
@@ -131,20 +135,21 @@ def scales_from_environment() -> list[float] | None:
 
 @dataclass
 class MergedFlux:
-    """Fluxes and scales applied per IFU."""
+    """Fluxes and scales per IFU; ``divisor`` is what each IFU's data are divided by."""
 
     reference_ifu: int
     flux: dict[int, float]
     scale: dict[int, float]
+    divisor: dict[int, float]
 
 
-def flux_scale_tables(tables: dict[int, object], nfm: bool, scales: Sequence[float] | None = None):
-    """Divide each IFU's table by its flux relative to the reference IFU.
+def flux_scales(tables: dict[int, object], nfm: bool, scales: Sequence[float] | None = None) -> MergedFlux:
+    """Each IFU's integrated flux and the divisor that scales it relative to the reference IFU.
 
     ``tables`` maps IFU number to its wavelength-cut pixel table.  The reference is
     IFU 1 as in ESO; when IFU 1 is absent the lowest IFU present is used (ESO fails
     then with a misleading message).  In NFM, IFU 24 uses IFU 23's flux (0 when IFU 23
-    is absent, which makes IFU 24 all NaN, as in ESO).  With external ``scales`` (24
+    is absent, which makes IFU 24 non-finite, as in ESO).  With external ``scales`` (24
     numbers), the reference IFU is divided by ``scales[0]`` and IFU n by ``scales[n-1]``;
     a list of another length is ignored with a warning, after the reference division,
     as ESO does.
@@ -155,24 +160,21 @@ def flux_scale_tables(tables: dict[int, object], nfm: bool, scales: Sequence[flo
     reference = present[0]
     if reference != 1:
         log.warning("IFU 1 (ESO's flux reference) is not present; using IFU %d as the flux reference", reference)
-    scaled: dict[int, object] = {}
-    ref_table = tables[reference]
+    ref_divisor = 1.0
+    ref_data = tables[reference].data
     if scales is not None:
-        first = float(scales[0])
-        ref_table = replace(ref_table, data=(ref_table.data / np.float64(first)).astype(np.float32),
-                            stat=(ref_table.stat / np.float64(first * first)).astype(np.float32))
+        ref_divisor = float(scales[0])
+        ref_data = (ref_data / np.float64(ref_divisor)).astype(np.float32)
         if len(scales) != NUM_IFUS:
             log.warning("%d external scales found instead of %d! Not using them.", len(scales), NUM_IFUS)
             scales = None
         else:
             log.info("Using %d external scales.", len(scales))
-    flux_ref = integrated_flux(ref_table)
-    fluxes = {reference: flux_ref}
-    factors = {reference: 1.0}
-    scaled[reference] = ref_table
+    flux_ref = integrated_flux_of(ref_data)
+    del ref_data
+    fluxes, factors, divisors = {reference: flux_ref}, {reference: 1.0}, {reference: ref_divisor}
     for ifu in present[1:]:
-        table = tables[ifu]
-        flux = integrated_flux(table)
+        flux = integrated_flux(tables[ifu])
         if nfm and ifu == 24:
             flux = fluxes.get(23, 0.0)
             log.debug("NFM: using flux (%.3g) from CHAN23 for normalization", flux)
@@ -181,12 +183,24 @@ def flux_scale_tables(tables: dict[int, object], nfm: bool, scales: Sequence[flo
             flux = scale * flux_ref
         else:
             scale = flux / flux_ref
-        fluxes[ifu], factors[ifu] = flux, scale
-        with np.errstate(divide="ignore", invalid="ignore"):
-            data = (table.data / np.float64(scale)).astype(np.float32)
-            stat = (table.stat / np.float64(scale * scale)).astype(np.float32)
-        scaled[ifu] = replace(table, data=data, stat=stat)
-    return scaled, MergedFlux(reference, fluxes, factors)
+        fluxes[ifu], factors[ifu], divisors[ifu] = flux, scale, scale
+    return MergedFlux(reference, fluxes, factors, divisors)
+
+
+def divide(table, divisor: float):
+    """A copy of ``table`` with data / divisor and stat / divisor**2 (in double, as CPL)."""
+    if divisor == 1.0:
+        return table
+    with np.errstate(divide="ignore", invalid="ignore"):
+        data = (table.data / np.float64(divisor)).astype(np.float32)
+        stat = (table.stat / np.float64(divisor * divisor)).astype(np.float32)
+    return replace(table, data=data, stat=stat)
+
+
+def flux_scale_tables(tables: dict[int, object], nfm: bool, scales: Sequence[float] | None = None):
+    """:func:`flux_scales` and the scaled copies of the tables (for inspection and tests)."""
+    info = flux_scales(tables, nfm, scales)
+    return {ifu: divide(tables[ifu], info.divisor[ifu]) for ifu in info.divisor}, info
 
 
 def concatenate(tables: Sequence[object]):

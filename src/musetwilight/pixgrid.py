@@ -112,3 +112,71 @@ def build_pixgrid(grid: CubeGrid, xpos, ypos, lambda_, data, stat, dq) -> PixGri
         order)
     del cells
     return PixGrid(grid.nx, grid.ny, grid.nz, offsets, order, sx, sy, sl, sd, ss, sq)
+
+
+@njit(cache=True, nogil=True)
+def _scatter_rows(cells, fill, first_row, xpos, ypos, lbda, data, stat, dq, divisor,
+                  sx, sy, sl, sd, ss, sq, order):
+    """Append one table's rows to their cells (stable), dividing data by ``divisor`` (stat by its square)."""
+    scale = divisor != 1.0
+    divisor2 = divisor * divisor
+    for row in range(len(cells)):
+        c = cells[row]
+        k = fill[c]
+        fill[c] = k + 1
+        order[k] = first_row + row
+        sx[k] = xpos[row]
+        sy[k] = ypos[row]
+        sl[k] = lbda[row]
+        if scale:  # in double precision, as CPL's cpl_table_divide_scalar on a float column
+            sd[k] = np.float32(np.float64(data[row]) / divisor)
+            ss[k] = np.float32(np.float64(stat[row]) / divisor2)
+        else:
+            sd[k] = data[row]
+            ss[k] = stat[row]
+        sq[k] = dq[row]
+
+
+def build_pixgrid_from_tables(grid: CubeGrid, tables: list, divisors) -> PixGrid:
+    """Sort the rows of several pixel tables, in list order, into the cells of ``grid``.
+
+    Equivalent to :func:`build_pixgrid` on the concatenated tables after dividing
+    table ``k`` by ``divisors[k]`` (the per-IFU flux scaling), but without ever
+    holding the merged table: each entry of ``tables`` (objects with xpos, ypos,
+    lambda_, data, stat, dq) is set to None once its rows are copied, so its memory
+    is released while the sorted columns fill up.
+    """
+    ncell = grid.nx * grid.ny * grid.nz
+    total = sum(len(t.xpos) for t in tables)
+    small = np.int32 if max(ncell, total) < 2**31 else np.int64
+    limits = (float(grid.crval1), float(grid.crval2), float(grid.crval3), float(grid.cd3),
+              grid.nx, grid.ny, grid.nz)
+
+    def cells_of(table):
+        cells = np.empty(len(table.xpos), small)
+        _cell_of_rows(np.ascontiguousarray(table.xpos, np.float32), np.ascontiguousarray(table.ypos, np.float32),
+                      np.ascontiguousarray(table.lambda_, np.float32), *limits, cells)
+        return cells
+
+    counts = np.zeros(ncell, np.int64)
+    for table in tables:
+        counts += np.bincount(cells_of(table), minlength=ncell)
+    offsets = np.zeros(ncell + 1, np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    del counts
+    fill = offsets[:-1].copy()
+    sx, sy, sl, sd, ss = (np.empty(total, np.float32) for _ in range(5))
+    sq = np.empty(total, np.uint32)
+    order = np.empty(total, small)
+    first_row = 0
+    for index in range(len(tables)):
+        table = tables[index]
+        tables[index] = None
+        _scatter_rows(cells_of(table), fill, first_row, np.ascontiguousarray(table.xpos, np.float32),
+                      np.ascontiguousarray(table.ypos, np.float32), np.ascontiguousarray(table.lambda_, np.float32),
+                      np.ascontiguousarray(table.data, np.float32), np.ascontiguousarray(table.stat, np.float32),
+                      np.ascontiguousarray(table.dq).astype(np.uint32, copy=False), float(divisors[index]),
+                      sx, sy, sl, sd, ss, sq, order)
+        first_row += len(table.xpos)
+        del table
+    return PixGrid(grid.nx, grid.ny, grid.nz, offsets, order, sx, sy, sl, sd, ss, sq)

@@ -25,10 +25,10 @@ import numpy as np
 from astropy.io import fits
 
 from . import basicproc, checks, combine, io, merge, pixtable, products, smooth
-from .cube import make_grid, white_light
+from .cube import grid_from_limits, white_light
 from .frames import FrameSet, InputError, parse_sof, validate_frameset
 from .params import Settings, make_settings
-from .resample import resample_cube
+from .resample import resample_tables
 
 log = logging.getLogger("musetwilight.recipe")
 
@@ -145,6 +145,7 @@ def reduce_ifu(ifu: int, inputs: Inputs, settings: Settings, geometry, mode: str
                                               flag_notch=False)
         table = merge.apply_illum(table, merge.illum_correction(illum_table), ifu)
     table = merge.restrict_wavelength(table, settings.lambdamin, settings.lambdamax)
+    table.origin = None  # not needed after the ILLUM correction: 4 bytes a row less to hold
     return IfuResult(ifu, table, master.header)
 
 
@@ -202,27 +203,24 @@ def _reduce_task(ifu: int, *, inputs: Inputs, settings: Settings, geometry, mode
 
 def reconstruct(results: dict[int, IfuResult], settings: Settings, mode: str,
                 scales: list[float] | None):
-    """Flux-scale, merge and resample the IFUs' tables; return (cube, white, primary keywords)."""
+    """Flux-scale the IFUs' tables and resample them into the cube; return (cube, white, fluxes).
+
+    The tables go into the pixel grid one IFU at a time and are released as they go,
+    so the merged pixel table never exists in memory.
+    """
     tables = {ifu: r.table for ifu, r in results.items()}
-    scaled, flux = merge.flux_scale_tables(tables, nfm=mode.startswith("NFM"), scales=scales)
     for r in results.values():
         r.table = None
-    tables.clear()
-    ordered = [scaled.pop(ifu) for ifu in sorted(scaled)]
-    merged = merge.concatenate(ordered)
-    if merged.data.size == 0:
-        raise merge.MergeError(f"After cutting to {settings.lambdamin:.2f}..{settings.lambdamax:.2f} "
-                               "Angstrom in wavelength no pixels for cube reconstruction are left!")
-    grid = make_grid(merged.xpos, merged.ypos, merged.lambda_, settings.dlambda)
-    cube = resample_cube(merged.xpos, merged.ypos, merged.lambda_, merged.data, merged.stat, merged.dq,
-                         grid, method=settings.resample, crtype=settings.crtype, crsigma=settings.crsigma,
-                         dlambda=settings.dlambda)
-    del merged
-    white = white_light(cube.data)
-    keywords = []
-    for ifu in sorted(flux.flux):
-        keywords.append((f"ESO DRS MUSE FLAT FLUX SKY{ifu}", flux.flux[ifu], None))
-    return cube, white, flux, keywords
+    flux = merge.flux_scales(tables, nfm=mode.startswith("NFM"), scales=scales)
+    order = sorted(flux.divisor)
+    limits = [(t.xpos.min(), t.xpos.max(), t.ypos.min(), t.ypos.max(), t.lambda_.min(), t.lambda_.max())
+              for t in (tables[ifu] for ifu in order)]
+    lo, hi = np.min(limits, axis=0), np.max(limits, axis=0)
+    grid = grid_from_limits(lo[0], hi[1], lo[2], hi[3], lo[4], hi[5], settings.dlambda)
+    ordered = [tables.pop(ifu) for ifu in order]
+    cube = resample_tables(ordered, [flux.divisor[ifu] for ifu in order], grid, method=settings.resample,
+                           crtype=settings.crtype, crsigma=settings.crsigma)
+    return cube, white_light(cube.data), flux
 
 
 def primary_keywords(results: dict[int, IfuResult], flux: merge.MergedFlux) -> list[tuple[str, object, str | None]]:
@@ -283,7 +281,7 @@ def run(frames: FrameSet | str | os.PathLike, settings: Settings | Mapping | Non
         if not results:
             raise merge.MergeError(
                 "no IFU could be reduced: " + "; ".join(skipped[i] for i in sorted(skipped))[:2000])
-        cube, white, flux, _ = reconstruct(results, settings, mode, scales)
+        cube, white, flux = reconstruct(results, settings, mode, scales)
         timings["resample"] = time.perf_counter() - start - timings["ifus"]
         reference_header = results[flux.reference_ifu].header
         primary = products.product_primary_header(reference_header, "DATACUBE_SKYFLAT", inputs.used_raw(),

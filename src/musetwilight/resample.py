@@ -37,7 +37,7 @@ import numpy as np
 from numba import njit, prange
 
 from .cube import SPECTRAL_SAMPLING, CubeGrid, make_grid
-from .pixgrid import PixGrid, build_pixgrid
+from .pixgrid import PixGrid, build_pixgrid, build_pixgrid_from_tables
 
 EURO3D_COSMICRAY = np.uint32(1 << 5)
 EURO3D_MISSDATA = np.uint32(1 << 30)
@@ -474,6 +474,26 @@ def resample_cube(xpos, ypos, lambda_, data, stat, dq, grid: CubeGrid | None = N
     if grid is None:
         grid = make_grid(xpos, ypos, lambda_, dlambda)
     pix = build_pixgrid(grid, xpos, ypos, lambda_, data, stat, dq)
+    return _resample(pix, grid, method, crtype, crsigma, pixfrac, ld, rc)
+
+
+def resample_tables(tables: list, divisors, grid: CubeGrid, *, method: str = "drizzle",
+                    crtype: str = "median", crsigma: float = 50.0, pixfrac=1.0, ld: int = 1,
+                    rc: float = 1.25) -> ResampledCube:
+    """:func:`resample_cube` of the concatenation of ``tables`` (each divided by its divisor).
+
+    The tables are consumed (entries set to None) while the pixel grid is built, so
+    the merged table never exists in memory.
+    """
+    if method not in METHODS:
+        raise ValueError(f"resample must be one of {', '.join(METHODS)}, got {method!r}")
+    if crtype not in CRTYPES:
+        raise ValueError(f"crtype must be one of {', '.join(CRTYPES)}, got {crtype!r}")
+    pix = build_pixgrid_from_tables(grid, tables, divisors)
+    return _resample(pix, grid, method, crtype, crsigma, pixfrac, ld, rc)
+
+
+def _resample(pix: PixGrid, grid: CubeGrid, method, crtype, crsigma, pixfrac, ld, rc) -> ResampledCube:
     ncosmic = reject_cosmics(pix, crtype, crsigma)
     cube_data, cube_stat, cube_dq = resample_pixgrid(pix, grid, method, pixfrac, ld, rc)
     bad = cube_dq != 0
