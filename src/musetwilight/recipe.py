@@ -173,7 +173,7 @@ def reduce_all_ifus(inputs: Inputs, settings: Settings, mode: str, workers: int,
     the Dask path passes its own to spread IFUs over a cluster.
     """
     geometry = io.read_geometry_table(inputs.geometry)
-    task = partial(_reduce_task, inputs=inputs, settings=settings, geometry=geometry, mode=mode)
+    task = partial(reduce_ifu_or_skip, inputs=inputs, settings=settings, geometry=geometry, mode=mode)
     results: dict[int, IfuResult] = {}
     skipped: dict[int, str] = {}
     done = 0
@@ -195,10 +195,6 @@ def reduce_all_ifus(inputs: Inputs, settings: Settings, mode: str, workers: int,
         if pool is not None:
             pool.shutdown()
     return results, skipped
-
-
-def _reduce_task(ifu: int, *, inputs: Inputs, settings: Settings, geometry, mode: str):
-    return reduce_ifu_or_skip(ifu, inputs, settings, geometry, mode)
 
 
 def reconstruct(results: dict[int, IfuResult], settings: Settings, mode: str,
