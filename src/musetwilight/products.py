@@ -137,33 +137,52 @@ def wcs_cards(header: fits.Header, naxis: int) -> fits.Header:
     return out
 
 
-def image_hdu(data: np.ndarray, extname: str, obj: str, wcs: fits.Header | None = None,
-              kind: str = "data", bunit: str | None = None, partner: str | None = None) -> fits.ImageHDU:
-    """An image extension with ESO's HDUCLASS keywords (kind: data, stat or dq)."""
+def set_card(header: fits.Header, key: str, value, comment: str) -> None:
+    """Set a keyword, cutting the comment to fit one card (as CFITSIO does)."""
+    room = 80 - max(len(fits.Card(key, value).image.rstrip()), 30) - 3
+    header[key] = (value, comment[:max(room, 0)])
+
+
+_EXTNAME_COMMENTS = {"data": "This extension contains data values",
+                     "stat": "This extension contains data variance",
+                     "image": "reconstructed image (data values)",
+                     "dq": "reconstructed image (bad pixel status values)"}
+
+
+def image_hdu(data: np.ndarray | None, extname: str, obj: str | None, wcs: fits.Header | None = None,
+              kind: str = "data", bunit: str | None = None, errdata: str | None = None,
+              qualdata: str | None = None, scidata: str | None = None) -> fits.ImageHDU:
+    """An image extension with ESO's HDUCLASS keywords.
+
+    ``kind``: "data" (a cube or image of values), "image" (a reconstructed image),
+    "stat" (variance) or "dq" (Euro3D status bits); ``errdata`` / ``qualdata`` /
+    ``scidata`` name the partner extensions.
+    """
     header = fits.Header()
-    header["OBJECT"] = obj
-    if wcs is not None:
+    if obj is not None:
+        header["OBJECT"] = obj[:68]
+    if wcs is not None and data is not None:
         header.extend(wcs_cards(wcs, data.ndim))
-    comments = {"data": "This extension contains data values", "stat": "This extension contains data variance",
-                "dq": "reconstructed image (bad pixel status values)"}
-    header["EXTNAME"] = (extname, comments[kind])
-    header["HDUCLASS"] = ("ESO", "class name (ESO format)")
-    header["HDUDOC"] = ("DICD", "document with class description")
-    header["HDUVERS"] = ("DICD version 6", "version number (according to spec v2.5.1)")
-    header["HDUCLAS1"] = ("IMAGE", "Image data format")
-    if kind == "data":
-        header["HDUCLAS2"] = ("DATA", "this extension contains the data itself")
-        if partner:
-            header["ERRDATA"] = (partner, "pointer to the variance extension")
+    set_card(header, "EXTNAME", extname, _EXTNAME_COMMENTS[kind])
+    set_card(header, "HDUCLASS", "ESO", "class name (ESO format)")
+    set_card(header, "HDUDOC", "DICD", "document with class description")
+    set_card(header, "HDUVERS", "DICD version 6", "version number (according to spec v2.5.1)")
+    set_card(header, "HDUCLAS1", "IMAGE", "Image data format")
+    if kind in ("data", "image"):
+        set_card(header, "HDUCLAS2", "DATA", "this extension contains the data itself")
+        if errdata:
+            set_card(header, "ERRDATA", errdata, "pointer to the variance extension")
+        if qualdata:
+            set_card(header, "QUALDATA", qualdata, "pointer to the bad pixel mask extension")
     elif kind == "stat":
-        header["HDUCLAS2"] = ("ERROR", "this extension contains variance")
-        header["HDUCLAS3"] = ("MSE", "the extension contains variances (sigma**2)")
-        header["SCIDATA"] = (partner or "DATA", "pointer to the data extension")
+        set_card(header, "HDUCLAS2", "ERROR", "this extension contains variance")
+        set_card(header, "HDUCLAS3", "MSE", "the extension contains variances (sigma**2)")
+        set_card(header, "SCIDATA", scidata, "pointer to the data extension")
     else:
-        header["HDUCLAS2"] = ("QUALITY", "this extension contains bad pixel mask")
-        header["HDUCLAS3"] = ("FLAG32BIT", "extension contains 32bit Euro3D bad pixel infor")
-        header["QUALMASK"] = (4294967295, "all non-zero values are bad")
-        header["SCIDATA"] = (partner, "pointer to the data extension")
+        set_card(header, "HDUCLAS2", "QUALITY", "this extension contains bad pixel mask")
+        set_card(header, "HDUCLAS3", "FLAG32BIT", "extension contains 32bit Euro3D bad pixel information")
+        set_card(header, "QUALMASK", 4294967295, "all non-zero values are bad")
+        set_card(header, "SCIDATA", scidata, "pointer to the data extension")
     if bunit is not None:
         header["BUNIT"] = bunit
     return fits.ImageHDU(data=data, header=header)
@@ -175,9 +194,10 @@ def datacube_skyflat_hdulist(primary: fits.Header, data: np.ndarray, stat: np.nd
     obj = primary.get("OBJECT", "")
     return fits.HDUList([
         fits.PrimaryHDU(header=primary),
-        image_hdu(np.asarray(data, np.float32), "DATA", f"{obj} (DATA)", wcs, "data", "count", "STAT"),
-        image_hdu(np.asarray(stat, np.float32), "STAT", f"{obj} (STAT)", wcs, "stat", "(count)**2", "DATA"),
-        image_hdu(np.asarray(white, np.float32), "white", f"{obj} (white)", wcs, "data", "count"),
+        image_hdu(np.asarray(data, np.float32), "DATA", f"{obj} (DATA)", wcs, "data", "count", errdata="STAT"),
+        image_hdu(np.asarray(stat, np.float32), "STAT", f"{obj} (STAT)", wcs, "stat", "(count)**2",
+                  scidata="DATA"),
+        image_hdu(np.asarray(white, np.float32), "white", f"{obj} (white)", wcs, "image", "count"),
     ])
 
 

@@ -34,6 +34,7 @@ from astropy.io import fits
 from numba import njit
 
 from .frames import InputError
+from .products import image_hdu, set_card
 
 log = logging.getLogger(__name__)
 
@@ -713,34 +714,6 @@ def skip_cube_path(option: str | os.PathLike | None = None) -> Path | None:
     return Path(value) if value else None
 
 
-def _set(header: fits.Header, key: str, value: Any, comment: str) -> None:
-    """Set a keyword, cutting the comment to fit one card (as CFITSIO does)."""
-    room = 80 - max(len(fits.Card(key, value).image.rstrip()), 30) - 3
-    header[key] = (value, comment[:max(room, 0)])
-
-
-def _with_object(header: fits.Header, base: str | None, text: str) -> None:
-    """ESO's OBJECT = '<cube OBJECT> (<text>)', cut to one header card; none without a base."""
-    if base is not None:
-        header["OBJECT"] = f"{base} ({text})"[:68]
-
-
-def _hduclass(header: fits.Header, cls: str, data: str, dq: str | None) -> None:
-    _set(header, "HDUCLASS", "ESO", "class name (ESO format)")
-    _set(header, "HDUDOC", "DICD", "document with class description")
-    _set(header, "HDUVERS", "DICD version 6", "version number (according to spec v2.5.1)")
-    _set(header, "HDUCLAS1", "IMAGE", "Image data format")
-    if cls == "DATA":
-        _set(header, "HDUCLAS2", "DATA", "this extension contains the data itself")
-        if dq:
-            _set(header, "QUALDATA", dq, "pointer to the bad pixel mask extension")
-    else:
-        _set(header, "HDUCLAS2", "QUALITY", "this extension contains bad pixel mask")
-        _set(header, "HDUCLAS3", "FLAG32BIT", "extension contains 32bit Euro3D bad pixel information")
-        _set(header, "QUALMASK", 4294967295, "all non-zero values are bad")
-        _set(header, "SCIDATA", data, "pointer to the data extension")
-
-
 _EXT_OBJECT = {
     "white_div_global": ("normalized white-light divided by white global fit", "1"),
     "white_div_global_excl_edges": ("white-light divided by white global, mask excl edges", "1"),
@@ -770,51 +743,29 @@ def twilight_cube_hdulist(result: TwilightResult, primary_header: fits.Header,
         if drop_qc and key.startswith(QC_TWILIGHT_PREFIX) and key[len(QC_TWILIGHT_PREFIX):][:1].isdigit():
             continue
         primary.append(card)
-    _set(primary, "HIERARCH ESO PRO CATG", "TWILIGHT_CUBE", "Category of pipeline product frame")
+    set_card(primary, "HIERARCH ESO PRO CATG", "TWILIGHT_CUBE", "Category of pipeline product frame")
 
-    wcs_cards = [c for c in wcs_source.cards if _is_wcs_key(c.keyword)]
+    wcs = fits.Header([c for c in wcs_source.cards if _is_wcs_key(c.keyword)])
     bunit = wcs_source.get("BUNIT")
-
-    data_header = fits.Header()
-    _with_object(data_header, primary_header.get("OBJECT"), "DATA")
-    for card in wcs_cards:
-        data_header.append(card)
-    _set(data_header, "EXTNAME", "DATA", "This extension contains data values")
-    _hduclass(data_header, "DATA", "DATA", None)
-    if bunit is not None:
-        data_header["BUNIT"] = bunit
-    hdus: list[fits.hdu.base.ExtensionHDU] = [fits.ImageHDU(result.cube.astype(np.float32), data_header)]
-
-    fit_header = fits.Header()
-    fit_header["OBJECT"] = "white from global fit (white_global_fit)"
-    for card in wcs_cards:  # the cube WCS without the spectral axis
-        if not re.match(r"^C...*3$|^CD3_.$", card.keyword):
-            fit_header.append(card)
-    _set(fit_header, "EXTNAME", "white_global_fit", "reconstructed image (data values)")
-    _hduclass(fit_header, "DATA", "white_global_fit", None)
-    if bunit is not None:
-        fit_header["BUNIT"] = bunit
-    hdus.append(fits.ImageHDU(result.white_global_fit.astype(np.float32), fit_header))
-
+    base = primary_header.get("OBJECT")
+    hdus: list[fits.hdu.base.ExtensionHDU] = [
+        image_hdu(result.cube.astype(np.float32), "DATA", f"{base} (DATA)" if base is not None else None,
+                  wcs, "data", bunit),
+        image_hdu(result.white_global_fit.astype(np.float32), "white_global_fit",
+                  "white from global fit (white_global_fit)", wcs, "image", bunit),
+    ]
     for name in ("white_div_global", "white_div_global_excl_edges", "vign_fit", "white_cor"):
         image = getattr(result, name)
         if image is None:
             continue
         dq = getattr(result, name + "_dq")
         obj, unit = _EXT_OBJECT[name]
-        header = fits.Header()
-        _with_object(header, obj, name)
-        _set(header, "EXTNAME", name, "reconstructed image (data values)")
-        _hduclass(header, "DATA", name, name + "_DQ" if dq is not None else None)
-        header["BUNIT"] = unit
-        hdus.append(fits.ImageHDU(image.astype(np.float32) if image.size else None, header))
+        hdus.append(image_hdu(image.astype(np.float32) if image.size else None, name, f"{obj} ({name})",
+                              kind="image", bunit=unit, qualdata=name + "_DQ" if dq is not None else None))
         if dq is None:  # failed vignetting fit: ESO writes an empty HDU without DQ
             continue
-        dq_header = fits.Header()
-        _with_object(dq_header, obj, f"{name}, DQ")
-        _set(dq_header, "EXTNAME", name + "_DQ", "reconstructed image (bad pixel status values)")
-        _hduclass(dq_header, "QUALITY", name, None)
-        hdus.append(fits.ImageHDU(np.asarray(dq).astype(np.int32), dq_header))
+        hdus.append(image_hdu(np.asarray(dq).astype(np.int32), name + "_DQ", f"{obj} ({name}, DQ)",
+                              kind="dq", scidata=name))
     return fits.HDUList([fits.PrimaryHDU(header=primary), *hdus])
 
 
