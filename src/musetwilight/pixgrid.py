@@ -137,20 +137,40 @@ def _scatter_rows(cells, fill, first_row, xpos, ypos, lbda, data, stat, dq, divi
         sq[k] = dq[row]
 
 
+@njit(cache=True, nogil=True, parallel=True)
+def _plane_of_rows(lbda, crval3, cd3, nz, planes):
+    for row in prange(len(lbda)):
+        l = lround_nb((np.float64(lbda[row]) - crval3) / cd3 + 1.0) - 1
+        planes[row] = min(max(l, 0), nz - 1)
+
+
+def plane_of_rows(grid: CubeGrid, lambda_: np.ndarray) -> np.ndarray:
+    """The wavelength plane (cell index along lambda) of every row, as the grid assigns it."""
+    planes = np.empty(len(lambda_), np.int32)
+    _plane_of_rows(np.ascontiguousarray(lambda_, np.float32), float(grid.crval3), float(grid.cd3),
+                   grid.nz, planes)
+    return planes
+
+
 def build_pixgrid_from_tables(grid: CubeGrid, tables: list, divisors) -> PixGrid:
     """Sort the rows of several pixel tables, in list order, into the cells of ``grid``.
 
     Equivalent to :func:`build_pixgrid` on the concatenated tables after dividing
     table ``k`` by ``divisors[k]`` (the per-IFU flux scaling), but without ever
-    holding the merged table: each entry of ``tables`` (objects with xpos, ypos,
-    lambda_, data, stat, dq) is set to None once its rows are copied, so its memory
-    is released while the sorted columns fill up.
+    holding the merged table: each entry of ``tables`` (an object with xpos, ypos,
+    lambda_, data, stat, dq, or a function returning one, called once per pass) is set
+    to None once its rows are copied, so its memory is released while the sorted
+    columns fill up.
     """
+    def get(index):
+        entry = tables[index]
+        return entry() if callable(entry) else entry
+
     ncell = grid.nx * grid.ny * grid.nz
-    total = sum(len(t.xpos) for t in tables)
-    small = np.int32 if max(ncell, total) < 2**31 else np.int64
+    counts = np.zeros(ncell, np.int64)
     limits = (float(grid.crval1), float(grid.crval2), float(grid.crval3), float(grid.cd3),
               grid.nx, grid.ny, grid.nz)
+    small = np.int32 if ncell < 2**31 else np.int64
 
     def cells_of(table):
         cells = np.empty(len(table.xpos), small)
@@ -158,19 +178,22 @@ def build_pixgrid_from_tables(grid: CubeGrid, tables: list, divisors) -> PixGrid
                       np.ascontiguousarray(table.lambda_, np.float32), *limits, cells)
         return cells
 
-    counts = np.zeros(ncell, np.int64)
-    for table in tables:
+    total = 0
+    for index in range(len(tables)):
+        table = get(index)
+        total += len(table.xpos)
         counts += np.bincount(cells_of(table), minlength=ncell)
+        del table
     offsets = np.zeros(ncell + 1, np.int64)
     np.cumsum(counts, out=offsets[1:])
     del counts
     fill = offsets[:-1].copy()
     sx, sy, sl, sd, ss = (np.empty(total, np.float32) for _ in range(5))
     sq = np.empty(total, np.uint32)
-    order = np.empty(total, small)
+    order = np.empty(total, np.int32 if total < 2**31 else np.int64)
     first_row = 0
     for index in range(len(tables)):
-        table = tables[index]
+        table = get(index)
         tables[index] = None
         _scatter_rows(cells_of(table), fill, first_row, np.ascontiguousarray(table.xpos, np.float32),
                       np.ascontiguousarray(table.ypos, np.float32), np.ascontiguousarray(table.lambda_, np.float32),

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,13 +30,15 @@ from . import basicproc, checks, combine, io, merge, pixtable, products, smooth
 from .cube import grid_from_limits, white_light
 from .frames import FrameSet, InputError, parse_sof, validate_frameset
 from .params import Settings, make_settings
-from .resample import resample_tables
+from .resample import resample_tables, resample_tables_banded
 
 log = logging.getLogger("musetwilight.recipe")
 
 NUM_IFUS = 24
 SKIP_ENV = "MUSE_TWILIGHT_SKIP"
 SCALES_ENV = "MUSE_TWILIGHT_SCALES"
+PLANES_PER_BAND = 4  # wavelength planes resampled at a time in low-memory mode
+LOW_MEMORY_PIXELS = 4_000_000  # CCDs larger than this (full MUSE: 16.8 M) use low-memory mode
 
 
 @dataclass
@@ -98,6 +102,13 @@ def instrument_mode(path: Path) -> str:
     if not mode:
         raise InputError(f"{path}: raw exposure has no ESO INS MODE keyword")
     return str(mode).strip()
+
+
+def _full_size_ccd(raw: Path) -> bool:
+    """Whether the raw CCD (first extension's four quadrants) is large enough for low-memory mode."""
+    header = io.read_header(raw, 1)
+    pixels = 4 * int(header.get("ESO DET OUT1 NX", 0)) * int(header.get("ESO DET OUT1 NY", 0))
+    return pixels > LOW_MEMORY_PIXELS
 
 
 def _ifu_calibrations(inputs: Inputs, ifu: int):
@@ -164,13 +175,14 @@ def reduce_ifu_or_skip(ifu: int, inputs: Inputs, settings: Settings, geometry, m
 
 
 def reduce_all_ifus(inputs: Inputs, settings: Settings, mode: str, workers: int,
-                    progress: Callable[[str], None] | None = None,
-                    mapper: Callable | None = None) -> tuple[dict[int, IfuResult], dict[int, str]]:
+                    progress: Callable[[str], None] | None = None, mapper: Callable | None = None,
+                    spill_dir: str | None = None) -> tuple[dict[int, IfuResult], dict[int, str]]:
     """Run :func:`reduce_ifu` for IFUs 1..24 and collect results and skip reasons.
 
     ``mapper(function, ifus)`` runs a picklable one-argument function over the IFU
     numbers and yields the results in order (default: a thread pool of ``workers``);
-    the Dask path passes its own to spread IFUs over a cluster.
+    the Dask path passes its own to spread IFUs over a cluster.  With ``spill_dir`` each
+    IFU's table goes to disk as soon as it arrives (see merge.SpilledTable).
     """
     geometry = io.read_geometry_table(inputs.geometry)
     task = partial(reduce_ifu_or_skip, inputs=inputs, settings=settings, geometry=geometry, mode=mode)
@@ -188,6 +200,8 @@ def reduce_all_ifus(inputs: Inputs, settings: Settings, mode: str, workers: int,
                 skipped[ifu] = reason
                 log.warning("%s", reason)
             else:
+                if spill_dir is not None:
+                    result.table = merge.SpilledTable(result.table, spill_dir, f"ifu{ifu:02d}")
                 results[ifu] = result
                 if progress:
                     progress(f"IFU {ifu:2d} reduced ({done}/{NUM_IFUS})")
@@ -198,11 +212,12 @@ def reduce_all_ifus(inputs: Inputs, settings: Settings, mode: str, workers: int,
 
 
 def reconstruct(results: dict[int, IfuResult], settings: Settings, mode: str,
-                scales: list[float] | None):
+                scales: list[float] | None, planes_per_band: int | None = None):
     """Flux-scale the IFUs' tables and resample them into the cube; return (cube, white, fluxes).
 
     The tables go into the pixel grid one IFU at a time and are released as they go,
-    so the merged pixel table never exists in memory.
+    so the merged pixel table never exists in memory; with ``planes_per_band`` the cube
+    is resampled a band of wavelength planes at a time (identical result, less memory).
     """
     tables = {ifu: r.table for ifu, r in results.items()}
     for r in results.values():
@@ -214,8 +229,12 @@ def reconstruct(results: dict[int, IfuResult], settings: Settings, mode: str,
     lo, hi = np.min(limits, axis=0), np.max(limits, axis=0)
     grid = grid_from_limits(lo[0], hi[1], lo[2], hi[3], lo[4], hi[5], settings.dlambda)
     ordered = [tables.pop(ifu) for ifu in order]
-    cube = resample_tables(ordered, [flux.divisor[ifu] for ifu in order], grid, method=settings.resample,
-                           crtype=settings.crtype, crsigma=settings.crsigma)
+    options = dict(method=settings.resample, crtype=settings.crtype, crsigma=settings.crsigma)
+    divisors = [flux.divisor[ifu] for ifu in order]
+    if planes_per_band:
+        cube = resample_tables_banded(ordered, divisors, grid, planes_per_band, **options)
+    else:
+        cube = resample_tables(ordered, divisors, grid, **options)
     return cube, white_light(cube.data), flux
 
 
@@ -243,13 +262,16 @@ def run(frames: FrameSet | str | os.PathLike, settings: Settings | Mapping | Non
         output_dir: str | os.PathLike | None = ".", *, skip_cube: str | os.PathLike | None = None,
         scales: list[float] | None = None, workers: int | None = None,
         environ: Mapping[str, str] | None = None,
-        progress: Callable[[str], None] | None = None, mapper: Callable | None = None) -> RunResult:
+        progress: Callable[[str], None] | None = None, mapper: Callable | None = None,
+        low_memory: bool | None = None) -> RunResult:
     """Reduce one twilight set; write DATACUBE_SKYFLAT.fits and TWILIGHT_CUBE.fits into ``output_dir``.
 
     ``skip_cube`` (or $MUSE_TWILIGHT_SKIP) starts from an existing DATACUBE_SKYFLAT;
     ``scales`` (or $MUSE_TWILIGHT_SCALES) are external per-IFU flux scales.  With
     ``output_dir=None`` nothing is written.  ``mapper`` distributes the per-IFU stage
-    (see :func:`reduce_all_ifus`).
+    (see :func:`reduce_all_ifus`).  ``low_memory`` (default: for full-size CCDs) keeps the
+    IFU tables on disk ($TMPDIR) and resamples in bands of wavelength planes; the
+    products are the same.
     """
     environ = os.environ if environ is None else environ
     settings = settings if isinstance(settings, Settings) else make_settings(settings or {})
@@ -272,12 +294,20 @@ def run(frames: FrameSet | str | os.PathLike, settings: Settings | Mapping | Non
         cube_primary, data_header = sky.primary_header, sky.data_header
         datacube = None
     else:
-        results, skipped = reduce_all_ifus(inputs, settings, mode, workers, progress, mapper)
-        timings["ifus"] = time.perf_counter() - start
-        if not results:
-            raise merge.MergeError(
-                "no IFU could be reduced: " + "; ".join(skipped[i] for i in sorted(skipped))[:2000])
-        cube, white, flux = reconstruct(results, settings, mode, scales)
+        if low_memory is None:
+            low_memory = _full_size_ccd(inputs.skyflats[0])
+        spill_dir = tempfile.mkdtemp(prefix="musetwilight-spill-") if low_memory else None
+        try:
+            results, skipped = reduce_all_ifus(inputs, settings, mode, workers, progress, mapper, spill_dir)
+            timings["ifus"] = time.perf_counter() - start
+            if not results:
+                raise merge.MergeError(
+                    "no IFU could be reduced: " + "; ".join(skipped[i] for i in sorted(skipped))[:2000])
+            cube, white, flux = reconstruct(results, settings, mode, scales,
+                                            PLANES_PER_BAND if low_memory else None)
+        finally:
+            if spill_dir is not None:
+                shutil.rmtree(spill_dir, ignore_errors=True)
         timings["resample"] = time.perf_counter() - start - timings["ifus"]
         reference_header = results[flux.reference_ifu].header
         primary = products.product_primary_header(reference_header, "DATACUBE_SKYFLAT", inputs.used_raw(),

@@ -31,13 +31,14 @@ of the neighbouring cell planes into its spaxels, which visits exactly the
 from __future__ import annotations
 
 import math
+from functools import partial
 from dataclasses import dataclass
 
 import numpy as np
 from numba import njit, prange
 
 from .cube import SPECTRAL_SAMPLING, CubeGrid, make_grid
-from .pixgrid import PixGrid, build_pixgrid, build_pixgrid_from_tables
+from .pixgrid import PixGrid, build_pixgrid, build_pixgrid_from_tables, plane_of_rows
 
 EURO3D_COSMICRAY = np.uint32(1 << 5)
 EURO3D_MISSDATA = np.uint32(1 << 30)
@@ -491,6 +492,66 @@ def resample_tables(tables: list, divisors, grid: CubeGrid, *, method: str = "dr
         raise ValueError(f"crtype must be one of {', '.join(CRTYPES)}, got {crtype!r}")
     pix = build_pixgrid_from_tables(grid, tables, divisors)
     return _resample(pix, grid, method, crtype, crsigma, pixfrac, ld, rc)
+
+
+@dataclass
+class _Rows:
+    """A subset of a pixel table's resampling columns."""
+
+    xpos: np.ndarray
+    ypos: np.ndarray
+    lambda_: np.ndarray
+    data: np.ndarray
+    stat: np.ndarray
+    dq: np.ndarray
+
+
+def _band_rows(source, grid: CubeGrid, first: int, last: int) -> _Rows:
+    """The rows of ``source`` (a table or a function returning one) in planes first..last."""
+    table = source() if callable(source) else source
+    planes = plane_of_rows(grid, table.lambda_)
+    keep = (planes >= first) & (planes <= last)
+    return _Rows(*(np.asarray(getattr(table, name))[keep]
+                   for name in ("xpos", "ypos", "lambda_", "data", "stat", "dq")))
+
+
+def resample_tables_banded(sources: list, divisors, grid: CubeGrid, planes_per_band: int, *,
+                           method: str = "drizzle", crtype: str = "median", crsigma: float = 50.0,
+                           pixfrac=1.0, ld: int = 1, rc: float = 1.25) -> ResampledCube:
+    """:func:`resample_tables` a band of wavelength planes at a time, to bound memory.
+
+    A voxel depends on the rows of the neighbouring planes (the kernels' +-1 cell) and
+    their cosmic-ray flags on the planes next to those (+-1 more), so each band of planes
+    z0..z1-1 is resampled from the rows of planes z0-ld-1..z1+ld: the result is identical to
+    resampling everything at once.  ``sources`` are tables or functions returning one
+    (e.g. reading it from disk), called once per band and pass.  ``pixel_dq`` is not
+    collected (None); ``ncosmic`` counts each row once.
+    """
+    if method not in METHODS:
+        raise ValueError(f"resample must be one of {', '.join(METHODS)}, got {method!r}")
+    if crtype not in CRTYPES:
+        raise ValueError(f"crtype must be one of {', '.join(CRTYPES)}, got {crtype!r}")
+    margin = max(int(ld), 1) + 1
+    data = np.empty(grid.shape, np.float32)
+    stat = np.empty(grid.shape, np.float32)
+    dq = np.empty(grid.shape, np.uint32)
+    ncosmic = 0
+    nxy = grid.nx * grid.ny
+    for z0 in range(0, grid.nz, max(1, planes_per_band)):
+        z1 = min(z0 + max(1, planes_per_band), grid.nz)
+        first, last = max(z0 - margin, 0), min(z1 - 1 + margin, grid.nz - 1)
+        band = [partial(_band_rows, source, grid, first, last) for source in sources]
+        pix = build_pixgrid_from_tables(grid, band, divisors)
+        reject_cosmics(pix, crtype, crsigma)
+        core = slice(pix.offsets[z0 * nxy], pix.offsets[z1 * nxy])
+        ncosmic += int(np.count_nonzero(pix.dq[core] & EURO3D_COSMICRAY))
+        band_data, band_stat, band_dq = resample_pixgrid(pix, grid, method, pixfrac, ld, rc)
+        del pix
+        data[z0:z1], stat[z0:z1], dq[z0:z1] = band_data[z0:z1], band_stat[z0:z1], band_dq[z0:z1]
+    bad = dq != 0
+    data[bad] = np.nan
+    stat[bad] = np.nan
+    return ResampledCube(grid, data, stat, dq, None, ncosmic)
 
 
 def _resample(pix: PixGrid, grid: CubeGrid, method, crtype, crsigma, pixfrac, ld, rc) -> ResampledCube:
