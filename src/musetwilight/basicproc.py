@@ -530,6 +530,8 @@ def iterate_polyfit(x: np.ndarray, y: np.ndarray, order: int, sigma: float) -> P
     keep = np.isfinite(y)
     while True:
         xs, ys = x[keep], y[keep]
+        if xs.size == 0:
+            raise np.linalg.LinAlgError("no points to fit")
         coeffs = _fit_once(xs, ys, order)
         if not np.isfinite(coeffs[0]):
             raise np.linalg.LinAlgError("polynomial fit failed")
@@ -629,6 +631,9 @@ def vpoly_correct(data: np.ndarray, dq: np.ndarray, layout: Layout, ignore: int,
         rows = np.broadcast_to(rows[:, None], block.shape)
         x = rows.T[good.T]
         y = block.T[good.T].astype(np.float64)
+        if x.size == 0:
+            raise InputError(f"no usable pixel in the vertical overscan of quadrant {q} "
+                             "(all flagged: saturated or bad)")
         first = iterate_polyfit(x, y, 0, FLT_MAX)
         rms1, chisq1 = math.sqrt(first.mse), first.chisq
         chosen = 0
@@ -814,8 +819,11 @@ def _raw_stage(raw: RawImage, settings, badpix) -> _Exposure:
 
     method, opts = parse_overscan(settings.overscan)
     if method == "vpoly":
-        coeffs = vpoly_correct(data, dq, layout, settings.ovscignore, opts["order"],
-                               settings.ovscsigma, opts["frms"], opts["fchisq"])
+        try:
+            coeffs = vpoly_correct(data, dq, layout, settings.ovscignore, opts["order"],
+                                   settings.ovscsigma, opts["frms"], opts["fchisq"])
+        except InputError as err:
+            raise InputError(f"{source}: {err}") from None
         for q, c in enumerate(coeffs, start=1):
             header[OVSC_PNC.format(q)] = len(c)
             for k, value in enumerate(c):
@@ -898,8 +906,27 @@ def _flat_stage(e: _Exposure, flat: MuseImage, is_illum: bool) -> None:
 Calibration = Union[MuseImage, Callable[[], MuseImage]]
 
 
-def _load(calib: Calibration | None) -> MuseImage | None:
-    return calib() if callable(calib) else calib
+def _load(calib: Calibration | None, catg: str | None = None) -> MuseImage | None:
+    """The calibration image; with ``catg``, checked to be finite where it is used."""
+    image = calib() if callable(calib) else calib
+    if image is not None and catg is not None:
+        check_finite(image, catg)
+    return image
+
+
+def check_finite(image: MuseImage, catg: str) -> None:
+    """A master calibration must be finite in every pixel its DQ does not flag.
+
+    ESO subtracts or divides NaN/inf straight into the data (and then cannot even write
+    the NaN QC keywords into its product); we refuse the calibration for this IFU.
+    """
+    bad = (~np.isfinite(image.data) | ~np.isfinite(image.stat)) & (image.dq == 0)
+    if bad.any():
+        y, x = np.argwhere(bad)[0]
+        ifu = image.header.get("EXTNAME", "")
+        where = f"{image.path}" if image.path is not None else catg
+        raise InputError(f"{catg} {where}{f' [{ifu}]' if ifu else ''}: {int(bad.sum())} unflagged pixel(s) "
+                         f"are NaN or inf (first at x={x + 1}, y={y + 1})")
 
 
 def process_exposures(raws: Sequence[RawImage], settings, bias: Calibration,
@@ -915,19 +942,19 @@ def process_exposures(raws: Sequence[RawImage], settings, bias: Calibration,
     """
     illum = list(illum) if illum is not None else [False] * len(raws)
     work = [_raw_stage(raw, settings, badpix) for raw in raws]
-    image = _load(bias)
+    image = _load(bias, "MASTER_BIAS")
     if not _bias_parameters_match(image.header, settings):
         log.warning("overscan parameters differ between MASTER_BIAS and recipe parameters!")
     for e in work:
         _bias_stage(e, image, settings)
     del image
     if dark is not None:
-        image = _load(dark)
+        image = _load(dark, "MASTER_DARK")
         for e in work:
             _dark_stage(e, image)
         del image
     if flat is not None:
-        image = _load(flat)
+        image = _load(flat, "MASTER_FLAT")
         for e, is_illum in zip(work, illum):
             _flat_stage(e, image, is_illum)
         del image

@@ -348,7 +348,8 @@ def interpolate_bad_pixels(image: MuseImage, in_place: bool = False) -> MuseImag
         image = MuseImage(image.data.copy(), image.dq.copy(), image.stat.copy(), image.header.copy())
     if bad.any():
         if bad.all():
-            raise InputError("all pixels are flagged, nothing to interpolate from")
+            raise InputError("the combined image has no unflagged pixel (saturated or bad in every "
+                             "exposure), nothing to interpolate from")
         _interpolate(image.data, bad)
         _interpolate(image.stat, bad)
     return image

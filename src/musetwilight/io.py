@@ -20,12 +20,16 @@ native-byte-order NumPy columns in file order; ``table.meta`` holds ``path``,
 extension's EXTNAME when the primary has none, as ESO's ``muse_table_load``).
 
 Every problem with an input file raises :class:`musetwilight.frames.InputError`
-naming the file.
+naming the file: the public readers are wrapped by :func:`reader`, files are checked
+for truncation and trailing garbage while their HDUs are walked, and absurd NAXIS or
+TFIELDS counts (on which astropy would loop for ever) are refused before astropy
+parses a header.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -33,7 +37,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 from astropy.io import fits
@@ -85,6 +89,7 @@ class MuseImage:
     dq: np.ndarray  # uint32 Euro3D status bits, 0 = good
     stat: np.ndarray  # float32 variance
     header: fits.Header
+    path: Path | None = None  # the file it was read from, for messages
 
 
 @dataclass
@@ -130,6 +135,28 @@ def header_ifu(header: fits.Header) -> int | None:
     return ifu if ifu is not None and 1 <= ifu <= NUM_IFUS else None
 
 
+_Reader = TypeVar("_Reader", bound=Callable)
+
+
+def reader(function: _Reader) -> _Reader:
+    """Make every failure of a file reader an InputError naming the file.
+
+    A corrupt file can make astropy raise nearly anything while it parses headers,
+    columns or data lazily (VerifyError, KeyError, AssertionError, ...); at this
+    boundary all of them mean "this input file is broken", so they are reported as
+    such, with the original exception's type and text.
+    """
+    @functools.wraps(function)
+    def wrapper(path, *args, **kwargs):
+        try:
+            return function(path, *args, **kwargs)
+        except InputError:
+            raise
+        except Exception as err:  # noqa: BLE001 -- see the docstring
+            raise InputError(f"{path}: corrupt FITS file ({type(err).__name__}: {err})") from None
+    return wrapper  # type: ignore[return-value]
+
+
 @contextlib.contextmanager
 def open_fits(path: str | os.PathLike) -> Iterator[fits.HDUList]:
     """Open a FITS file memory-mapped and lazily; failures become InputError naming the file.
@@ -139,6 +166,7 @@ def open_fits(path: str | os.PathLike) -> Iterator[fits.HDUList]:
     file_path = Path(path)
     if not file_path.is_file():
         raise InputError(f"{file_path}: file does not exist")
+    _check_header_counts(file_path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", fits.verify.VerifyWarning)
@@ -149,6 +177,57 @@ def open_fits(path: str | os.PathLike) -> Iterator[fits.HDUList]:
         yield hdul
     finally:
         hdul.close()
+
+
+_BLOCK = 2880
+_COUNT_KEYS = {b"NAXIS   ": "NAXIS", b"TFIELDS ": "TFIELDS"}
+
+
+def _check_header_counts(path: Path) -> None:
+    """Reject NAXIS or TFIELDS outside 0..999 (the FITS limit) before astropy parses a header:
+    astropy loops over that many keywords, so a corrupt count of 10^9 would hang the run.
+
+    Walks the headers in the raw bytes (skipping data units); anything it cannot follow
+    is left to astropy, which reports it.
+    """
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        position, index = 0, 0
+        while position + _BLOCK <= size:
+            handle.seek(position)
+            values: dict[str, int] = {}
+            found_end = False
+            while not found_end:
+                block = handle.read(_BLOCK)
+                if len(block) < _BLOCK:
+                    return
+                position += _BLOCK
+                for start in range(0, _BLOCK, 80):
+                    card = block[start:start + 80]
+                    key = card[:8]
+                    if key == b"END     ":
+                        found_end = True
+                        break
+                    if card[8:10] == b"= " and (key in _COUNT_KEYS or key.startswith((b"NAXIS", b"BITPIX",
+                                                                                       b"PCOUNT", b"GCOUNT"))):
+                        try:
+                            values[key.decode("ascii").strip()] = int(card[10:80].split(b"/")[0])
+                        except ValueError:
+                            pass
+            for key in _COUNT_KEYS.values():
+                if key in values and not 0 <= values[key] <= 999:
+                    raise InputError(f"{path}: corrupt FITS header of HDU {index}: {key} = {values[key]} "
+                                     "(FITS allows 0..999)")
+            naxis = values.get("NAXIS", 0)
+            dims = [values.get(f"NAXIS{k}", 0) for k in range(1, naxis + 1)]
+            if "BITPIX" not in values:
+                return
+            count = 1 if dims else 0
+            for dim in dims[1:] if dims and dims[0] == 0 else dims:
+                count *= max(dim, 0)
+            count = values.get("GCOUNT", 1) * (values.get("PCOUNT", 0) + count)
+            position += -(-abs(values["BITPIX"]) // 8 * count // _BLOCK) * _BLOCK
+            index += 1
 
 
 def _hdu(hdul: fits.HDUList, index: int, path: Path | str) -> fits.hdu.base._BaseHDU:
@@ -176,7 +255,10 @@ def iter_hdus(hdul: fits.HDUList, path: Path | str) -> Iterator[tuple[int, fits.
 
 def _check_complete(hdul: fits.HDUList, last: int, path: Path | str) -> None:
     """After the last HDU astropy could read: bytes left over mean a truncated or corrupt
-    HDU (astropy drops it with a warning only)."""
+    HDU (astropy drops it with a warning only); a file shorter than the last HDU's data
+    (padding not counted) is truncated."""
+    if last < 0:
+        return
     info = hdul.fileinfo(last)
     if not info or not info.get("filename"):
         return
@@ -185,6 +267,34 @@ def _check_complete(hdul: fits.HDUList, last: int, path: Path | str) -> None:
     if size > end:
         raise InputError(f"{path}: truncated or corrupt FITS file: {size - end} bytes after HDU {last} "
                          "do not form a complete HDU")
+    needed = info["datLoc"] + data_bytes(_hdu(hdul, last, path).header)
+    if size < needed:
+        raise InputError(f"{path}: truncated FITS file: HDU {last} needs {needed} bytes, "
+                         f"the file has only {size}")
+
+
+def data_bytes(header: fits.Header) -> int:
+    """Size in bytes of an HDU's data unit without padding (FITS standard, section 4.4.1)."""
+    try:
+        naxis = int(header.get("NAXIS", 0))
+        if naxis == 0:
+            return 0
+        dims = [int(header.get(f"NAXIS{k}", 0)) for k in range(1, naxis + 1)]
+        random_groups = bool(header.get("GROUPS", False)) and dims[0] == 0
+        count = int(np.prod(dims[1:] if random_groups else dims, dtype=np.int64))
+        count = int(header.get("GCOUNT", 1)) * (int(header.get("PCOUNT", 0)) + count)
+        return abs(int(header.get("BITPIX", 8))) // 8 * count
+    except (TypeError, ValueError, OverflowError):
+        return 0
+
+
+@reader
+def scan_fits(path: str | os.PathLike) -> list[fits.Header]:
+    """The headers of every HDU of a file (parsed, usable after the file is closed), checking that it is a complete FITS
+    file (readable headers, no truncated data, no trailing garbage).  Data are not read."""
+    file_path = Path(path)
+    with open_fits(file_path) as hdul:
+        return [hdu.header for _, hdu in iter_hdus(hdul, file_path)]
 
 
 def ifu_extension(hdul: fits.HDUList, ifu: int, path: Path | str = "") -> int | None:
@@ -218,12 +328,14 @@ def find_ifu_hdu(hdul: fits.HDUList, ifu: int, path: Path | str = "", tag: str |
     return None
 
 
+@reader
 def file_matches_ifu(path: str | os.PathLike, ifu: int, tag: str | None = None) -> bool:
     """Whether ESO would take this file for ``ifu`` (see :func:`find_ifu_hdu`)."""
     with open_fits(path) as hdul:
         return find_ifu_hdu(hdul, ifu, path, tag) is not None
 
 
+@reader
 def has_ifu_extension(path: str | os.PathLike, ifu: int) -> bool:
     """Whether an HDU of the file is named for ``ifu`` (what a raw exposure needs: a raw
     file matches every IFU by the generic rule, but ESO then fails to load a missing one,
@@ -232,6 +344,7 @@ def has_ifu_extension(path: str | os.PathLike, ifu: int) -> bool:
         return ifu_extension(hdul, ifu, path) is not None
 
 
+@reader
 def ifus_in_file(path: str | os.PathLike) -> list[int]:
     """The IFUs (1..24) named by the EXTNAMEs of a file (primary included), sorted."""
     found: set[int] = set()
@@ -254,6 +367,7 @@ def find_extension(hdul: fits.HDUList, extname: str, path: Path | str = "") -> i
 
 # --------------------------------------------------------------------------- headers
 
+@reader
 def read_header(path: str | os.PathLike, index: int = 0) -> fits.Header:
     """A copy of the header of HDU ``index``."""
     with open_fits(path) as hdul:
@@ -395,6 +509,7 @@ def _read_dq(hdul: fits.HDUList, index: int, path: Path | str) -> np.ndarray:
 
 # --------------------------------------------------------------------------- readers
 
+@reader
 def read_raw_ifu(path: str | os.PathLike, ifu: int, check_keywords: bool = True) -> RawImage:
     """One IFU of a raw exposure (SKYFLAT, ILLUM): untrimmed integer CCD and merged header.
 
@@ -423,6 +538,7 @@ def read_raw_ifu(path: str | os.PathLike, ifu: int, check_keywords: bool = True)
     return RawImage(data=data, header=header, path=file_path, ifu=ifu)
 
 
+@reader
 def read_muse_image(path: str | os.PathLike, ifu: int | None = None) -> MuseImage:
     """A MUSE image (MASTER_BIAS/DARK/FLAT, ...) from a per-IFU or a merged file.
 
@@ -469,7 +585,7 @@ def read_muse_image(path: str | os.PathLike, ifu: int | None = None) -> MuseImag
         stat = _read_image_hdu(hdul, indices[EXTNAME_STAT], file_path, np.float32)
     if dq.shape != data.shape or stat.shape != data.shape:
         raise InputError(f"{file_path}: DATA {data.shape}, DQ {dq.shape} and STAT {stat.shape} differ in size")
-    return MuseImage(data=data, dq=dq, stat=stat, header=header)
+    return MuseImage(data=data, dq=dq, stat=stat, header=header, path=file_path)
 
 
 def _table_from_hdu(hdu, path: Path | str, index: int, primary: fits.Header) -> Table:
@@ -498,6 +614,7 @@ def _table_from_hdu(hdu, path: Path | str, index: int, primary: fits.Header) -> 
     return table
 
 
+@reader
 def read_ifu_table(path: str | os.PathLike, ifu: int, tag: str | None = None) -> Table | None:
     """The table of one IFU (TRACE_TABLE, WAVECAL_TABLE): None when the file does not
     match that IFU under ESO's rule (:func:`find_ifu_hdu`).
@@ -550,6 +667,7 @@ def _check_columns(table: Table, required: Sequence[tuple[str, str]], where: str
         raise InputError(f"{where}: " + "; ".join(problems))
 
 
+@reader
 def read_geometry_table(path: str | os.PathLike) -> Table:
     """The GEOMETRY_TABLE (extension 1, or a ``CHAN00`` extension as ESO's lookup for
     "IFU 0"), with the columns the pixel table reads: SubField, SliceCCD, SliceSky (int),
@@ -569,6 +687,7 @@ def read_geometry_table(path: str | os.PathLike) -> Table:
     return table
 
 
+@reader
 def read_badpix_table(path: str | os.PathLike, ifu: int) -> Table | None:
     """The bad pixels of one IFU from a BADPIX_TABLE file; None when not applicable.
 
@@ -591,6 +710,7 @@ def read_badpix_table(path: str | os.PathLike, ifu: int) -> Table | None:
     return table
 
 
+@reader
 def read_vignetting_mask(path: str | os.PathLike) -> MuseMask:
     """The VIGNETTING_MASK: a 2D integer image in the primary HDU, non-zero = masked
     (``muse_mask_load`` / ``cpl_mask_load``: float images are rejected)."""
