@@ -104,13 +104,15 @@ def _skips(sof, tmp_path: Path, expected: dict[int, str]):
     absent = {ifu: f"Calibrations could not be loaded for IFU {ifu:2d}: TRACE_TABLE WAVECAL_TABLE"
               for ifu in range(1, 25) if ifu not in MINI_IFUS}
     assert {ifu: reason for ifu, reason in result.skipped_ifus.items() if ifu not in MINI_IFUS} == absent
-    listed = ",".join(map(str, sorted(result.skipped_ifus)))
+    listed = ",".join(map(str, sorted(expected)))
+    not_in_set = ",".join(str(ifu) for ifu in range(1, 25) if ifu not in MINI_IFUS)
     assert _products(out) == ["DATACUBE_SKYFLAT.fits", "TWILIGHT_CUBE.fits"]
     for name in _products(out):
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # astropy only warns on a checksum mismatch
             with fits.open(out / name, checksum=True) as hdul:
                 assert hdul[0].header["MUSETWILIGHT SKIPPED"] == listed
+                assert hdul[0].header["MUSETWILIGHT ABSENT"] == not_in_set
                 assert all("CHECKSUM" in hdu.header and "DATASUM" in hdu.header for hdu in hdul)
                 hdul.readall()
     return result
@@ -392,7 +394,8 @@ def test_lambdamax_not_above_lambdamin(mini, tmp_path, lambdamin, lambdamax):
 
 
 def test_wavelength_cut_that_leaves_no_pixels(mini, tmp_path):
-    _fails(mini.sof, "no IFU has pixels left in the wavelength range: no pixels for cube reconstruction",
+    _fails(mini.sof, "After cutting to 10500.00..10900.00 Angstrom in wavelength no pixels for cube "
+                     "reconstruction are left!",
            tmp_path, merge.MergeError, {"lambdamin": 10500, "lambdamax": 10900})
 
 

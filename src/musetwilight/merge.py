@@ -143,7 +143,8 @@ class MergedFlux:
     divisor: dict[int, float]
 
 
-def flux_scales(tables: dict[int, object], nfm: bool, scales: Sequence[float] | None = None) -> MergedFlux:
+def flux_scales(tables: dict[int, object], nfm: bool, scales: Sequence[float] | None = None,
+                lambda_range: tuple[float, float] | None = None) -> MergedFlux:
     """Each IFU's integrated flux and the divisor that scales it relative to the reference IFU.
 
     ``tables`` maps IFU number to its wavelength-cut pixel table.  The reference is
@@ -156,7 +157,9 @@ def flux_scales(tables: dict[int, object], nfm: bool, scales: Sequence[float] | 
     """
     present = sorted(n for n, t in tables.items() if t is not None and t.data.size > 0)
     if not present:
-        raise MergeError("no IFU has pixels left in the wavelength range: no pixels for cube reconstruction")
+        cut = f"{lambda_range[0]:.2f}..{lambda_range[1]:.2f}" if lambda_range else "the wavelength range"
+        raise MergeError(f"After cutting to {cut} Angstrom in wavelength no pixels for cube "
+                         "reconstruction are left!")
     reference = present[0]
     if reference != 1:
         log.warning("IFU 1 (ESO's flux reference) is not present; using IFU %d as the flux reference", reference)

@@ -111,6 +111,11 @@ def _full_size_ccd(raw: Path) -> bool:
     return pixels > LOW_MEMORY_PIXELS
 
 
+def _absent(reason: str) -> bool:
+    """Whether a skip reason says the IFU is simply not part of the set (no calibrations)."""
+    return reason.startswith("Calibrations could not be loaded") and reason.endswith("WAVECAL_TABLE")
+
+
 def _ifu_calibrations(inputs: Inputs, ifu: int):
     """TRACE and WAVECAL tables of one IFU, or the names of the missing ones."""
     trace = io.read_ifu_table(inputs.trace, ifu, "TRACE_TABLE")
@@ -222,7 +227,8 @@ def reconstruct(results: dict[int, IfuResult], settings: Settings, mode: str,
     tables = {ifu: r.table for ifu, r in results.items()}
     for r in results.values():
         r.table = None
-    flux = merge.flux_scales(tables, nfm=mode.startswith("NFM"), scales=scales)
+    flux = merge.flux_scales(tables, nfm=mode.startswith("NFM"), scales=scales,
+                             lambda_range=(settings.lambdamin, settings.lambdamax))
     order = sorted(flux.divisor)
     limits = [(t.xpos.min(), t.xpos.max(), t.ypos.min(), t.ypos.max(), t.lambda_.min(), t.lambda_.max())
               for t in (tables[ifu] for ifu in order)]
@@ -301,8 +307,9 @@ def run(frames: FrameSet | str | os.PathLike, settings: Settings | Mapping | Non
             results, skipped = reduce_all_ifus(inputs, settings, mode, workers, progress, mapper, spill_dir)
             timings["ifus"] = time.perf_counter() - start
             if not results:
-                raise merge.MergeError(
-                    "no IFU could be reduced: " + "; ".join(skipped[i] for i in sorted(skipped))[:2000])
+                real_failures_first = sorted(skipped, key=lambda i: (_absent(skipped[i]), i))
+                raise merge.MergeError("no IFU could be reduced: "
+                                       + "; ".join(skipped[i] for i in real_failures_first)[:2000])
             cube, white, flux = reconstruct(results, settings, mode, scales,
                                             PLANES_PER_BAND if low_memory else None)
         finally:
@@ -315,15 +322,20 @@ def run(frames: FrameSet | str | os.PathLike, settings: Settings | Mapping | Non
                                                   primary_keywords(results, flux))
         data_header = cube.grid.header_wcs()
         cube_data = cube.data
-        if skipped:
-            primary["HIERARCH MUSETWILIGHT SKIPPED"] = (",".join(map(str, sorted(skipped))),
-                                                        "IFUs skipped by this run")
+        failed = sorted(i for i in skipped if not _absent(skipped[i]))
+        absent = sorted(i for i in skipped if _absent(skipped[i]))
+        if failed:
+            primary["HIERARCH MUSETWILIGHT SKIPPED"] = (",".join(map(str, failed)),
+                                                        "IFUs whose reduction failed")
+        if absent:
+            primary["HIERARCH MUSETWILIGHT ABSENT"] = (",".join(map(str, absent)),
+                                                       "IFUs without calibrations (not in the set)")
         datacube = products.datacube_skyflat_hdulist(primary, cube.data, cube.stat, white, data_header)
         cube_primary = primary
 
     vignetting = None
     if inputs.vignetting and not mode.startswith("NFM"):
-        vignetting = smooth.read_vignetting_mask(inputs.vignetting)
+        vignetting = io.read_vignetting_mask(inputs.vignetting).mask
     t0 = time.perf_counter()
     plane_header = cube_primary.copy()
     plane_header.update(products.wcs_cards(data_header, 3))

@@ -584,7 +584,10 @@ def _run_info(products: _Products, flux: dict[int, float], reference: int | None
         info.append(["flux reference IFU", reference])
     skipped = primary.get("MUSETWILIGHT SKIPPED")
     if skipped:
-        info.append(["IFUs skipped by the run", skipped])
+        info.append(["IFUs whose reduction failed", skipped])
+    absent = primary.get("MUSETWILIGHT ABSENT")
+    if absent:
+        info.append(["IFUs not in the set", absent])
     if products.failed:
         info.append(["empty extensions (failed fits)", ", ".join(products.failed)])
     if products.sky_primary is None:
