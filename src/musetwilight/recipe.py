@@ -280,6 +280,10 @@ def run(frames: FrameSet | str | os.PathLike, settings: Settings | Mapping | Non
     products are the same.
     """
     environ = os.environ if environ is None else environ
+
+    def stage(message: str) -> None:
+        (progress or log.info)(message)
+
     settings = settings if isinstance(settings, Settings) else make_settings(settings or {})
     frameset = frames if isinstance(frames, FrameSet) else parse_sof(frames)
     inputs = Inputs.from_frameset(frameset)
@@ -304,12 +308,14 @@ def run(frames: FrameSet | str | os.PathLike, settings: Settings | Mapping | Non
             low_memory = _full_size_ccd(inputs.skyflats[0])
         spill_dir = tempfile.mkdtemp(prefix="musetwilight-spill-") if low_memory else None
         try:
+            stage("reducing the IFUs (basic processing, combination, pixel tables)")
             results, skipped = reduce_all_ifus(inputs, settings, mode, workers, progress, mapper, spill_dir)
             timings["ifus"] = time.perf_counter() - start
             if not results:
                 real_failures_first = sorted(skipped, key=lambda i: (_absent(skipped[i]), i))
                 raise merge.MergeError("no IFU could be reduced: "
                                        + "; ".join(skipped[i] for i in real_failures_first)[:2000])
+            stage(f"resampling {len(results)} IFUs into the cube ({settings.resample}, crtype {settings.crtype})")
             cube, white, flux = reconstruct(results, settings, mode, scales,
                                             PLANES_PER_BAND if low_memory else None)
         finally:
@@ -337,6 +343,7 @@ def run(frames: FrameSet | str | os.PathLike, settings: Settings | Mapping | Non
     if inputs.vignetting and not mode.startswith("NFM"):
         vignetting = io.read_vignetting_mask(inputs.vignetting).mask
     t0 = time.perf_counter()
+    stage("smoothing the cube planes and modelling the vignetting")
     plane_header = cube_primary.copy()
     plane_header.update(products.wcs_cards(data_header, 3))
     result = smooth.postprocess(cube_data, plane_header, settings, vignetting, mode, white=white)
@@ -353,6 +360,7 @@ def run(frames: FrameSet | str | os.PathLike, settings: Settings | Mapping | Non
     timings["smooth"] = time.perf_counter() - t0
     run_result = RunResult(datacube, twilight, skipped_ifus=skipped, timings=timings)
     if output_dir is not None:
+        stage(f"writing the products into {output_dir}")
         written = {name: hdul for name, hdul in (("DATACUBE_SKYFLAT", datacube), ("TWILIGHT_CUBE", twilight))
                    if hdul is not None}
         run_result.paths = products.write_products(written, output_dir)
