@@ -10,7 +10,6 @@ import pytest
 from astropy.io import fits
 
 from musetwilight import merge, recipe
-from musetwilight.frames import InputError
 from musetwilight.params import ParameterError, make_settings
 
 
@@ -97,12 +96,16 @@ def test_cli_rejects_invalid_parameters(mini, tmp_path, option, message):
     assert _products(tmp_path) == []
 
 
-def test_empty_plane_is_a_clear_error_not_a_truncated_cube(simulated_set, tmp_path):
-    """A plane without spaxels (NaD notch, nearest) cannot be fitted; ESO writes a 4-plane cube."""
+def test_empty_plane_takes_the_fit_of_its_neighbour(simulated_set, caplog):
+    """A plane without spaxels (NaD notch, nearest) has no fit of its own; ESO truncates the cube there."""
     sim = simulated_set(seed=3, mode="NFM-AO-N", ifus=[1, 22, 23, 24])
-    with pytest.raises(InputError, match=r"DATACUBE_SKYFLAT plane 5 \(6000.0 Angstrom\) cannot be smoothed"):
-        recipe.run(sim.sof, {"resample": "nearest"}, tmp_path / "out")
-    assert _products(tmp_path / "out") == []
+    result = recipe.run(sim.sof, {"resample": "nearest"}, None)
+    sky, twilight = result.datacube_skyflat["DATA"].data, result.twilight_cube["DATA"].data
+    assert not np.isfinite(sky[4]).any() and twilight.shape == sky.shape
+    np.testing.assert_array_equal(twilight[4], twilight[3])
+    assert np.isfinite(twilight).all()
+    assert "plane 5 (6000.0 Angstrom) cannot be smoothed" in caplog.text
+    assert "using the fit of plane 4" in caplog.text
 
 
 def test_low_memory_mode_gives_identical_products(mini):

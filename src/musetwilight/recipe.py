@@ -347,8 +347,6 @@ def run(frames: FrameSet | str | os.PathLike, settings: Settings | Mapping | Non
     plane_header = cube_primary.copy()
     plane_header.update(products.wcs_cards(data_header, 3))
     result = smooth.postprocess(cube_data, plane_header, settings, vignetting, mode, white=white)
-    for message in result.warnings:
-        log.warning("%s", message)
     uses_vignetting = vignetting is not None  # ESO loads (and lists) the mask only in WFM
     twilight_primary = products.product_primary_header(
         cube_primary, "TWILIGHT_CUBE", inputs.used_raw(), inputs.used_calib(uses_vignetting, bool(skip_cube)), settings,

@@ -422,9 +422,8 @@ def _table_hdu(columns: list[tuple[str, str, np.ndarray, str | None]], name: str
 
 
 def _append(path: Path, hdu) -> None:
-    """Append one extension to an existing FITS file (the file is not rewritten)."""
-    with fits.open(path, mode="append") as hdul:
-        hdul.append(hdu)
+    """Append one extension to an existing FITS file (written at its end, nothing re-read)."""
+    fits.append(path, hdu.data, hdu.header, verify=False)
 
 
 def _write_primary(path: Path, header: fits.Header, data=None) -> None:

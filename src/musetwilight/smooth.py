@@ -556,6 +556,27 @@ def _trim_nfm_rows(fit: np.ndarray, fitbad: np.ndarray, vignetted: np.ndarray) -
 # the stage
 
 
+def _fill_failed_planes(fitted: np.ndarray, failed: dict[int, str], header, warnings: list[str]) -> None:
+    """Give planes that could not be fitted the fit of the nearest fitted plane (the lower one on ties).
+
+    A plane without usable spaxels (e.g. inside the NaD notch of an AO mode with nearest
+    resampling, or wiped out by iraf cosmic-ray rejection) has no fit; the illumination
+    changes slowly with wavelength, so the neighbouring plane's is the sensible stand-in.
+    ESO writes a TWILIGHT_CUBE truncated before such a plane, or crashes.
+    """
+    good = [k for k in range(fitted.shape[0]) if k not in failed]
+    if not good:
+        raise InputError("no plane of the DATACUBE_SKYFLAT could be smoothed: "
+                         + "; ".join(f"plane {k + 1}: {failed[k]}" for k in sorted(failed)))
+    for k in sorted(failed):
+        source = min(good, key=lambda g: (abs(g - k), g))
+        wavelength = (f" ({float(header['CRVAL3']) + k * float(header['CD3_3']):.1f} Angstrom)"
+                      if "CRVAL3" in header and "CD3_3" in header else "")
+        _warn(warnings, f"plane {k + 1}{wavelength} cannot be smoothed ({failed[k]}); "
+                        f"using the fit of plane {source + 1}")
+        fitted[k] = fitted[source]
+
+
 def postprocess(cube: np.ndarray, header: Mapping[str, Any] | fits.Header, settings: Mapping[str, Any],
                 vignetting_mask: np.ndarray | None = None, mode: str | None = None,
                 white: np.ndarray | None = None) -> TwilightResult:
@@ -593,22 +614,18 @@ def postprocess(cube: np.ndarray, header: Mapping[str, Any] | fits.Header, setti
     xorder, yorder = int(settings["xorder"]), int(settings["yorder"])
     fitted = np.empty_like(cube)
 
+    failed: dict[int, str] = {}
+
     def fit_plane(k: int) -> None:
         try:
             fitted[k] = _normalize_and_fit(cube[k], white_bad, vign, xorder, yorder, warnings)
         except FitError as err:
-            wavelength = float(header.get("CRVAL3", 0.0)) + k * float(header.get("CD3_3", 0.0)) \
-                if "CRVAL3" in header else None
-            where = f" ({wavelength:.1f} Angstrom)" if wavelength else ""
-            raise InputError(
-                f"DATACUBE_SKYFLAT plane {k + 1}{where} cannot be smoothed: {err} The plane has no "
-                "usable spaxels (e.g. inside the NaD notch of an AO mode); choose lambdamin/lambdamax/"
-                "dlambda so that no plane is empty. ESO writes a truncated TWILIGHT_CUBE in this "
-                "case.") from None
+            failed[k] = str(err)
 
     # the planes are independent and the numba kernels release the GIL
     with ThreadPoolExecutor(max_workers=min(nz, os.cpu_count() or 1)) as pool:
         list(pool.map(fit_plane, range(nz)))
+    _fill_failed_planes(fitted, failed, header, warnings)
 
     white_global_fit, _ = collapse(fitted)
     whiten = _scale(white, 1.0 / _mean_good(white, white_bad))
