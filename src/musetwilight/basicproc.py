@@ -29,6 +29,7 @@ import numpy as np
 from astropy.io import fits
 from numba import njit
 
+from .cplmath import cholesky_solve
 from .frames import InputError
 from .io import MuseImage, RawImage
 
@@ -460,28 +461,9 @@ def _solve_normal(x, y, nc):
             H[kk, jj] = hsum
             kk += 1
             jj -= 1
-    # Cholesky: L stored below the diagonal, the upper triangle holds H
-    for i in range(nc):
-        for j in range(i, nc):
-            sub = H[i, j]
-            for k in range(i - 1, -1, -1):
-                sub -= H[i, k] * H[j, k]
-            if j > i:
-                H[j, i] = sub / H[i, i]
-            elif sub > 0.0:
-                H[i, i] = math.sqrt(sub)
-            else:
-                return b, False
-    for i in range(nc):
-        sub = b[i]
-        for j in range(i - 1, -1, -1):
-            sub -= H[i, j] * b[j]
-        b[i] = sub / H[i, i]
-    for i in range(nc - 1, -1, -1):
-        sub = b[i]
-        for j in range(i + 1, nc):
-            sub -= H[j, i] * b[j]
-        b[i] = sub / H[i, i]
+    b, ok = cholesky_solve(H, b)
+    if not ok:
+        return b, False
     u = -mean
     for j in range(nc - 1):
         for i in range(1, nc - j):

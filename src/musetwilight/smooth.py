@@ -33,6 +33,7 @@ import numpy as np
 from astropy.io import fits
 from numba import njit
 
+from .cplmath import cholesky_solve
 from .frames import InputError
 from .products import image_hdu, set_card
 
@@ -366,28 +367,9 @@ def _solve_normal_equations(x, y, values, xorder, yorder):
             for p in range(start, stop):
                 total += design[i, p] * values[p]
             rhs[i] += total
-    # Cholesky: upper triangle read, lower triangle written (cpl_matrix_decomp_chol)
-    for i in range(nc):
-        for j in range(i, nc):
-            total = normal[i, j]
-            for k in range(i - 1, -1, -1):
-                total -= normal[i, k] * normal[j, k]
-            if j > i:
-                normal[j, i] = total / normal[i, i]
-            elif total > 0.0:
-                normal[i, i] = np.sqrt(total)
-            else:
-                return rhs, False
-    for i in range(nc):
-        total = rhs[i]
-        for j in range(i - 1, -1, -1):
-            total -= normal[i, j] * rhs[j]
-        rhs[i] = total / normal[i, i]
-    for i in range(nc - 1, -1, -1):
-        total = rhs[i]
-        for j in range(i + 1, nc):
-            total -= normal[j, i] * rhs[j]
-        rhs[i] = total / normal[i, i]
+    rhs, ok = cholesky_solve(normal, rhs)
+    if not ok:
+        return rhs, False
     for i in range(nc):
         if np.isnan(rhs[i]):
             return rhs, False
