@@ -29,7 +29,7 @@ import numpy as np
 from astropy.io import fits
 from numba import njit
 
-from .cplmath import cholesky_solve
+from .cplmath import cholesky_solve, running_mean
 from .frames import InputError
 from .io import MuseImage, RawImage
 
@@ -383,15 +383,6 @@ def dcr_flag(data: np.ndarray, dq: np.ndarray, xbox: int, ybox: int, npass: int,
 
 # --------------------------------------------------------------------------
 # CPL-compatible iterative polynomial fit
-
-
-@njit(cache=True, nogil=True)
-def running_mean(values):
-    """Mean by the running recurrence m += (v - m) / (i + 1), as CPL computes vector means."""
-    mean = 0.0
-    for i in range(values.size):
-        mean += (values[i] - mean) / (i + 1)
-    return mean
 
 
 @njit(cache=True, nogil=True)

@@ -82,18 +82,25 @@ def _average(data, dq, stat, odata, odq, ostat):
 
 
 @njit(cache=True, nogil=True)
+def _good_values(data, dq, stat, i, j, vals, svals):
+    """Copy the unflagged values (and variances) of pixel (i, j) of the stack; return their count."""
+    ngood = 0
+    for k in range(data.shape[0]):
+        if dq[k, i, j] == 0:
+            vals[ngood] = data[k, i, j]
+            svals[ngood] = stat[k, i, j]
+            ngood += 1
+    return ngood
+
+
+@njit(cache=True, nogil=True)
 def _median(data, dq, stat, odata, odq, ostat):
     n, ny, nx = data.shape
     vals = np.empty(n, dtype=np.float64)
     svals = np.empty(n, dtype=np.float64)
     for i in range(ny):
         for j in range(nx):
-            ngood = 0
-            for k in range(n):
-                if dq[k, i, j] == 0:
-                    vals[ngood] = data[k, i, j]
-                    svals[ngood] = stat[k, i, j]
-                    ngood += 1
+            ngood = _good_values(data, dq, stat, i, j, vals, svals)
             if ngood:
                 _sort_desc(vals, svals, ngood)
                 m = ngood // 2
@@ -118,12 +125,7 @@ def _minmax(data, dq, stat, nlow, nhigh, nkeep, odata, odq, ostat):
     svals = np.empty(n, dtype=np.float64)
     for i in range(ny):
         for j in range(nx):
-            ngood = 0
-            for k in range(n):
-                if dq[k, i, j] == 0:
-                    vals[ngood] = data[k, i, j]
-                    svals[ngood] = stat[k, i, j]
-                    ngood += 1
+            ngood = _good_values(data, dq, stat, i, j, vals, svals)
             npix = ngood - nhigh - nlow
             if ngood > 0:
                 outdq = np.uint32(0)
@@ -181,12 +183,7 @@ def _sigclip(data, dq, stat, lsigma, hsigma, odata, odq, ostat):
     scratch = np.empty(n, dtype=np.float64)
     for i in range(ny):
         for j in range(nx):
-            ngood = 0
-            for k in range(n):
-                if dq[k, i, j] == 0:
-                    vals[ngood] = data[k, i, j]
-                    svals[ngood] = stat[k, i, j]
-                    ngood += 1
+            ngood = _good_values(data, dq, stat, i, j, vals, svals)
             if ngood > 0:
                 med = _median_cpl(vals, ngood, scratch)
                 mdev = 0.0

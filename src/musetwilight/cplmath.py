@@ -38,3 +38,12 @@ def cholesky_solve(matrix, rhs):
             total -= matrix[j, i] * rhs[j]
         rhs[i] = total / matrix[i, i]
     return rhs, True
+
+
+@njit(cache=True, nogil=True)
+def running_mean(values):
+    """Mean by the running recurrence m += (v - m) / (i + 1), as CPL computes vector means."""
+    mean = 0.0
+    for i in range(values.size):
+        mean += (values[i] - mean) / (i + 1)
+    return mean

@@ -33,7 +33,7 @@ import numpy as np
 from astropy.io import fits
 from numba import njit
 
-from .cplmath import cholesky_solve
+from .cplmath import cholesky_solve, running_mean
 from .frames import InputError
 from .products import image_hdu, set_card
 
@@ -324,15 +324,6 @@ class FitError(ValueError):
 
 
 @njit(cache=True, nogil=True)
-def _running_mean(values):
-    """cpl_tools_get_mean: the running mean CPL uses to centre fit coordinates."""
-    mean = 0.0
-    for i in range(values.size):
-        mean += (values[i] - mean) / (i + 1)
-    return mean
-
-
-@njit(cache=True, nogil=True)
 def _solve_normal_equations(x, y, values, xorder, yorder):
     """CPL's 2D least squares: normal equations in CPL's summation order, Cholesky.
 
@@ -401,8 +392,8 @@ def fit_polynomial_image(image: np.ndarray, bad: np.ndarray, xorder: int,
         raise FitError(f"Too few data points {values.size} < {ncoeff} for the "
                        f"{xorder}x{yorder} polynomial fit")
     if xorder + yorder == 0:
-        return np.full((ny, nx), np.float32(_running_mean(values)), np.float32)
-    xmean, ymean = _running_mean(xs), _running_mean(ys)
+        return np.full((ny, nx), np.float32(running_mean(values)), np.float32)
+    xmean, ymean = running_mean(xs), running_mean(ys)
     coeffs, ok = _solve_normal_equations(xs - xmean, ys - ymean, values, xorder, yorder)
     if not ok:
         raise FitError(f"{xorder}x{yorder} polynomial fit failed: singular matrix "
