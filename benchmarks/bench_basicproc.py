@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from musetwilight import eso
+from musetwilight.tools import eso
 
 NX, NY, PRE, OVS = 2048, 2056, 32, 32
 
@@ -109,8 +109,9 @@ import json, resource, sys, time
 from pathlib import Path
 import numpy as np
 from astropy.io import fits
-from musetwilight import basicproc, combine
-from musetwilight.io import MuseImage, RawImage
+from musetwilight.core import basicproc
+from musetwilight.core import combine
+from musetwilight.io.formats import MuseImage, RawImage
 from musetwilight.params import make_settings
 
 cfg = json.loads(sys.argv[1])

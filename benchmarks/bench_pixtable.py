@@ -31,7 +31,8 @@ import json, logging, resource, sys
 from pathlib import Path
 import numpy as np
 from astropy.io import fits
-from musetwilight import io, pixtable as pt
+from musetwilight.io import formats as io
+from musetwilight.core import pixtable as pt
 
 logging.disable(logging.WARNING)
 work, ifu, nx, repeat = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
@@ -87,7 +88,7 @@ def main() -> int:
     sys.path.insert(0, str(ROOT / "tests"))
     from test_pixtable import write_reduced_set  # the synthetic MUSE-like data of the tests
 
-    from musetwilight.eso import esorex_path, run_esorex
+    from musetwilight.tools.eso import esorex_path, run_esorex
 
     if esorex_path() is None:
         print("esorex not installed: no ESO reference, nothing to compare")

@@ -18,8 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from musetwilight import eso
-from musetwilight.simulate import simulate_dataset
+from musetwilight.tools import eso
+from musetwilight.tools.simulate import simulate_dataset
 
 
 def timed(command: list[str], cwd: Path) -> dict:

@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from musetwilight.eso import esorex_path, run_esorex
-from musetwilight.resample import resample_cube
+from musetwilight.tools.eso import esorex_path, run_esorex
+from musetwilight.core.resample import resample_cube
 
 
 def muse_like_table(nifu: int, seed: int = 0, lmin: float = 5000.0, lmax: float = 9000.0,
@@ -191,8 +191,9 @@ def main(argv=None) -> int:
 
 def merged_table_of(sof: str, settings) -> dict[str, np.ndarray]:
     """Our merged, flux-scaled pixel table of a twilight set (recipe stages 1-2)."""
-    from musetwilight import merge, recipe
-    from musetwilight.frames import parse_sof
+    from musetwilight.core import merge
+from musetwilight import recipe
+    from musetwilight.io.frames import parse_sof
 
     inputs = recipe.Inputs.from_frameset(parse_sof(sof))
     mode = recipe.instrument_mode(inputs.skyflats[0])

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from bench_recipe import timed
 
-from musetwilight import eso
-from musetwilight.simulate import simulate_dataset
+from musetwilight.tools import eso
+from musetwilight.tools.simulate import simulate_dataset
 
 
 def measure(ifus: int, nexp: int, with_eso: bool) -> dict:

@@ -17,8 +17,8 @@ import json
 
 import pytest
 
-from musetwilight import eso
-from musetwilight.simulate import simulate_dataset
+from musetwilight.tools import eso
+from musetwilight.tools.simulate import simulate_dataset
 
 
 def _key(mapping) -> str:

@@ -20,8 +20,10 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from musetwilight import eso, merge, recipe
-from musetwilight.frames import InputError
+from musetwilight.tools import eso
+from musetwilight.core import merge
+from musetwilight import recipe
+from musetwilight.io.frames import InputError
 from musetwilight.params import PARAMETERS, ParameterError
 
 

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from musetwilight import basicproc, eso
-from musetwilight.io import MuseImage, RawImage
+from musetwilight.core import basicproc
+from musetwilight.tools import eso
+from musetwilight.io.formats import MuseImage, RawImage
 from musetwilight.params import make_settings
 
 # ---------------------------------------------------------------------------
@@ -152,12 +153,12 @@ def make_calibrations(tmp: Path, rng, bias_level: bool, ovsc_params: dict | None
 
 
 # ---------------------------------------------------------------------------
-# readers (tiny, until musetwilight.io provides them)
+# readers (tiny, until musetwilight.io.formats provides them)
 
 
 def read_raw(path: Path, ifu: int = 1) -> RawImage:
     try:
-        from musetwilight.io import read_raw_ifu
+        from musetwilight.io.formats import read_raw_ifu
         return read_raw_ifu(path, ifu)
     except ImportError:
         pass
@@ -173,7 +174,7 @@ def read_raw(path: Path, ifu: int = 1) -> RawImage:
 
 def read_image(path: Path, ifu: int = 1) -> MuseImage:
     try:
-        from musetwilight.io import read_muse_image
+        from musetwilight.io.formats import read_muse_image
         return read_muse_image(path, ifu)
     except ImportError:
         pass
@@ -188,7 +189,7 @@ def read_image(path: Path, ifu: int = 1) -> MuseImage:
 
 def read_badpix(path: Path, ifu: int = 1):
     try:
-        from musetwilight.io import read_badpix_table
+        from musetwilight.io.formats import read_badpix_table
         return read_badpix_table(path, ifu)
     except ImportError:
         pass

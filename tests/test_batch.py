@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from musetwilight import batch
-from musetwilight.frames import write_sof
+from musetwilight.shells import batch
+from musetwilight.io.frames import write_sof
 from musetwilight.params import PARAMETERS, make_settings
 
 SETS = {"alpha": {"seed": 1}, "beta": {"seed": 2, "illum": True}}
@@ -95,7 +95,7 @@ def test_serial_batch_reduces_every_set_and_reports_the_failing_one(serial, sofs
 
 
 def test_serial_batch_does_not_import_dask(sofs, tmp_path):
-    code = ("import sys; from musetwilight import batch; "
+    code = ("import sys; from musetwilight.shells import batch; "
             f"report = batch.run_batch([{str(sofs[2])!r}], None, {str(tmp_path)!r}); "
             "assert report.outcomes[0].status == 'failed', report.outcomes; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed')))")

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from musetwilight import basicproc, combine, eso
-from musetwilight.io import MuseImage
+from musetwilight.core import basicproc
+from musetwilight.core import combine
+from musetwilight.tools import eso
+from musetwilight.io.formats import MuseImage
 from musetwilight.params import make_settings
 
 import test_basicproc as tb
@@ -213,7 +215,7 @@ def test_combined_image_equals_eso(five, params):
     ({"dark": True, "badpix": True}, {"combine": "average", "scale": True}),
 ], ids=["default", "dark-badpix-average-scale"])
 def test_twilight_qc_equals_eso(simulated_set, eso_twilight, options, params):
-    from musetwilight import io
+    from musetwilight.io import formats as io
 
     sim = simulated_set(**options)
     run = eso_twilight(options, params)

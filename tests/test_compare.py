@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from musetwilight import cli
-from musetwilight.compare import PRODUCT_NAMES as PRODUCTS
-from musetwilight.compare import Tolerances, compare_arrays, compare_products, relative_difference
+from musetwilight.shells import cli
+from musetwilight.tools.compare import PRODUCT_NAMES as PRODUCTS
+from musetwilight.tools.compare import Tolerances, compare_arrays, compare_products, relative_difference
 
 
 def image_hdu(data: np.ndarray, extname: str) -> fits.ImageHDU:

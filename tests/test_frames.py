@@ -2,7 +2,7 @@
 
 import pytest
 
-from musetwilight.frames import InputError, make_frameset, parse_sof, validate_frameset, write_sof
+from musetwilight.io.frames import InputError, make_frameset, parse_sof, validate_frameset, write_sof
 
 CALIBS = ["MASTER_BIAS", "MASTER_FLAT", "TRACE_TABLE", "WAVECAL_TABLE", "GEOMETRY_TABLE"]
 

@@ -13,11 +13,14 @@ from astropy.io import fits
 from hypothesis import HealthCheck, given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
-from musetwilight import basicproc, combine, io, smooth
-from musetwilight.frames import InputError
-from musetwilight.io import MuseImage
+from musetwilight.core import basicproc
+from musetwilight.core import combine
+from musetwilight.io import formats as io
+from musetwilight.core import smooth
+from musetwilight.io.frames import InputError
+from musetwilight.io.formats import MuseImage
 from musetwilight.params import make_settings
-from musetwilight.resample import METHODS, resample_cube
+from musetwilight.core.resample import METHODS, resample_cube
 
 # derandomized: CI explores the same examples on every run (no flaky failures)
 FAST = settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])

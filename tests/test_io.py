@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from musetwilight import io as mio
-from musetwilight.frames import InputError
+from musetwilight.io import formats as mio
+from musetwilight.io.frames import InputError
 
 
 def det_header(ifu: int = 1, gain: float = 1.1) -> fits.Header:
@@ -398,7 +398,7 @@ def simulated(simulated_set):
 
 
 def test_readers_read_every_simulated_file(simulated):
-    from musetwilight.frames import parse_sof
+    from musetwilight.io.frames import parse_sof
 
     frames = parse_sof(simulated.sof)
     tags = sorted({f.tag for f in frames})

@@ -1,7 +1,7 @@
 """The man page lists every parameter, input and product."""
 
-from musetwilight import manpage
-from musetwilight.frames import TAG_RULES
+from musetwilight.shells import manpage
+from musetwilight.io.frames import TAG_RULES
 from musetwilight.params import PARAMETERS
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from musetwilight import merge
+from musetwilight.core import merge
 
 
 @dataclass
@@ -133,8 +133,8 @@ def test_concatenate_keeps_order_and_columns():
 
 def test_resampling_ifu_tables_equals_resampling_the_merged_table():
     """The streaming path (no merged table) gives bit-identical cubes to the merge-then-resample path."""
-    from musetwilight.cube import make_grid
-    from musetwilight.resample import resample_cube, resample_tables, resample_tables_banded
+    from musetwilight.core.cube import make_grid
+    from musetwilight.core.resample import resample_cube, resample_tables, resample_tables_banded
 
     rng = np.random.default_rng(9)
     tables = {ifu: make_table(rng, 6000, level=level, ifu=ifu, lam=(5000.0, 7000.0))

@@ -27,7 +27,8 @@ def test_mpdaf_cube_reads_datacube_skyflat(products):
 
 
 def test_mpdaf_pixtable_decodes_our_origin(simulated_set, tmp_path):
-    from musetwilight import io, pixtable
+    from musetwilight.io import formats as io
+    from musetwilight.core import pixtable
 
     sim = simulated_set(seed=1)
     image = io.read_muse_image(sim.files["MASTER_FLAT"][0], 1)

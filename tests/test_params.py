@@ -5,7 +5,8 @@ import subprocess
 
 import pytest
 
-from musetwilight import eso, params
+from musetwilight.tools import eso
+from musetwilight import params
 from musetwilight.params import ParameterError, make_settings
 
 

@@ -12,10 +12,10 @@ from astropy.table import Table
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from musetwilight import pixtable as pt
-from musetwilight.eso import esorex_path
-from musetwilight.frames import InputError
-from musetwilight.io import MuseImage
+from musetwilight.core import pixtable as pt
+from musetwilight.tools.eso import esorex_path
+from musetwilight.io.frames import InputError
+from musetwilight.io.formats import MuseImage
 
 NX, NY = 640, 120
 IFU = 7
@@ -187,7 +187,7 @@ def test_header_keywords(built):
 
 def test_faulty_polynomial_drops_rest_of_slice(caplog):
     trace = make_trace(faulty_slice=48)
-    with caplog.at_level(logging.WARNING, logger="musetwilight.pixtable"):
+    with caplog.at_level(logging.WARNING, logger="musetwilight.core.pixtable"):
         table = pt.build_pixtable(make_image(), trace, make_wavecal(), make_geometry())
     messages = [r.getMessage() for r in caplog.records]
     assert any("slice 48 of IFU 7: faulty polynomial detected at y=101" in m for m in messages)
@@ -399,8 +399,8 @@ def write_reduced_set(directory, ifu, mode, nx, ny, seed=0):
 
 def run_eso_pixtable(directory, ifu, mode, nx, ny, seed=0):
     """(ESO's pixel table, ours) for the same synthetic REDUCED image and tables."""
-    from musetwilight import io
-    from musetwilight.eso import run_esorex
+    from musetwilight.io import formats as io
+    from musetwilight.tools.eso import run_esorex
 
     sof, paths = write_reduced_set(directory, ifu, mode, nx, ny, seed)
     run = run_esorex("muse_scibasic", sof, directory / "eso",
@@ -463,8 +463,8 @@ def test_eso_parity_header(eso_pair):
 @pytest.fixture(scope="module", params=[("WFM-NOAO-N", 2), ("WFM-AO-N", 1), ("NFM-AO-N", 24)],
                 ids=lambda p: f"{p[0]}-IFU{p[1]}")
 def scibasic_pair(request, simulated_set, tmp_path_factory):
-    from musetwilight import io
-    from musetwilight.eso import run_esorex
+    from musetwilight.io import formats as io
+    from musetwilight.tools.eso import run_esorex
 
     if esorex_path() is None:
         pytest.skip("ESO pipeline (esorex) not installed")

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from musetwilight import compare, recipe
+from musetwilight.tools import compare
+from musetwilight import recipe
 from musetwilight.params import make_settings
 
 pytestmark = pytest.mark.eso

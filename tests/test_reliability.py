@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from musetwilight import merge, recipe
+from musetwilight.core import merge
+from musetwilight import recipe
 from musetwilight.params import ParameterError, make_settings
 
 

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from musetwilight import recipe, report
+from musetwilight import recipe
+from musetwilight.tools import report
 from musetwilight.params import make_settings
 
 # shared with test_recipe's "vignetting" set, so the session builds it once

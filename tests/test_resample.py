@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from musetwilight import eso
-from musetwilight.cube import CubeGrid, lround, make_grid, white_light
-from musetwilight.pixgrid import build_pixgrid
-from musetwilight.resample import (CRTYPES, EURO3D_COSMICRAY, EURO3D_MISSDATA, METHODS,
+from musetwilight.tools import eso
+from musetwilight.core.cube import CubeGrid, lround, make_grid, white_light
+from musetwilight.core.pixgrid import build_pixgrid
+from musetwilight.core.resample import (CRTYPES, EURO3D_COSMICRAY, EURO3D_MISSDATA, METHODS,
                                    _median, resample_cube)
 
 requires_esorex = pytest.mark.skipif(eso.esorex_path() is None,

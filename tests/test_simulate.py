@@ -7,8 +7,8 @@ import pytest
 from astropy.io import fits
 from numpy.polynomial import Polynomial
 
-from musetwilight import cli
-from musetwilight.simulate import CCD_TO_SKY, LAYOUTS, build_instrument, simulate_dataset, twilight_spectrum
+from musetwilight.shells import cli
+from musetwilight.tools.simulate import CCD_TO_SKY, LAYOUTS, build_instrument, simulate_dataset, twilight_spectrum
 
 MINI = LAYOUTS["mini"]
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from musetwilight import smooth
-from musetwilight.eso import esorex_path, run_esorex
-from musetwilight.frames import InputError
+from musetwilight.core import smooth
+from musetwilight.tools.eso import esorex_path, run_esorex
+from musetwilight.io.frames import InputError
 from musetwilight.params import make_settings
 
 TOLERANCE = 1e-4  # maximum relative difference to ESO per extension
@@ -352,7 +352,7 @@ def test_postprocessing_matches_eso_on_synthetic_cubes(case, tmp_path):
 @pytest.fixture(scope="module")
 def simulated_runs(tmp_path_factory):
     """ESO muse_twilight on simulated mini sets (raw data -> both products), run once."""
-    simulate = pytest.importorskip("musetwilight.simulate")
+    simulate = pytest.importorskip("musetwilight.tools.simulate")
     runs = {}
     for name, options, params in (("wfm-vign", {"vignetting": True}, {}),
                                   ("nfm", {"mode": "NFM-AO-N"}, {"vignsmooth": "median"})):

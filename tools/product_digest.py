@@ -62,7 +62,7 @@ def hdu_digests(path: Path) -> dict[str, str]:
 
 def digest_all(selected: list[str] | None = None) -> dict[str, dict]:
     from musetwilight import recipe
-    from musetwilight.simulate import simulate_dataset
+    from musetwilight.tools.simulate import simulate_dataset
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -26,11 +26,25 @@ from typing import Callable, Mapping
 import numpy as np
 from astropy.io import fits
 
-from . import basicproc, checks, combine, io, merge, pixtable, products, smooth
-from .cube import grid_from_limits, white_light
-from .frames import FrameSet, InputError, parse_sof, validate_frameset
+from .core import basicproc
+
+from .io import preflight as checks
+
+from .core import combine
+
+from .io import formats as io
+
+from .core import merge
+
+from .core import pixtable
+
+from .io import products
+
+from .core import smooth
+from .core.cube import grid_from_limits, white_light
+from .io.frames import FrameSet, InputError, parse_sof, validate_frameset
 from .params import Settings, make_settings
-from .resample import resample_tables, resample_tables_banded
+from .core.resample import resample_tables, resample_tables_banded
 
 log = logging.getLogger("musetwilight.recipe")
 

@@ -17,8 +17,8 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 from astropy.io import fits
 
-from . import __version__
-from .params import PARAMETERS, RECIPE
+from .. import __version__
+from ..params import PARAMETERS, RECIPE
 
 PIPE_ID = f"musetwilight/{__version__}"
 DRS_ID = f"musetwilight-{__version__}"

@@ -27,7 +27,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-from .params import PARAMETERS, Settings, format_value, make_settings
+from ..params import PARAMETERS, Settings, format_value, make_settings
 
 log = logging.getLogger("musetwilight.batch")
 
@@ -125,7 +125,7 @@ def products_present(job: SetJob) -> bool:
 def reduce_set(job: SetJob, settings: Settings, *, workers: int | None = None,
                mapper: Callable | None = None, progress: Callable[[str], None] | None = None) -> SetOutcome:
     """Reduce one set with :func:`recipe.run`; any exception becomes a failed outcome (never raised)."""
-    from . import recipe
+    from .. import recipe
 
     start = time.perf_counter()
     outcome = SetOutcome(job.name, str(job.sof), str(job.output_dir), "ok")

@@ -30,8 +30,8 @@ from astropy.io import fits
 from numba import njit
 
 from .cplmath import cholesky_solve, running_mean
-from .frames import InputError
-from .io import MuseImage, RawImage
+from ..io.frames import InputError
+from ..io.formats import MuseImage, RawImage
 
 log = logging.getLogger(__name__)
 

@@ -14,19 +14,19 @@ import sys
 import time
 from pathlib import Path
 
-from . import __version__
-from .params import PARAMETERS, ParameterError, config_text, format_value, make_settings, read_config
+from .. import __version__
+from ..params import PARAMETERS, ParameterError, config_text, format_value, make_settings, read_config
 
 LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
               "error": logging.ERROR, "off": logging.CRITICAL + 10}
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
-    "simulate": ("simulate", "write a simulated MUSE twilight data set (raw frames, calibrations, SOF)"),
-    "man": ("manpage", "print the recipe's manual page (parameters, inputs, products)"),
-    "compare": ("compare", "compare two product sets (DATACUBE_SKYFLAT, TWILIGHT_CUBE) pixel by pixel"),
-    "batch": ("batch", "reduce many twilight sets, each into its own directory, serially or on a Dask cluster"),
-    "smooth": ("smooth", "post-process an existing DATACUBE_SKYFLAT into TWILIGHT_CUBE (ESO's MUSE_TWILIGHT_SKIP)"),
+    "simulate": ("tools.simulate", "write a simulated MUSE twilight data set (raw frames, calibrations, SOF)"),
+    "man": ("shells.manpage", "print the recipe's manual page (parameters, inputs, products)"),
+    "compare": ("tools.compare", "compare two product sets (DATACUBE_SKYFLAT, TWILIGHT_CUBE) pixel by pixel"),
+    "batch": ("shells.batch", "reduce many twilight sets, each into its own directory, serially or on a Dask cluster"),
+    "smooth": ("core.smooth", "post-process an existing DATACUBE_SKYFLAT into TWILIGHT_CUBE (ESO's MUSE_TWILIGHT_SKIP)"),
 }
 
 
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="where the QA report goes [OUT/report]")
     demo.set_defaults(handler=demo_from_args)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
-        module = importlib.import_module(f"{__package__}.{module_name}")
+        module = importlib.import_module(f"musetwilight.{module_name}")
         sub = commands.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(sub)
         sub.set_defaults(handler=module.run_from_args)
@@ -116,7 +116,8 @@ class Progress:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    from . import merge, recipe
+    from ..core import merge
+    from .. import recipe
 
     settings = settings_from_args(args)
     if args.create_config:
@@ -149,7 +150,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def _write_report(directory: Path, result, truth=None) -> Path:
-    from .report import ReportError, write_report
+    from ..tools.report import ReportError, write_report
 
     try:
         return write_report(directory, result.datacube_skyflat, result.twilight_cube, truth=truth)
@@ -158,8 +159,8 @@ def _write_report(directory: Path, result, truth=None) -> Path:
 
 
 def demo_from_args(args: argparse.Namespace) -> int:
-    from . import recipe
-    from .simulate import simulate_dataset
+    from .. import recipe
+    from ..tools.simulate import simulate_dataset
 
     data = simulate_dataset(args.out / "data", scale=args.scale, seed=args.seed)
     print(f"simulated {data.scale} set ({data.mode}, IFUs {','.join(map(str, data.ifus))}): {data.sof}")

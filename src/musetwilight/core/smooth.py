@@ -34,8 +34,8 @@ from astropy.io import fits
 from numba import njit
 
 from .cplmath import cholesky_solve, running_mean
-from .frames import InputError
-from .products import image_hdu, set_card
+from ..io.frames import InputError
+from ..io.products import image_hdu, set_card
 
 log = logging.getLogger(__name__)
 
@@ -784,7 +784,7 @@ def add_arguments(parser) -> None:
 
 def run_from_args(args) -> int:
     """Write TWILIGHT_CUBE from an existing DATACUBE_SKYFLAT."""
-    from .params import make_settings
+    from ..params import make_settings
 
     path = skip_cube_path(args.cube)
     if path is None:

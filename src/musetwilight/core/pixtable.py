@@ -41,7 +41,7 @@ import numpy as np
 from astropy.io import fits
 from numba import njit
 
-from .frames import InputError
+from ..io.frames import InputError
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from . import __version__
+from .. import __version__
 
 DEFAULT_TITLE = "musetwilight QA report"
 QC_RE = re.compile(r"^ESO QC TWILIGHT(\d+) (.+)$")

@@ -31,11 +31,11 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from . import io
-from .basicproc import layout_from_header
+from . import formats as io
+from ..core.basicproc import layout_from_header
 from .frames import InputError
-from .params import Settings
-from .smooth import adapt_vignetting_mask
+from ..params import Settings
+from ..core.smooth import adapt_vignetting_mask
 
 NSLICES = 48
 

@@ -32,8 +32,8 @@ from typing import Iterable
 import numpy as np
 from astropy.io import fits
 
-from .frames import InputError
-from .io import image_values, iter_hdus, open_fits
+from ..io.frames import InputError
+from ..io.formats import image_values, iter_hdus, open_fits
 
 PRODUCT_NAMES = ("DATACUBE_SKYFLAT.fits", "TWILIGHT_CUBE.fits")
 WCS_KEY = re.compile(r"^(CTYPE\d+|CUNIT\d+|CRVAL\d+|CRPIX\d+|CD\d+_\d+)$")

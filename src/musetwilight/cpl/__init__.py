@@ -27,9 +27,9 @@ from typing import Any, Iterator, Mapping
 
 from astropy.io import fits
 
-from . import __version__
-from . import params as _params
-from .frames import RULES_BY_TAG, InputError, make_frameset
+from .. import __version__
+from .. import params as _params
+from ..io.frames import RULES_BY_TAG, InputError, make_frameset
 
 RECIPES = ("muse_twilight",)
 RAW_TAGS = ["SKYFLAT", "ILLUM"]
@@ -323,7 +323,7 @@ class Recipe:
     @calib.setter
     def calib(self, source: Mapping[str, Any] | str | None) -> None:
         if isinstance(source, (str, os.PathLike)):
-            from .frames import parse_sof
+            from ..io.frames import parse_sof
 
             grouped: dict[str, list[str]] = {}
             for frame in parse_sof(source):
@@ -344,7 +344,7 @@ class Recipe:
 
     def __call__(self, *data: Any, **ndata: Any) -> Result:
         """Run the recipe (python-cpl's keywords: raw, tag, param, calib, output_dir, env, loglevel, logname)."""
-        from . import recipe
+        from .. import recipe
 
         tag = ndata.get("tag", self.tag)
         raw = _raw_frames(data, ndata.get("raw"), tag)

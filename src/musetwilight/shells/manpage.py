@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import textwrap
 
-from . import __version__
-from .frames import PRODUCTS, TAG_RULES
-from .params import PARAMETERS, format_value
+from .. import __version__
+from ..io.frames import PRODUCTS, TAG_RULES
+from ..params import PARAMETERS, format_value
 
 SYNOPSIS = ("Combine several twilight skyflats into one cube, compute correction factors for each "
             "IFU, and create a smooth 3D illumination correction.")

@@ -24,8 +24,8 @@ from astropy.io import fits
 from numba import njit
 
 from .basicproc import NSAT_KEY
-from .frames import InputError
-from .io import MuseImage
+from ..io.frames import InputError
+from ..io.formats import MuseImage
 
 CHUNK_ROWS = 128
 
