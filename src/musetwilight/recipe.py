@@ -1,17 +1,17 @@
 """The muse_twilight data flow, top to bottom.
 
-1. per IFU (in parallel): basic processing of every raw exposure, combination of the
-   SKYFLATs, bad-pixel interpolation, pixel table, ILLUM slice correction, NaD notch
-   flag (AO modes), wavelength cut;
-2. flux scaling relative to the reference IFU and merge;
-3. cube resampling and white-light image -> DATACUBE_SKYFLAT;
-4. smoothing and vignetting model -> TWILIGHT_CUBE.
-Both products are built in memory and written atomically at the end, so a failure
-never leaves a partial product.
+:func:`run` reads the set of frames and checks it, reduces the IFUs (in parallel:
+basic processing, combination, bad-pixel interpolation, pixel table, ILLUM, NaD
+notch, wavelength cut), scales them by their integrated flux and resamples them into
+DATACUBE_SKYFLAT, smooths that into TWILIGHT_CUBE, assembles both products' headers
+and writes them.  Each step is one function below returning a small dataclass; the
+products are built in memory and written atomically at the end, so a failure never
+leaves a partial product.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -21,82 +21,67 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Literal, Mapping
 
 import numpy as np
 from astropy.io import fits
 
-from .core import basicproc
-
-from .io import preflight as checks
-
-from .core import combine
-
-from .io import formats as io
-
-from .core import merge
-
-from .core import pixtable
-
-from .io import products
-
-from .core import smooth
-from .core.cube import grid_from_limits, white_light
-from .io.frames import FrameSet, InputError, parse_sof, validate_frameset
+from .core import combine, fluxscale, illum, pixtable
+from .core.basicproc import Calibrations, process_exposures
+from .core.cube import CubeGrid, grid_from_limits, white_light
+from .core.pixtable import PixTable
+from .core.resample import ResampleOptions, resample_tables, resample_tables_banded
+from .core.smooth import TwilightResult, postprocess
+from .errors import InputError, MergeError, MuseTwilightError
+from .instrument import NUM_IFUS, is_nfm
+from .io import formats, products
+from .io.frames import FrameSet, Inputs, parse_sof
+from .io.preflight import preflight
+from .io.spill import SpilledTable
 from .params import Settings, make_settings
-from .core.resample import resample_tables, resample_tables_banded
 
 log = logging.getLogger("musetwilight.recipe")
 
-NUM_IFUS = 24
 SKIP_ENV = "MUSE_TWILIGHT_SKIP"
 SCALES_ENV = "MUSE_TWILIGHT_SCALES"
 PLANES_PER_BAND = 4  # wavelength planes resampled at a time in low-memory mode
 LOW_MEMORY_PIXELS = 4_000_000  # CCDs larger than this (full MUSE: 16.8 M) use low-memory mode
 
 
-@dataclass
-class Inputs:
-    """The input files of one run, resolved by tag."""
+# --------------------------------------------------------------------------- the run
 
-    frames: FrameSet
-    skyflats: list[Path]
-    illum: Path | None
-    bias: Path
-    flat: Path
-    dark: Path | None
-    trace: Path
-    wavecal: Path
-    geometry: Path
-    badpix: list[Path]
-    vignetting: Path | None
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run is carried out (the recipe parameters say what it computes).
+
+    ``skip_cube`` starts from an existing DATACUBE_SKYFLAT (ESO's MUSE_TWILIGHT_SKIP),
+    ``scales`` are external per-IFU flux scales (MUSE_TWILIGHT_SCALES), ``workers`` the
+    IFUs reduced at once, ``low_memory`` keeps the IFU tables on disk and resamples in
+    bands of planes (None: for full-size CCDs), ``mapper(function, ifus)`` distributes
+    the per-IFU stage (default: a thread pool), ``progress`` receives stage messages.
+    """
+
+    skip_cube: Path | None = None
+    scales: tuple[float, ...] | None = None
+    workers: int = 1
+    low_memory: bool | None = None
+    mapper: Callable | None = None
+    progress: Callable[[str], None] | None = None
 
     @classmethod
-    def from_frameset(cls, frames: FrameSet) -> "Inputs":
-        validate_frameset(frames)
-        return cls(frames, frames.paths("SKYFLAT"), frames.single("ILLUM"), frames.single("MASTER_BIAS"),
-                   frames.single("MASTER_FLAT"), frames.single("MASTER_DARK"), frames.single("TRACE_TABLE"),
-                   frames.single("WAVECAL_TABLE"), frames.single("GEOMETRY_TABLE"),
-                   frames.paths("BADPIX_TABLE"), frames.single("VIGNETTING_MASK"))
+    def resolve(cls, environ: Mapping[str, str] | None = None, *, skip_cube=None, scales=None,
+                workers: int | None = None, **rest) -> "RunOptions":
+        """Options from the caller's values, the environment filling in what is not given."""
+        environ = os.environ if environ is None else environ
+        skip = skip_cube or environ.get(SKIP_ENV) or None
+        if scales is None:
+            scales = fluxscale.parse_scales(environ.get(SCALES_ENV))
+        return cls(Path(skip) if skip else None, tuple(scales) if scales is not None else None,
+                   workers or min(NUM_IFUS, os.cpu_count() or 1), **rest)
 
-    def used_raw(self) -> list[tuple[Path, str]]:
-        return [(p, "SKYFLAT") for p in self.skyflats] + ([(self.illum, "ILLUM")] if self.illum else [])
-
-    def used_calib(self, with_vignetting: bool, skipped_cube: bool = False) -> list[tuple[Path, str]]:
-        """Calibrations a product lists; from an existing cube only the vignetting mask is used."""
-        calib = [] if skipped_cube else [(f.path, f.tag) for f in self.frames.calib if f.tag != "VIGNETTING_MASK"]
-        if with_vignetting and self.vignetting:
-            calib.append((self.vignetting, "VIGNETTING_MASK"))
-        return calib
-
-
-@dataclass
-class IfuResult:
-    """What one IFU contributes: its cut pixel table and its combined image's header (with QC)."""
-
-    ifu: int
-    table: pixtable.PixTable
-    header: fits.Header
+    def stage(self, message: str) -> None:
+        (self.progress or log.info)(message)
 
 
 @dataclass
@@ -106,275 +91,301 @@ class RunResult:
     datacube_skyflat: fits.HDUList | None  # None when starting from an existing cube
     twilight_cube: fits.HDUList
     paths: dict[str, Path] = field(default_factory=dict)
-    skipped_ifus: dict[int, str] = field(default_factory=dict)
+    skipped_ifus: dict[int, "IfuSkip"] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+
+    def ifus(self, kind: Literal["absent", "failed"]) -> list[int]:
+        """The skipped IFUs of one kind, sorted."""
+        return sorted(ifu for ifu, skip in self.skipped_ifus.items() if skip.kind == kind)
+
+    def hdulists(self) -> dict[str, fits.HDUList]:
+        """The products made, by tag."""
+        made = ((products.DATACUBE_SKYFLAT.tag, self.datacube_skyflat),
+                (products.TWILIGHT_CUBE.tag, self.twilight_cube))
+        return {tag: hdul for tag, hdul in made if hdul is not None}
+
+
+def run(frames: FrameSet | str | os.PathLike, settings: Settings | Mapping | None = None,
+        output_dir: str | os.PathLike | None = ".", *, environ: Mapping[str, str] | None = None,
+        **options) -> RunResult:
+    """Reduce one twilight set; write DATACUBE_SKYFLAT.fits and TWILIGHT_CUBE.fits into ``output_dir``.
+
+    ``frames`` is an SOF file or a FrameSet, ``settings`` the recipe parameters (a
+    Settings or a mapping of names to values), ``options`` those of
+    :class:`RunOptions` (``skip_cube``, ``scales``, ``workers``, ``low_memory``,
+    ``mapper``, ``progress``).  With ``output_dir=None`` nothing is written.
+
+    Examples
+    --------
+    >>> from musetwilight import recipe                                  # doctest: +SKIP
+    >>> result = recipe.run("twilight.sof", {"resample": "nearest"}, "products")
+    >>> result.paths["TWILIGHT_CUBE"]
+    PosixPath('products/TWILIGHT_CUBE.fits')
+    """
+    settings = settings if isinstance(settings, Settings) else make_settings(settings or {})
+    opts = RunOptions.resolve(environ, **options)
+    start, timings = time.perf_counter(), {}
+    inputs = read_inputs(frames, settings)
+    mode = instrument_mode(inputs.skyflats[0])
+    if opts.skip_cube:
+        skyflat, reductions = load_skyflat(opts.skip_cube), IfuReductions()
+    else:
+        with scratch_space(opts.low_memory, inputs) as spill_dir:
+            reductions = reduce_ifus(inputs, settings, mode, opts, spill_dir)
+            timings["ifus"] = time.perf_counter() - start
+            skyflat = build_skyflat(reductions, inputs, settings, mode, opts, spill_dir is not None)
+        timings["resample"] = time.perf_counter() - start - timings["ifus"]
+    smoothing_start = time.perf_counter()
+    twilight = smooth_skyflat(skyflat, inputs, settings, mode, opts)
+    timings["smooth"] = time.perf_counter() - smoothing_start
+    result = RunResult(skyflat.hdulist, twilight_cube(skyflat, twilight, inputs, settings, mode),
+                       skipped_ifus=reductions.skipped, timings=timings)
+    if output_dir is not None:
+        opts.stage(f"writing the products into {output_dir}")
+        result.paths = products.write_products(result.hdulists(), output_dir)
+    timings["total"] = time.perf_counter() - start
+    return result
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def read_inputs(frames: FrameSet | str | os.PathLike, settings: Settings) -> Inputs:
+    """The run's inputs by tag, validated (tag counts, files, pre-flight checks)."""
+    frameset = frames if isinstance(frames, FrameSet) else parse_sof(frames)
+    inputs = Inputs.from_frameset(frameset)
+    preflight(inputs, settings)
+    return inputs
 
 
 def instrument_mode(path: Path) -> str:
     """ESO INS MODE of a raw exposure (primary header)."""
-    mode = io.read_header(path, 0).get("ESO INS MODE")
+    mode = formats.read_header(path, 0).get("ESO INS MODE")
     if not mode:
         raise InputError(f"{path}: raw exposure has no ESO INS MODE keyword")
     return str(mode).strip()
 
 
-def _full_size_ccd(raw: Path) -> bool:
-    """Whether the raw CCD (first extension's four quadrants) is large enough for low-memory mode."""
-    header = io.read_header(raw, 1)
-    pixels = 4 * int(header.get("ESO DET OUT1 NX", 0)) * int(header.get("ESO DET OUT1 NY", 0))
-    return pixels > LOW_MEMORY_PIXELS
-
-
-def _absent(reason: str) -> bool:
-    """Whether a skip reason says the IFU is simply not part of the set (no calibrations)."""
-    return reason.startswith("Calibrations could not be loaded") and reason.endswith("WAVECAL_TABLE")
-
-
-def _ifu_calibrations(inputs: Inputs, ifu: int):
-    """TRACE and WAVECAL tables of one IFU, or the names of the missing ones."""
-    trace = io.read_ifu_table(inputs.trace, ifu, "TRACE_TABLE")
-    wavecal = io.read_ifu_table(inputs.wavecal, ifu, "WAVECAL_TABLE")
-    missing = [name for name, table in (("TRACE_TABLE", trace), ("WAVECAL_TABLE", wavecal)) if table is None]
-    return trace, wavecal, missing
-
-
-def _raw_has_ifu(inputs: Inputs, ifu: int) -> bool:
-    return all(io.has_ifu_extension(path, ifu) for path, _ in inputs.used_raw())
-
-
-def reduce_ifu(ifu: int, inputs: Inputs, settings: Settings, geometry, mode: str) -> IfuResult:
-    """Basic processing, combination, pixel table, ILLUM and wavelength cut of one IFU."""
+@contextlib.contextmanager
+def scratch_space(low_memory: bool | None, inputs: Inputs) -> Iterator[str | None]:
+    """A scratch directory for the IFU tables in low-memory mode (None otherwise), removed after."""
+    if low_memory is None:
+        header = formats.read_header(inputs.skyflats[0], 1)
+        pixels = 4 * int(header.get("ESO DET OUT1 NX", 0)) * int(header.get("ESO DET OUT1 NY", 0))
+        low_memory = pixels > LOW_MEMORY_PIXELS
+    if not low_memory:
+        yield None
+        return
+    directory = tempfile.mkdtemp(prefix="musetwilight-spill-")
     try:
-        trace, wavecal, missing = _ifu_calibrations(inputs, ifu)
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- per IFU
+
+
+@dataclass(frozen=True)
+class IfuSkip:
+    """Why an IFU is not in the cube: ``absent`` from the set (no TRACE or WAVECAL table for
+    it) or its reduction ``failed`` (a data problem, named in ``reason``)."""
+
+    kind: Literal["absent", "failed"]
+    reason: str
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+@dataclass
+class IfuResult:
+    """What one IFU contributes: its cut pixel table and its combined image's header (with QC)."""
+
+    ifu: int
+    table: PixTable | SpilledTable | None
+    header: fits.Header
+
+
+@dataclass
+class IfuReductions:
+    """The per-IFU stage's outcome: the reduced IFUs and the skipped ones."""
+
+    results: dict[int, IfuResult] = field(default_factory=dict)
+    skipped: dict[int, IfuSkip] = field(default_factory=dict)
+
+
+def reduce_ifu(ifu: int, inputs: Inputs, settings: Settings, geometry, mode: str) -> IfuResult | IfuSkip:
+    """Basic processing, combination, pixel table, ILLUM and wavelength cut of one IFU.
+
+    Data problems (:class:`~musetwilight.errors.MuseTwilightError`) skip the IFU, as ESO
+    does; any other exception is a bug and propagates.
+    """
+    try:
+        trace = formats.read_ifu_table(inputs.trace, ifu, "TRACE_TABLE")
+        wavecal = formats.read_ifu_table(inputs.wavecal, ifu, "WAVECAL_TABLE")
     except InputError as err:
-        raise SkipIfu(f"Calibrations could not be loaded for IFU {ifu:2d}: {err}") from None
+        return IfuSkip("failed", f"Calibrations could not be loaded for IFU {ifu:2d}: {err}")
+    missing = [name for name, table in (("TRACE_TABLE", trace), ("WAVECAL_TABLE", wavecal)) if table is None]
     if missing:
-        raise SkipIfu(f"Calibrations could not be loaded for IFU {ifu:2d}: {' '.join(missing)}")
-    if not _raw_has_ifu(inputs, ifu):
-        raise SkipIfu(f"Basic processing failed for IFU {ifu:2d}: no CHAN{ifu:02d} extension in the raw exposures")
-    badpix = [t for t in (io.read_badpix_table(p, ifu) for p in inputs.badpix) if t is not None]
-    raw_paths = [path for path, _ in inputs.used_raw()]
-    images = basicproc.process_exposures(
-        [io.read_raw_ifu(path, ifu) for path in raw_paths], settings,
-        bias=lambda: io.read_muse_image(inputs.bias, ifu),
-        flat=lambda: io.read_muse_image(inputs.flat, ifu),
-        dark=(lambda: io.read_muse_image(inputs.dark, ifu)) if inputs.dark else None,
-        badpix=badpix or None, illum=[tag == "ILLUM" for _, tag in inputs.used_raw()])
-    exposures = images[:len(inputs.skyflats)]
-    illum_image = images[len(inputs.skyflats)] if inputs.illum else None
-    del images
+        return IfuSkip("absent" if len(missing) == 2 else "failed",
+                       f"Calibrations could not be loaded for IFU {ifu:2d}: {' '.join(missing)}")
+    try:
+        return _reduce_ifu(ifu, inputs, settings, geometry, mode, trace, wavecal)
+    except MuseTwilightError as err:
+        return IfuSkip("failed", f"Basic processing failed for IFU {ifu:2d}: {err}")
+
+
+def _reduce_ifu(ifu: int, inputs: Inputs, settings: Settings, geometry, mode: str, trace, wavecal) -> IfuResult:
+    if not all(formats.has_ifu_extension(path, ifu) for path, _ in inputs.used_raw()):
+        raise InputError(f"no CHAN{ifu:02d} extension in the raw exposures")
+    badpix = [t for t in (formats.read_badpix_table(p, ifu) for p in inputs.badpix) if t is not None]
+    raw = inputs.used_raw()
+    calibrations = Calibrations(
+        bias=lambda: formats.read_muse_image(inputs.bias, ifu),
+        flat=lambda: formats.read_muse_image(inputs.flat, ifu),
+        dark=(lambda: formats.read_muse_image(inputs.dark, ifu)) if inputs.dark else None,
+        badpix=badpix)
+    processed = process_exposures([formats.read_raw_ifu(path, ifu) for path, _ in raw], settings, calibrations,
+                                  illum=[tag == "ILLUM" for _, tag in raw])
+    exposures = processed.images[:len(inputs.skyflats)]
+    illum_image = processed.images[len(inputs.skyflats)] if inputs.illum else None
     master = combine.combine_exposures(exposures, settings)
-    qc = combine.exposure_qc(exposures, ifu, basicproc.flat_rejected(lambda: io.read_muse_image(inputs.flat, ifu)))
+    qc = combine.exposure_qc(exposures, ifu, processed.flat_zero)
     qc.update(combine.master_qc(master, ifu))
     combine.add_qc(master.header, qc)
-    del exposures
+    del exposures, processed
     master = combine.interpolate_bad_pixels(master, in_place=True)
     table = pixtable.build_pixtable(master, trace, wavecal, geometry, ifu, mode)
     if illum_image is not None:
-        illum_table = pixtable.build_pixtable(illum_image, trace, wavecal, geometry, ifu, mode,
-                                              flag_notch=False)
-        table = merge.apply_illum(table, merge.illum_correction(illum_table), ifu)
-    table = merge.restrict_wavelength(table, settings.lambdamin, settings.lambdamax)
+        illum_table = pixtable.build_pixtable(illum_image, trace, wavecal, geometry, ifu, mode, flag_notch=False)
+        table = illum.apply_illum(table, illum.illum_correction(illum_table), ifu)
+    table = illum.restrict_wavelength(table, settings.lambdamin, settings.lambdamax)
     table.origin = None  # not needed after the ILLUM correction: 4 bytes a row less to hold
     return IfuResult(ifu, table, master.header)
 
 
-class SkipIfu(RuntimeError):
-    """This IFU cannot be reduced; the recipe goes on without it (as ESO does)."""
+def _reduce_or_skip(ifu: int, inputs: Inputs, settings: Settings, geometry, mode: str):
+    """:func:`reduce_ifu` as a picklable one-argument task: ``(ifu, result or skip)``."""
+    return ifu, reduce_ifu(ifu, inputs, settings, geometry, mode)
 
 
-def reduce_ifu_or_skip(ifu: int, inputs: Inputs, settings: Settings, geometry, mode: str):
-    """:func:`reduce_ifu` returning ``(ifu, result, None)`` or ``(ifu, None, reason)`` for a skipped IFU."""
-    try:
-        return ifu, reduce_ifu(ifu, inputs, settings, geometry, mode), None
-    except SkipIfu as reason:
-        return ifu, None, str(reason)
-    except (InputError, ValueError, basicproc.OverscanError) as err:
-        return ifu, None, f"Basic processing failed for IFU {ifu:2d}: {err}"
+def reduce_ifus(inputs: Inputs, settings: Settings, mode: str, options: RunOptions,
+                spill_dir: str | None = None) -> IfuReductions:
+    """Run :func:`reduce_ifu` for IFUs 1..24 (``options.mapper``, or a thread pool of
+    ``options.workers``); with ``spill_dir`` each table goes to disk as it arrives."""
+    options.stage("reducing the IFUs (basic processing, combination, pixel tables)")
+    geometry = formats.read_geometry_table(inputs.geometry)
+    task = partial(_reduce_or_skip, inputs=inputs, settings=settings, geometry=geometry, mode=mode)
+    reductions = IfuReductions()
+    with contextlib.ExitStack() as stack:
+        mapper = options.mapper
+        if mapper is None:
+            mapper = stack.enter_context(ThreadPoolExecutor(max_workers=max(1, options.workers))).map
+        for done, (ifu, outcome) in enumerate(mapper(task, range(1, NUM_IFUS + 1)), start=1):
+            if isinstance(outcome, IfuSkip):
+                reductions.skipped[ifu] = outcome
+                log.warning("%s", outcome.reason)
+                continue
+            if spill_dir is not None:
+                outcome.table = SpilledTable(outcome.table, spill_dir, f"ifu{ifu:02d}")
+            reductions.results[ifu] = outcome
+            options.stage(f"IFU {ifu:2d} reduced ({done}/{NUM_IFUS})")
+    if not reductions.results:
+        failed_first = sorted(reductions.skipped, key=lambda i: (reductions.skipped[i].kind == "absent", i))
+        raise MergeError("no IFU could be reduced: "
+                         + "; ".join(reductions.skipped[i].reason for i in failed_first)[:2000])
+    return reductions
 
 
-def reduce_all_ifus(inputs: Inputs, settings: Settings, mode: str, workers: int,
-                    progress: Callable[[str], None] | None = None, mapper: Callable | None = None,
-                    spill_dir: str | None = None) -> tuple[dict[int, IfuResult], dict[int, str]]:
-    """Run :func:`reduce_ifu` for IFUs 1..24 and collect results and skip reasons.
-
-    ``mapper(function, ifus)`` runs a picklable one-argument function over the IFU
-    numbers and yields the results in order (default: a thread pool of ``workers``);
-    the Dask path passes its own to spread IFUs over a cluster.  With ``spill_dir`` each
-    IFU's table goes to disk as soon as it arrives (see merge.SpilledTable).
-    """
-    geometry = io.read_geometry_table(inputs.geometry)
-    task = partial(reduce_ifu_or_skip, inputs=inputs, settings=settings, geometry=geometry, mode=mode)
-    results: dict[int, IfuResult] = {}
-    skipped: dict[int, str] = {}
-    done = 0
-    pool = None
-    if mapper is None:
-        pool = ThreadPoolExecutor(max_workers=max(1, workers))
-        mapper = pool.map
-    try:
-        for ifu, result, reason in mapper(task, range(1, NUM_IFUS + 1)):
-            done += 1
-            if result is None:
-                skipped[ifu] = reason
-                log.warning("%s", reason)
-            else:
-                if spill_dir is not None:
-                    result.table = merge.SpilledTable(result.table, spill_dir, f"ifu{ifu:02d}")
-                results[ifu] = result
-                if progress:
-                    progress(f"IFU {ifu:2d} reduced ({done}/{NUM_IFUS})")
-    finally:
-        if pool is not None:
-            pool.shutdown()
-    return results, skipped
+# --------------------------------------------------------------------------- DATACUBE_SKYFLAT
 
 
-def reconstruct(results: dict[int, IfuResult], settings: Settings, mode: str,
-                scales: list[float] | None, planes_per_band: int | None = None):
-    """Flux-scale the IFUs' tables and resample them into the cube; return (cube, white, fluxes).
+@dataclass
+class Skyflat:
+    """DATACUBE_SKYFLAT: the cube with its white-light image and headers (and its HDUList
+    when this run made it)."""
+
+    cube: np.ndarray
+    white: np.ndarray | None
+    primary: fits.Header
+    data_header: fits.Header
+    hdulist: fits.HDUList | None = None
+
+
+def load_skyflat(path: Path) -> Skyflat:
+    """An existing DATACUBE_SKYFLAT (skip mode); without a white extension the smoothing
+    collapses the cube itself, as ESO does."""
+    log.warning("Skipping active: loaded previously generated cube from \"%s\"", path)
+    sky = formats.read_datacube_skyflat(path)
+    return Skyflat(sky.cube, sky.white, sky.primary_header, sky.data_header)
+
+
+def build_skyflat(reductions: IfuReductions, inputs: Inputs, settings: Settings, mode: str,
+                  options: RunOptions, banded: bool) -> Skyflat:
+    """Flux-scale the IFUs' tables and resample them into DATACUBE_SKYFLAT.
 
     The tables go into the pixel grid one IFU at a time and are released as they go,
-    so the merged pixel table never exists in memory; with ``planes_per_band`` the cube
-    is resampled a band of wavelength planes at a time (identical result, less memory).
+    so the merged pixel table never exists in memory; ``banded`` resamples a band of
+    wavelength planes at a time (identical result, less memory).
     """
-    tables = {ifu: r.table for ifu, r in results.items()}
-    for r in results.values():
+    resample = ResampleOptions.from_settings(settings)
+    options.stage(f"resampling {len(reductions.results)} IFUs into the cube ({resample.method}, "
+                  f"crtype {resample.crtype})")
+    tables = {ifu: r.table for ifu, r in reductions.results.items()}
+    for r in reductions.results.values():
         r.table = None
-    flux = merge.flux_scales(tables, nfm=mode.startswith("NFM"), scales=scales,
-                             lambda_range=(settings.lambdamin, settings.lambdamax))
+    flux = fluxscale.flux_scales(tables, nfm=is_nfm(mode), scales=options.scales,
+                                 lambda_range=(settings.lambdamin, settings.lambdamax))
     order = sorted(flux.divisor)
-    limits = [(t.xpos.min(), t.xpos.max(), t.ypos.min(), t.ypos.max(), t.lambda_.min(), t.lambda_.max())
-              for t in (tables[ifu] for ifu in order)]
-    lo, hi = np.min(limits, axis=0), np.max(limits, axis=0)
-    grid = grid_from_limits(lo[0], hi[1], lo[2], hi[3], lo[4], hi[5], settings.dlambda)
+    grid = _cube_grid([tables[ifu] for ifu in order], settings.dlambda)
     ordered = [tables.pop(ifu) for ifu in order]
-    options = dict(method=settings.resample, crtype=settings.crtype, crsigma=settings.crsigma)
     divisors = [flux.divisor[ifu] for ifu in order]
-    if planes_per_band:
-        cube = resample_tables_banded(ordered, divisors, grid, planes_per_band, **options)
+    if banded:
+        cube = resample_tables_banded(ordered, divisors, grid, PLANES_PER_BAND, resample)
     else:
-        cube = resample_tables(ordered, divisors, grid, **options)
-    return cube, white_light(cube.data), flux
+        cube = resample_tables(ordered, divisors, grid, resample)
+    white = white_light(cube.data)
+    headers = {ifu: r.header for ifu, r in reductions.results.items()}
+    failed = sorted(i for i, s in reductions.skipped.items() if s.kind == "failed")
+    absent = sorted(i for i, s in reductions.skipped.items() if s.kind == "absent")
+    primary = products.skyflat_primary(headers, flux, inputs, settings, failed, absent)
+    data_header = cube.grid.header_wcs()
+    hdulist = products.datacube_skyflat_hdulist(primary, cube.data, cube.stat, white, data_header)
+    return Skyflat(cube.data, white, primary, data_header, hdulist)
 
 
-def primary_keywords(results: dict[int, IfuResult], flux: merge.MergedFlux) -> list[tuple[str, object, str | None]]:
-    """QC TWILIGHT keywords of every IFU, INTFLUX, and the DRS MUSE FLAT FLUX values."""
-    cards: list[tuple[str, object, str | None]] = []
-    for ifu in sorted(results):
-        header = results[ifu].header
-        for card in header.cards:
-            if card.keyword.startswith(f"ESO QC TWILIGHT{ifu} "):
-                cards.append((card.keyword, card.value, card.comment or None))
-        if ifu in flux.flux:
-            cards.append((f"ESO QC TWILIGHT{ifu} INTFLUX", float(np.float32(flux.flux[ifu])),
-                          "Flux integrated over all slices of this IFU"))
-    reference = results[flux.reference_ifu].header
-    lamp = reference.get("ESO DRS MUSE FLAT FLUX LAMP")
-    if lamp is not None:
-        cards.append(("ESO DRS MUSE FLAT FLUX LAMP", float(lamp), None))
-    for ifu in sorted(flux.flux):
-        cards.append((f"ESO DRS MUSE FLAT FLUX SKY{ifu}", float(flux.flux[ifu]), None))
-    return cards
+def _cube_grid(tables: list, dlambda: float) -> CubeGrid:
+    """The cube grid spanning all tables (ESO: the limits of the merged table)."""
+    limits = [(t.xpos.min(), t.xpos.max(), t.ypos.min(), t.ypos.max(), t.lambda_.min(), t.lambda_.max())
+              for t in tables]
+    lo, hi = np.min(limits, axis=0), np.max(limits, axis=0)
+    return grid_from_limits(lo[0], hi[1], lo[2], hi[3], lo[4], hi[5], dlambda)
 
 
-def run(frames: FrameSet | str | os.PathLike, settings: Settings | Mapping | None = None,
-        output_dir: str | os.PathLike | None = ".", *, skip_cube: str | os.PathLike | None = None,
-        scales: list[float] | None = None, workers: int | None = None,
-        environ: Mapping[str, str] | None = None,
-        progress: Callable[[str], None] | None = None, mapper: Callable | None = None,
-        low_memory: bool | None = None) -> RunResult:
-    """Reduce one twilight set; write DATACUBE_SKYFLAT.fits and TWILIGHT_CUBE.fits into ``output_dir``.
+# --------------------------------------------------------------------------- TWILIGHT_CUBE
 
-    ``skip_cube`` (or $MUSE_TWILIGHT_SKIP) starts from an existing DATACUBE_SKYFLAT;
-    ``scales`` (or $MUSE_TWILIGHT_SCALES) are external per-IFU flux scales.  With
-    ``output_dir=None`` nothing is written.  ``mapper`` distributes the per-IFU stage
-    (see :func:`reduce_all_ifus`).  ``low_memory`` (default: for full-size CCDs) keeps the
-    IFU tables on disk ($TMPDIR) and resamples in bands of wavelength planes; the
-    products are the same.
-    """
-    environ = os.environ if environ is None else environ
 
-    def stage(message: str) -> None:
-        (progress or log.info)(message)
-
-    settings = settings if isinstance(settings, Settings) else make_settings(settings or {})
-    frameset = frames if isinstance(frames, FrameSet) else parse_sof(frames)
-    inputs = Inputs.from_frameset(frameset)
-    checks.preflight(inputs, settings)
-    mode = instrument_mode(inputs.skyflats[0])
-    skip_cube = skip_cube or environ.get(SKIP_ENV) or None
-    if scales is None:
-        scales = merge.external_scales(environ.get(SCALES_ENV))
-    workers = workers or min(NUM_IFUS, os.cpu_count() or 1)
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    skipped: dict[int, str] = {}
-
-    if skip_cube:
-        log.warning("Skipping active: loaded previously generated cube from \"%s\"", skip_cube)
-        sky = smooth.read_datacube_skyflat(skip_cube)
-        cube_data, white = sky.cube, sky.white if sky.white is not None else white_light(sky.cube)
-        cube_primary, data_header = sky.primary_header, sky.data_header
-        datacube = None
-    else:
-        if low_memory is None:
-            low_memory = _full_size_ccd(inputs.skyflats[0])
-        spill_dir = tempfile.mkdtemp(prefix="musetwilight-spill-") if low_memory else None
-        try:
-            stage("reducing the IFUs (basic processing, combination, pixel tables)")
-            results, skipped = reduce_all_ifus(inputs, settings, mode, workers, progress, mapper, spill_dir)
-            timings["ifus"] = time.perf_counter() - start
-            if not results:
-                real_failures_first = sorted(skipped, key=lambda i: (_absent(skipped[i]), i))
-                raise merge.MergeError("no IFU could be reduced: "
-                                       + "; ".join(skipped[i] for i in real_failures_first)[:2000])
-            stage(f"resampling {len(results)} IFUs into the cube ({settings.resample}, crtype {settings.crtype})")
-            cube, white, flux = reconstruct(results, settings, mode, scales,
-                                            PLANES_PER_BAND if low_memory else None)
-        finally:
-            if spill_dir is not None:
-                shutil.rmtree(spill_dir, ignore_errors=True)
-        timings["resample"] = time.perf_counter() - start - timings["ifus"]
-        reference_header = results[flux.reference_ifu].header
-        primary = products.product_primary_header(reference_header, "DATACUBE_SKYFLAT", inputs.used_raw(),
-                                                  inputs.used_calib(False), settings,
-                                                  primary_keywords(results, flux))
-        data_header = cube.grid.header_wcs()
-        cube_data = cube.data
-        failed = sorted(i for i in skipped if not _absent(skipped[i]))
-        absent = sorted(i for i in skipped if _absent(skipped[i]))
-        if failed:
-            primary["HIERARCH MUSETWILIGHT SKIPPED"] = (",".join(map(str, failed)),
-                                                        "IFUs whose reduction failed")
-        if absent:
-            primary["HIERARCH MUSETWILIGHT ABSENT"] = (",".join(map(str, absent)),
-                                                       "IFUs without calibrations (not in the set)")
-        datacube = products.datacube_skyflat_hdulist(primary, cube.data, cube.stat, white, data_header)
-        cube_primary = primary
-
+def smooth_skyflat(skyflat: Skyflat, inputs: Inputs, settings: Settings, mode: str,
+                   options: RunOptions) -> TwilightResult:
+    """ESO's smooth illumination model of the cube (vignetting mask in WFM only, as ESO)."""
+    options.stage("smoothing the cube planes and modelling the vignetting")
     vignetting = None
-    if inputs.vignetting and not mode.startswith("NFM"):
-        vignetting = io.read_vignetting_mask(inputs.vignetting).mask
-    t0 = time.perf_counter()
-    stage("smoothing the cube planes and modelling the vignetting")
-    plane_header = cube_primary.copy()
-    plane_header.update(products.wcs_cards(data_header, 3))
-    result = smooth.postprocess(cube_data, plane_header, settings, vignetting, mode, white=white)
-    uses_vignetting = vignetting is not None  # ESO loads (and lists) the mask only in WFM
-    twilight_primary = products.product_primary_header(
-        cube_primary, "TWILIGHT_CUBE", inputs.used_raw(), inputs.used_calib(uses_vignetting, bool(skip_cube)), settings,
-        [(c.keyword, c.value, c.comment) for c in cube_primary.cards
-         if c.keyword.startswith("ESO DRS MUSE FLAT FLUX")
-         or (skip_cube and c.keyword.startswith("ESO QC TWILIGHT"))])
-    twilight = smooth.twilight_cube_hdulist(result, twilight_primary, data_header,
-                                            drop_qc=not skip_cube)  # ESO keeps QC in skip mode
-    timings["smooth"] = time.perf_counter() - t0
-    run_result = RunResult(datacube, twilight, skipped_ifus=skipped, timings=timings)
-    if output_dir is not None:
-        stage(f"writing the products into {output_dir}")
-        written = {name: hdul for name, hdul in (("DATACUBE_SKYFLAT", datacube), ("TWILIGHT_CUBE", twilight))
-                   if hdul is not None}
-        run_result.paths = products.write_products(written, output_dir)
-    timings["total"] = time.perf_counter() - start
-    return run_result
+    if inputs.vignetting and not is_nfm(mode):
+        vignetting = formats.read_vignetting_mask(inputs.vignetting).mask
+    header = skyflat.data_header
+    wavelengths = None
+    if "CRVAL3" in header and "CD3_3" in header:
+        wavelengths = float(header["CRVAL3"]) + np.arange(skyflat.cube.shape[0]) * float(header["CD3_3"])
+    return postprocess(skyflat.cube, settings, mode, white=skyflat.white, vignetting_mask=vignetting,
+                       wavelengths=wavelengths)
+
+
+def twilight_cube(skyflat: Skyflat, result: TwilightResult, inputs: Inputs, settings: Settings,
+                  mode: str) -> fits.HDUList:
+    """TWILIGHT_CUBE's HDUList: the model, with the provenance of this run."""
+    from_existing_cube = skyflat.hdulist is None
+    primary = products.twilight_primary(skyflat.primary, inputs, settings,
+                                        with_vignetting=bool(inputs.vignetting) and not is_nfm(mode),
+                                        from_existing_cube=from_existing_cube)
+    return products.twilight_cube_hdulist(result, primary, skyflat.data_header, drop_qc=not from_existing_cube)

@@ -23,9 +23,11 @@ import numpy as np
 from astropy.io import fits
 from numba import njit
 
+from ..errors import InputError
+from ..params import Combine, Settings
 from .basicproc import NSAT_KEY
-from ..io.frames import InputError
-from ..io.formats import MuseImage
+from .cplmath import median, median_of
+from .images import MuseImage
 
 CHUNK_ROWS = 128
 
@@ -160,32 +162,16 @@ def _minmax(data, dq, stat, nlow, nhigh, nkeep, odata, odq, ostat):
 
 
 @njit(cache=True, nogil=True)
-def _median_cpl(vals, n, scratch):
-    """cpl_vector_get_median: middle value, or a + (b - a) / 2 of the two middle ones."""
-    for a in range(n):
-        v = vals[a]
-        b = a - 1
-        while b >= 0 and scratch[b] > v:
-            scratch[b + 1] = scratch[b]
-            b -= 1
-        scratch[b + 1] = v
-    if n & 1:
-        return scratch[(n - 1) // 2]
-    low = scratch[n // 2 - 1]
-    return low + (scratch[n // 2] - low) / 2.0
-
-
-@njit(cache=True, nogil=True)
 def _sigclip(data, dq, stat, lsigma, hsigma, odata, odq, ostat):
     n, ny, nx = data.shape
     vals = np.empty(n, dtype=np.float64)
     svals = np.empty(n, dtype=np.float64)
-    scratch = np.empty(n, dtype=np.float64)
+    work = np.empty(n + 100, dtype=np.float64)
     for i in range(ny):
         for j in range(nx):
             ngood = _good_values(data, dq, stat, i, j, vals, svals)
             if ngood > 0:
-                med = _median_cpl(vals, ngood, scratch)
+                med = median(vals, ngood, work, 2.0)
                 mdev = 0.0
                 for k in range(ngood):
                     mdev += abs(vals[k] - med)
@@ -228,7 +214,7 @@ def _combined_header(header: fits.Header) -> fits.Header:
     return out
 
 
-def combine_exposures(images: list[MuseImage], settings) -> MuseImage:
+def combine_exposures(images: list[MuseImage], settings: Settings) -> MuseImage:
     """Combine processed exposures of one IFU with ``settings.combine`` (see module doc).
 
     With ``settings.scale`` the inputs are scaled in place first.  The
@@ -247,15 +233,12 @@ def combine_exposures(images: list[MuseImage], settings) -> MuseImage:
         scale_to_first_exptime(images)
     method = settings.combine
     n = len(images)
-    if method == "minmax":
+    if method is Combine.MINMAX:
         if n - settings.nhigh - settings.nlow < settings.nkeep or n - settings.nhigh <= 0:
             raise InputError(f"Not enough images left after minmax rejection: {n} input images, "
                              f"min={settings.nlow}, max={settings.nhigh}, keep={settings.nkeep}")
-    elif method == "sigclip":
-        if n < 3:
-            raise InputError("Sigma clipping requires at least 3 images!")
-    elif method not in ("average", "median"):
-        raise InputError(f"unknown combination method {method!r}")
+    elif method is Combine.SIGCLIP and n < 3:
+        raise InputError("Sigma clipping requires at least 3 images!")
     odata = np.empty(shape, dtype=np.float32)
     odq = np.empty(shape, dtype=np.uint32)
     ostat = np.empty(shape, dtype=np.float32)
@@ -265,14 +248,14 @@ def combine_exposures(images: list[MuseImage], settings) -> MuseImage:
         dq = np.stack([im.dq[rows] for im in images]).astype(np.uint32, copy=False)
         stat = np.stack([im.stat[rows] for im in images]).astype(np.float32, copy=False)
         out = (odata[rows], odq[rows], ostat[rows])
-        if method == "average":
+        if method is Combine.AVERAGE:
             _average(data, dq, stat, *out)
-        elif method == "median":
+        elif method is Combine.MEDIAN:
             _median(data, dq, stat, *out)
-        elif method == "minmax":
+        elif method is Combine.MINMAX:
             _minmax(data, dq, stat, settings.nlow, settings.nhigh, settings.nkeep, *out)
         else:
-            _sigclip(data, dq, stat, float(settings.lsigma), float(settings.hsigma), *out)
+            _sigclip(data, dq, stat, settings.lsigma, settings.hsigma, *out)
     return MuseImage(odata, odq, ostat, _combined_header(images[0].header))
 
 
@@ -363,15 +346,10 @@ def image_stats(data: np.ndarray, rejected: np.ndarray | None = None) -> dict[st
     n = values.size
     if n == 0:
         raise InputError("no good pixels for image statistics")
-    if n & 1:
-        median = np.partition(values, n // 2)[n // 2]
-    else:
-        part = np.partition(values, [n // 2 - 1, n // 2])
-        a, b = part[n // 2 - 1], part[n // 2]
-        median = np.float32(a + (b - a) / np.float32(2))
+    middle = median_of(values)
     total, mean, varsum, vmin, vmax = _moments(values)
     stdev = math.sqrt(varsum / (n - 1)) if n > 1 else 0.0
-    return dict(MEDIAN=float(median), MEAN=mean, STDEV=stdev, MIN=float(vmin), MAX=float(vmax),
+    return dict(MEDIAN=middle, MEAN=mean, STDEV=stdev, MIN=float(vmin), MAX=float(vmax),
                 INTFLUX=total)
 
 
@@ -403,7 +381,7 @@ def exposure_qc(images: list[MuseImage], ifu: int, rejected: np.ndarray | None =
     """QC TWILIGHTm INPUTi MEDIAN/MEAN/STDEV/MIN/MAX (float) and NSATURATED of the inputs.
 
     ``rejected``: pixels ESO's image statistics skip (flat == 0, see
-    basicproc.flat_rejected).  Call after combine_exposures, as ESO does (scaled data).
+    basicproc.ProcessedExposures.flat_zero).  Call after combine_exposures, as ESO does (scaled data).
     """
     qc: dict[str, float | int] = {}
     for k, image in enumerate(images, start=1):

@@ -18,8 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from astropy.io import fits
 
-#: ESO's default spectral sampling of MUSE (Angstrom), used when dlambda is 0.
-SPECTRAL_SAMPLING = 1.25
+from ..instrument import SPECTRAL_SAMPLING  # ESO's sampling when dlambda is 0
 
 
 def lround(value: float) -> int:

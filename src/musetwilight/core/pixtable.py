@@ -41,12 +41,12 @@ import numpy as np
 from astropy.io import fits
 from numba import njit
 
-from ..io.frames import InputError
+from ..errors import InputError
+from ..instrument import NUM_IFUS, NUM_SLICES, Euro3D, header_ifu, is_ao, notch_range
+from ..headers import WCS_KEYS
 
 log = logging.getLogger(__name__)
 
-NSLICES = 48
-NIFUS = 24
 LAMBDA_MIN_VALID = 3000.0
 LAMBDA_MAX_VALID = 11000.0
 WAVE_TEST_POSITION = 2056.0  # kMuseOutputYTop / 2
@@ -54,14 +54,6 @@ SLICE_SAFETY_OFFSET = -20
 NOMINAL_SLICE_WIDTH = 75.0  # slice width of the geometry-less "SIMPLE" table
 HI_LIKELY_SLICE_WIDTH = np.float32(82.2)  # slice spacing of ESO's geometry-less table
 RAD_PER_DEG = 0.017453292519943295769236907684886127134
-
-EURO3D_NOTCH_NAD = np.uint32(1 << 27)
-# NaD notch-filter ranges [Angstrom] per instrument mode (kMuseNa*Lambda*).
-NOTCH_RANGES = {
-    "WFM-AO-N": (5805.0, 5966.0),
-    "WFM-AO-E": (5755.0, 6008.0),
-    "NFM-AO-N": (5780.0, 6050.0),
-}
 
 SHIFT_X = 24
 SHIFT_Y = 11
@@ -77,9 +69,7 @@ KEY_LIMITS = "ESO DRS MUSE PIXTABLE LIMITS "
 _DROP_KEYS = re.compile(
     r"^SIMPLE$|^BITPIX$|^NAXIS|^EXTEND$|^XTENSION$|^DATASUM$|^DATAMIN$|^DATAMAX$|"
     r"^DATAMD5$|^PCOUNT$|^GCOUNT$|^HDUVERS$|^BLANK$|^BZERO$|^BSCALE$|^BUNIT$|"
-    r"^CHECKSUM$|^INHERIT$|^ESO DRS MUSE OVSC|"
-    r"^C(TYPE|UNIT|RPIX|RVAL|DELT|SYER|RDER)|^CD[0-9]+_[0-9]+|"
-    r"^WCSAXES[ A-Z]|^WCSNAME[ A-Z]|^L[OA][NT]POLE$"
+    r"^CHECKSUM$|^INHERIT$|^ESO DRS MUSE OVSC|" + WCS_KEYS.pattern
 )
 
 COLUMNS = ("xpos", "ypos", "lambda", "data", "dq", "stat", "origin")
@@ -143,8 +133,8 @@ def _find_slice_rows(table: Any, what: str) -> np.ndarray:
     if "SliceNo" not in _colnames(table):
         raise InputError(f"{what} has no SliceNo column")
     numbers = _column(table, "SliceNo")
-    rows = np.full(NSLICES, -1, dtype=np.int64)
-    for islice in range(NSLICES):
+    rows = np.full(NUM_SLICES, -1, dtype=np.int64)
+    for islice in range(NUM_SLICES):
         hits = np.flatnonzero(numbers == islice + 1)
         if hits.size:
             rows[islice] = hits[0]
@@ -168,7 +158,7 @@ def trace_edges(trace: Any, ifu: int) -> tuple[np.ndarray, np.ndarray]:
     rows = _find_slice_rows(trace, f"TRACE_TABLE of IFU {ifu}")
     edges = []
     for edge in (1, 2):
-        coeffs = np.full((NSLICES, order + 1), np.nan)
+        coeffs = np.full((NUM_SLICES, order + 1), np.nan)
         for k in range(order + 1):
             name = f"tc{edge}_{k:02d}"
             if name not in names:
@@ -198,7 +188,7 @@ def wavecal_coefficients(wavecal: Any, ifu: int) -> np.ndarray:
     names = _colnames(wavecal)
     rows = _find_slice_rows(wavecal, f"WAVECAL_TABLE of IFU {ifu}")
     present = rows >= 0
-    coeffs = np.full((NSLICES, xorder + 1, yorder + 1), np.nan)
+    coeffs = np.full((NUM_SLICES, xorder + 1, yorder + 1), np.nan)
     for ix in range(xorder + 1):
         for iy in range(yorder + 1):
             name = f"wlc{ix}{iy}"
@@ -216,24 +206,14 @@ def geometry_for_ifu(geometry: Any, ifu: int) -> dict[str, np.ndarray]:
             raise InputError(f"GEOMETRY_TABLE has no column {name}")
     field = _column(geometry, "SubField")
     rows = np.flatnonzero(field == ifu)
-    if rows.size != NSLICES:
-        raise InputError(f"GEOMETRY_TABLE contains {rows.size} instead of {NSLICES} slices "
+    if rows.size != NUM_SLICES:
+        raise InputError(f"GEOMETRY_TABLE contains {rows.size} instead of {NUM_SLICES} slices "
                          f"for IFU {ifu}")
     rows = rows[np.argsort(_column(geometry, "SliceCCD")[rows], kind="stable")]
     missing = [name for name in ("x", "y", "angle", "width") if name not in names]
     if missing:
         raise InputError("GEOMETRY_TABLE is missing column(s) " + ", ".join(missing))
     return {name: _column(geometry, name)[rows] for name in ("x", "y", "angle", "width")}
-
-
-def ifu_from_header(header: fits.Header) -> int:
-    """IFU number from ``EXTNAME = 'CHANnn...'`` (0 if there is none)."""
-    extname = str(header.get("EXTNAME", ""))
-    match = re.match(r"^CHAN(\d+)", extname)
-    if not match or len(extname) < 6:
-        return 0
-    number = int(match.group(1))
-    return number if 1 <= number <= NIFUS else 0
 
 
 # --------------------------------------------------------------------------
@@ -358,8 +338,8 @@ def build_pixtable(image: Any, trace: Any, wavecal: Any, geometry: Any | None,
     """
     header = image.header
     if ifu is None:
-        ifu = ifu_from_header(header)
-    if not 1 <= ifu <= NIFUS:
+        ifu = header_ifu(header) or 0
+    if not 1 <= ifu <= NUM_IFUS:
         raise InputError(f"no valid IFU number (EXTNAME CHANnn) for the pixel table: {ifu}")
     bunit = header.get("BUNIT")
     if bunit is None:
@@ -383,7 +363,7 @@ def build_pixtable(image: Any, trace: Any, wavecal: Any, geometry: Any | None,
     # allocated once at its final size (an upper bound: only the few pixels
     # outside 3000..11000 Angstrom are skipped later)
     edges = []
-    for islice in range(NSLICES):
+    for islice in range(NUM_SLICES):
         test = _lambda_at(wave[islice], WAVE_TEST_POSITION, WAVE_TEST_POSITION)
         if not (np.isfinite(test) and abs(test) >= np.finfo(np.float64).eps):
             raise InputError(f"Wavelength calibration polynomial for slice {islice + 1} of IFU "
@@ -433,7 +413,7 @@ def build_pixtable(image: Any, trace: Any, wavecal: Any, geometry: Any | None,
     compute_limits(table)
     if mode is None:
         mode = str(header.get("ESO INS MODE", "WFM-NOAO-N"))
-    if flag_notch and is_ao_mode(mode):
+    if flag_notch and is_ao(mode):
         flag_nad_notch(table, mode, ifu)
     return table
 
@@ -481,21 +461,6 @@ def compute_limits(table: PixTable) -> None:
         header["HIERARCH " + KEY_LIMITS + name] = value
 
 
-def is_ao_mode(mode: str) -> bool:
-    """ESO's mode > WFM-NOAO-N: WFM-AO-N, WFM-AO-E and NFM."""
-    return mode.startswith("NFM") or mode.startswith("WFM-AO-N") or mode.startswith("WFM-AO-E")
-
-
-def notch_range(mode: str) -> tuple[float, float] | None:
-    """NaD notch-filter wavelength range of an instrument mode, None without one."""
-    if mode.startswith("NFM"):
-        return NOTCH_RANGES["NFM-AO-N"]
-    for name in ("WFM-AO-N", "WFM-AO-E"):
-        if mode.startswith(name):
-            return NOTCH_RANGES[name]
-    return None
-
-
 def flag_nad_notch(table: PixTable, mode: str, ifu: int = 0) -> int:
     """Set dq = NaD-notch bit (replacing other bits, as ESO) inside the notch range.
 
@@ -508,9 +473,9 @@ def flag_nad_notch(table: PixTable, mode: str, ifu: int = 0) -> int:
         return 0
     lmin, lmax = np.float32(limits[0]), np.float32(limits[1])
     log.info("%s mode: marking NaD region (%.1f..%.1f Angstrom) of IFU %d as 0x%08x",
-             mode, lmin, lmax, ifu, int(EURO3D_NOTCH_NAD))
+             mode, lmin, lmax, ifu, int(Euro3D.NAD_NOTCH))
     inside = (table.lambda_ > lmin) & (table.lambda_ < lmax)
-    table.dq[inside] = EURO3D_NOTCH_NAD
+    table.dq[inside] = Euro3D.NAD_NOTCH
     return int(np.count_nonzero(inside))
 
 
@@ -525,95 +490,3 @@ def as_uint32(values: np.ndarray) -> np.ndarray:
         native = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("="))
         return native.view(np.uint32)
     return (values.astype(np.int64) & 0xFFFFFFFF).astype(np.uint32)
-
-
-def encode_origin(x: np.ndarray, y: np.ndarray, ifu: np.ndarray, slice_: np.ndarray,
-                  offset: np.ndarray) -> np.ndarray:
-    """Pack 1-based CCD x, y, IFU, slice and the slice x offset into the origin bits."""
-    x = np.asarray(x, dtype=np.int64)
-    bits = ((x - np.asarray(offset, dtype=np.int64)) & 0xFF) << SHIFT_X
-    bits |= np.asarray(y, dtype=np.int64) << SHIFT_Y
-    bits |= np.asarray(ifu, dtype=np.int64) << SHIFT_IFU
-    bits |= np.asarray(slice_, dtype=np.int64)
-    return (bits & 0xFFFFFFFF).astype(np.uint32)
-
-
-def slice_offsets(header: fits.Header, exp: int = 0) -> np.ndarray:
-    """XOFFSET keywords as an int array ``[25, 49]`` indexed by [ifu, slice] (0 if absent)."""
-    offsets = np.zeros((NIFUS + 1, NSLICES + 1), dtype=np.int64)
-    pattern = re.compile(rf"^ESO DRS MUSE PIXTABLE EXP{exp} IFU(\d\d) SLICE(\d\d) XOFFSET$")
-    for key in header.keys():
-        match = pattern.match(key)
-        if match:
-            offsets[int(match.group(1)), int(match.group(2))] = int(header[key])
-    return offsets
-
-
-def decode_origin(origin: np.ndarray, header: fits.Header
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(ifu, slice, x, y) of every row; x, y are 1-based trimmed-CCD pixels.
-
-    x needs the per-slice ``XOFFSET`` keywords of ``header``.  (MPDAF's
-    ``origin2xpix``/``origin2ypix`` return the same minus 1.)
-    """
-    origin = as_uint32(origin)
-    slice_ = (origin & np.uint32(0x3F)).astype(np.int64)
-    ifu = ((origin >> np.uint32(SHIFT_IFU)) & np.uint32(0x1F)).astype(np.int64)
-    y = ((origin >> np.uint32(SHIFT_Y)) & np.uint32(0x1FFF)).astype(np.int64)
-    x = ((origin >> np.uint32(SHIFT_X)) & np.uint32(0x7F)).astype(np.int64)
-    x += slice_offsets(header)[ifu, slice_]
-    return ifu, slice_, x, y
-
-
-# --------------------------------------------------------------------------
-# files
-
-
-def write_pixtable(path: str | Path, table: PixTable, overwrite: bool = True) -> Path:
-    """Write ESO's layout: header in the primary HDU, one image extension per column.
-
-    Each column is an ``nrow x 1`` image (``NAXIS1 = 1``) named by EXTNAME, with
-    BUNIT where ESO sets one; dq and origin are stored as int32 (same bits).
-    """
-    path = Path(path)
-    hdus = [fits.PrimaryHDU(header=table.header.copy())]
-    for name in COLUMNS:
-        values = table.column(name)
-        if values.dtype == np.uint32:
-            values = values.view(np.int32)
-        ext = fits.ImageHDU(values.reshape(-1, 1), name=name)
-        if name in COLUMN_UNITS:
-            ext.header["BUNIT"] = COLUMN_UNITS[name]
-        hdus.append(ext)
-    with warnings.catch_warnings():
-        # the XOFFSET comments do not fit into 80 characters; FITS truncates them, as CPL
-        warnings.simplefilter("ignore", fits.verify.VerifyWarning)
-        fits.HDUList(hdus).writeto(path, overwrite=overwrite)
-    return path
-
-
-def read_pixtable(path: str | Path) -> PixTable:
-    """Read a pixel table written by ESO or by write_pixtable (image or table layout)."""
-    path = Path(path)
-    with fits.open(path, memmap=False) as hdul:
-        header = hdul[0].header.copy()
-        names = {hdu.name.lower(): hdu for hdu in hdul[1:]}
-        columns = {}
-        if "xpos" in names:
-            for name in COLUMNS:
-                if name not in names:
-                    raise InputError(f"{path}: pixel table has no {name} extension")
-                columns[name] = np.asarray(names[name].data).reshape(-1)
-        else:
-            if len(hdul) < 2 or not isinstance(hdul[1], fits.BinTableHDU):
-                raise InputError(f"{path}: neither image extensions nor a table of a pixel table")
-            data = hdul[1].data
-            for name in COLUMNS:
-                columns[name] = np.asarray(data[name])
-    floats = {name: np.ascontiguousarray(columns[name], dtype=np.float32)
-              for name in ("xpos", "ypos", "lambda", "data", "stat")}
-    ints = {name: as_uint32(columns[name]) for name in ("dq", "origin")}
-    for key in ("SIMPLE", "BITPIX", "NAXIS", "EXTEND"):
-        header.remove(key, ignore_missing=True)
-    return PixTable(floats["xpos"], floats["ypos"], floats["lambda"], floats["data"],
-                    floats["stat"], ints["dq"], ints["origin"], header)

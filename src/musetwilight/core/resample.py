@@ -31,26 +31,43 @@ of the neighbouring cell planes into its spaxels, which visits exactly the
 from __future__ import annotations
 
 import math
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 from numba import njit, prange
 
-from .cube import SPECTRAL_SAMPLING, CubeGrid, make_grid
+from ..instrument import SPECTRAL_SAMPLING, Euro3D
+from ..params import CrType, Resample, Settings
+from .cplmath import median
+from .cube import CubeGrid, make_grid
 from .pixgrid import PixGrid, build_pixgrid, build_pixgrid_from_tables, plane_of_rows
 
-EURO3D_COSMICRAY = np.uint32(1 << 5)
-EURO3D_MISSDATA = np.uint32(1 << 30)
-
-METHODS = ("nearest", "linear", "quadratic", "renka", "drizzle", "lanczos")
-CRTYPES = ("iraf", "mean", "median")
+EURO3D_COSMICRAY = Euro3D.COSMIC_RAY  # module constants: the Numba kernels read them
+EURO3D_MISSDATA = Euro3D.MISSING_DATA
 
 _FLT_MAX = float(np.finfo(np.float32).max)
 _DBL_MIN = float(np.finfo(np.float64).tiny)
 _ZNORM = 1.0 / SPECTRAL_SAMPLING  # spectral distance unit: the MUSE sampling
 
 _LINEAR, _QUADRATIC, _RENKA, _DRIZZLE, _LANCZOS = 1, 2, 3, 4, 5
+
+
+@dataclass(frozen=True)
+class ResampleOptions:
+    """How the cube is reconstructed: kernel, cosmic-ray rejection, and ESO's fixed settings
+    for muse_twilight (pixfrac 1 in x, y and lambda, loop distance 1, renka radius 1.25)."""
+
+    method: Resample = Resample.DRIZZLE
+    crtype: CrType = CrType.MEDIAN
+    crsigma: float = 50.0
+    pixfrac: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    ld: int = 1
+    rc: float = 1.25
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "ResampleOptions":
+        return cls(settings.resample, settings.crtype, settings.crsigma)
 
 
 @dataclass
@@ -67,84 +84,6 @@ class ResampledCube:
 
 # ---------------------------------------------------------------------------
 # cosmic-ray rejection
-
-
-@njit(cache=True, nogil=True)
-def _select(buf, n, k):
-    """k-th smallest of buf[:n] (partially reorders buf)."""
-    lo, hi = 0, n - 1
-    while lo < hi:
-        pivot = buf[(lo + hi) // 2]
-        i, j = lo, hi
-        while i <= j:
-            while buf[i] < pivot:
-                i += 1
-            while buf[j] > pivot:
-                j -= 1
-            if i <= j:
-                buf[i], buf[j] = buf[j], buf[i]
-                i += 1
-                j -= 1
-        if k <= j:
-            hi = j
-        elif k >= i:
-            lo = i
-        else:
-            return buf[k]
-    return buf[k]
-
-
-@njit(cache=True, nogil=True)
-def _middle_pair(vals, n, k, work):
-    """The k-th and (k+1)-th smallest of vals[:n] (0-based; the second only for
-    k + 1 < n).  A sorted sample brackets the k-th value, one pass keeps the
-    values inside the bracket, and only those are selected; falls back to a
-    full quickselect when the bracket misses.  ``work`` needs n + 100 slots."""
-    nsample = 100
-    if n > 4 * nsample:
-        sample = work[n:n + nsample]
-        stride = n // nsample
-        for m in range(nsample):  # insertion sort of an evenly strided sample
-            v = vals[m * stride]
-            q = m
-            while q > 0 and sample[q - 1] > v:
-                sample[q] = sample[q - 1]
-                q -= 1
-            sample[q] = v
-        pos = (k * nsample) // n
-        lo = sample[pos - 12] if pos >= 12 else -np.inf
-        hi = sample[pos + 13] if pos + 13 < nsample else np.inf
-        nlow = 0
-        nmid = 0
-        for m in range(n):
-            v = vals[m]
-            nlow += v < lo
-            work[nmid] = v
-            nmid += (v >= lo) & (v <= hi)
-        if nlow <= k and k + 1 < nlow + nmid:
-            first = _select(work, nmid, k - nlow)
-            second = np.inf
-            for m in range(k - nlow + 1, nmid):
-                if work[m] < second:
-                    second = work[m]
-            return first, second
-    for m in range(n):
-        work[m] = vals[m]
-    first = _select(work, n, k)
-    second = np.inf
-    for m in range(k + 1, n):
-        if work[m] < second:
-            second = work[m]
-    return first, second
-
-
-@njit(cache=True, nogil=True)
-def _median(vals, n, work):
-    """CPL's median: the middle value, or a + (b - a) / 2 of the two middle ones."""
-    if n % 2 == 1:
-        return _middle_pair(vals, n, (n - 1) // 2, work)[0]
-    a, b = _middle_pair(vals, n, n // 2 - 1, work)
-    return a + (b - a) / 2.0
 
 
 @njit(cache=True, nogil=True)
@@ -216,7 +155,7 @@ def _crreject(offsets, data, stat, dq, nx, ny, nz, crtype, sigma, bufsize):
                     level = mean
                     dev = math.sqrt(var / (npix - 1))
                 else:  # median and median absolute deviation
-                    level = _median(vals, npix, work)
+                    level = median(vals, npix, work, 2.0)
                     vmax = -np.inf
                     for p in range(offsets[c], offsets[c + 1]):
                         vmax = max(vmax, np.float64(data[p]))
@@ -229,7 +168,7 @@ def _crreject(offsets, data, stat, dq, nx, ny, nz, crtype, sigma, bufsize):
                         continue
                     for m in range(npix):
                         vals[m] = abs(vals[m] - level)
-                    dev = _median(vals, npix, work)
+                    dev = median(vals, npix, work, 2.0)
                 limit = level + sigma * dev
                 for p in range(offsets[c], offsets[c + 1]):
                     if data[p] > limit:
@@ -411,55 +350,36 @@ def _weighted(offsets, xpos, ypos, lbda, data, stat, dq, nx, ny, nz,
 # driver
 
 
-def _pixfrac3(pixfrac) -> tuple[float, float, float]:
-    values = np.atleast_1d(np.asarray(pixfrac, dtype=np.float64))
-    if values.size == 1:
-        return (float(values[0]),) * 3
-    if values.size == 2:
-        return float(values[0]), float(values[0]), float(values[1])
-    if values.size == 3:
-        return tuple(float(v) for v in values)
-    raise ValueError(f"pixfrac needs 1 to 3 values, got {values.size}")
-
-
-def reject_cosmics(pix: PixGrid, crtype: str = "median", crsigma: float = 50.0) -> int:
+def reject_cosmics(pix: PixGrid, crtype: CrType = CrType.MEDIAN, crsigma: float = 50.0) -> int:
     """Flag cosmic rays in ``pix.dq`` (sorted rows) in place; return how many rows
     carry the cosmic-ray bit afterwards.  ``crsigma <= 0`` does nothing."""
-    if crtype not in CRTYPES:
-        raise ValueError(f"crtype must be one of {', '.join(CRTYPES)}, got {crtype!r}")
     if crsigma > 0:
         bufsize = max(19 * pix.max_count, 1)
         flags = _crreject(pix.offsets, pix.data, pix.stat, pix.dq, pix.nx, pix.ny, pix.nz,
-                          CRTYPES.index(crtype), float(crsigma), bufsize)
+                          crtype.code, float(crsigma), bufsize)
         pix.dq[flags.view(bool)] |= EURO3D_COSMICRAY
     return int(np.count_nonzero(pix.dq & EURO3D_COSMICRAY))
 
 
-def resample_pixgrid(pix: PixGrid, grid: CubeGrid, method: str = "drizzle",
-                     pixfrac=1.0, ld: int = 1, rc: float = 1.25):
+def resample_pixgrid(pix: PixGrid, grid: CubeGrid, options: ResampleOptions):
     """Resample the (cosmic-ray flagged) sorted rows onto ``grid``.
 
     Returns float32 data and variance cubes (0 where empty) and the uint32 DQ
     cube (0 good, MISSDATA empty; nearest: the DQ of the row taken)."""
-    if method not in METHODS:
-        raise ValueError(f"resample must be one of {', '.join(METHODS)}, got {method!r}")
     args = (pix.offsets, pix.xpos, pix.ypos, pix.lbda, pix.data, pix.stat, pix.dq,
             grid.nx, grid.ny, grid.nz, float(grid.crval1), float(grid.crval2),
             float(grid.crval3), float(grid.cd3))
-    if method == "nearest":
+    if options.method is Resample.NEAREST:
         return _nearest(*args)
-    ld = int(ld) if ld > 0 else 1
-    renka_rc = rc * math.sqrt(grid.cd1 ** 2 + grid.cd2 ** 2 + (grid.cd3 * _ZNORM) ** 2)
-    pfx, pfy, pfl = _pixfrac3(pixfrac)
+    ld = options.ld if options.ld > 0 else 1
+    renka_rc = options.rc * math.sqrt(grid.cd1 ** 2 + grid.cd2 ** 2 + (grid.cd3 * _ZNORM) ** 2)
+    pfx, pfy, pfl = options.pixfrac
     xin, yin, zin = pfx / 1.0, pfy / 1.0, pfl / _ZNORM
-    code = METHODS.index(method)
-    return _weighted(*args, code, ld, renka_rc, xin, yin, zin)
+    return _weighted(*args, options.method.code, ld, renka_rc, xin, yin, zin)
 
 
-def resample_cube(xpos, ypos, lambda_, data, stat, dq, grid: CubeGrid | None = None, *,
-                  method: str = "drizzle", crtype: str = "median", crsigma: float = 50.0,
-                  dlambda: float = 250.0, pixfrac=1.0, ld: int = 1,
-                  rc: float = 1.25) -> ResampledCube:
+def resample_cube(xpos, ypos, lambda_, data, stat, dq, grid: CubeGrid | None = None,
+                  options: ResampleOptions = ResampleOptions(), dlambda: float = 250.0) -> ResampledCube:
     """Reconstruct the cube of a merged pixel table in pixel units (ESO's
     muse_resampling_cube with muse_twilight's settings).
 
@@ -468,30 +388,20 @@ def resample_cube(xpos, ypos, lambda_, data, stat, dq, grid: CubeGrid | None = N
     ``dlambda``.  Empty voxels (and for ``nearest`` voxels whose row is flagged)
     are NaN in data and stat.
     """
-    if method not in METHODS:
-        raise ValueError(f"resample must be one of {', '.join(METHODS)}, got {method!r}")
-    if crtype not in CRTYPES:
-        raise ValueError(f"crtype must be one of {', '.join(CRTYPES)}, got {crtype!r}")
     if grid is None:
         grid = make_grid(xpos, ypos, lambda_, dlambda)
     pix = build_pixgrid(grid, xpos, ypos, lambda_, data, stat, dq)
-    return _resample(pix, grid, method, crtype, crsigma, pixfrac, ld, rc)
+    return _resample(pix, grid, options)
 
 
-def resample_tables(tables: list, divisors, grid: CubeGrid, *, method: str = "drizzle",
-                    crtype: str = "median", crsigma: float = 50.0, pixfrac=1.0, ld: int = 1,
-                    rc: float = 1.25) -> ResampledCube:
+def resample_tables(tables: list, divisors, grid: CubeGrid, options: ResampleOptions) -> ResampledCube:
     """:func:`resample_cube` of the concatenation of ``tables`` (each divided by its divisor).
 
     The tables are consumed (entries set to None) while the pixel grid is built, so
     the merged table never exists in memory.
     """
-    if method not in METHODS:
-        raise ValueError(f"resample must be one of {', '.join(METHODS)}, got {method!r}")
-    if crtype not in CRTYPES:
-        raise ValueError(f"crtype must be one of {', '.join(CRTYPES)}, got {crtype!r}")
     pix = build_pixgrid_from_tables(grid, tables, divisors)
-    return _resample(pix, grid, method, crtype, crsigma, pixfrac, ld, rc)
+    return _resample(pix, grid, options)
 
 
 @dataclass
@@ -515,9 +425,8 @@ def _band_rows(source, grid: CubeGrid, first: int, last: int) -> _Rows:
                    for name in ("xpos", "ypos", "lambda_", "data", "stat", "dq")))
 
 
-def resample_tables_banded(sources: list, divisors, grid: CubeGrid, planes_per_band: int, *,
-                           method: str = "drizzle", crtype: str = "median", crsigma: float = 50.0,
-                           pixfrac=1.0, ld: int = 1, rc: float = 1.25) -> ResampledCube:
+def resample_tables_banded(sources: list, divisors, grid: CubeGrid, planes_per_band: int,
+                           options: ResampleOptions) -> ResampledCube:
     """:func:`resample_tables` a band of wavelength planes at a time, to bound memory.
 
     A voxel depends on the rows of the neighbouring planes (the kernels' +-1 cell) and
@@ -527,11 +436,7 @@ def resample_tables_banded(sources: list, divisors, grid: CubeGrid, planes_per_b
     (e.g. reading it from disk), called once per band and pass.  ``pixel_dq`` is not
     collected (None); ``ncosmic`` counts each row once.
     """
-    if method not in METHODS:
-        raise ValueError(f"resample must be one of {', '.join(METHODS)}, got {method!r}")
-    if crtype not in CRTYPES:
-        raise ValueError(f"crtype must be one of {', '.join(CRTYPES)}, got {crtype!r}")
-    margin = max(int(ld), 1) + 1
+    margin = max(options.ld, 1) + 1
     data = np.empty(grid.shape, np.float32)
     stat = np.empty(grid.shape, np.float32)
     dq = np.empty(grid.shape, np.uint32)
@@ -542,10 +447,10 @@ def resample_tables_banded(sources: list, divisors, grid: CubeGrid, planes_per_b
         first, last = max(z0 - margin, 0), min(z1 - 1 + margin, grid.nz - 1)
         band = [partial(_band_rows, source, grid, first, last) for source in sources]
         pix = build_pixgrid_from_tables(grid, band, divisors)
-        reject_cosmics(pix, crtype, crsigma)
+        reject_cosmics(pix, options.crtype, options.crsigma)
         core = slice(pix.offsets[z0 * nxy], pix.offsets[z1 * nxy])
         ncosmic += int(np.count_nonzero(pix.dq[core] & EURO3D_COSMICRAY))
-        band_data, band_stat, band_dq = resample_pixgrid(pix, grid, method, pixfrac, ld, rc)
+        band_data, band_stat, band_dq = resample_pixgrid(pix, grid, options)
         del pix
         data[z0:z1], stat[z0:z1], dq[z0:z1] = band_data[z0:z1], band_stat[z0:z1], band_dq[z0:z1]
     bad = dq != 0
@@ -554,9 +459,9 @@ def resample_tables_banded(sources: list, divisors, grid: CubeGrid, planes_per_b
     return ResampledCube(grid, data, stat, dq, None, ncosmic)
 
 
-def _resample(pix: PixGrid, grid: CubeGrid, method, crtype, crsigma, pixfrac, ld, rc) -> ResampledCube:
-    ncosmic = reject_cosmics(pix, crtype, crsigma)
-    cube_data, cube_stat, cube_dq = resample_pixgrid(pix, grid, method, pixfrac, ld, rc)
+def _resample(pix: PixGrid, grid: CubeGrid, options: ResampleOptions) -> ResampledCube:
+    ncosmic = reject_cosmics(pix, options.crtype, options.crsigma)
+    cube_data, cube_stat, cube_dq = resample_pixgrid(pix, grid, options)
     bad = cube_dq != 0
     cube_data[bad] = np.nan
     cube_stat[bad] = np.nan

@@ -23,24 +23,20 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-from astropy.io import fits
 from numba import njit
 
-from .cplmath import cholesky_solve, running_mean
-from ..io.frames import InputError
-from ..io.products import image_hdu, set_card
+from ..errors import FitError, InputError
+from ..instrument import is_nfm
+from ..params import Settings, VignSmooth
+from .cplmath import median, polyfit_2d, running_mean
+from .cube import white_light
 
 log = logging.getLogger(__name__)
-
-#: Environment variable naming an existing DATACUBE_SKYFLAT to start from (as ESO).
-SKIP_ENV = "MUSE_TWILIGHT_SKIP"
 
 #: Half sizes of the fixed per-plane median filter (5 columns x 7 rows).
 PLANE_MEDIAN_HALF = (2, 3)
@@ -54,9 +50,6 @@ SIG_FWHM = 0.5 / math.sqrt(2.0 * math.log(2.0))
 FLT_MAX = float(np.finfo(np.float32).max)
 FLT_EPSILON = float(np.finfo(np.float32).eps)
 
-QC_TWILIGHT_PREFIX = "ESO QC TWILIGHT"
-_WCS_KEYS = re.compile(r"^C(TYPE|UNIT|RPIX|RVAL|DELT|SYER|RDER)|^CD[0-9]+_[0-9]+|"
-                       r"^WCSAXES[ A-Z]|^WCSNAME[ A-Z]|^L[OA][NT]POLE$")
 
 
 @dataclass
@@ -87,42 +80,8 @@ class TwilightResult:
         return names
 
 
-@dataclass
-class SkyflatCube:
-    """A DATACUBE_SKYFLAT read from disk: cube, white-light image and headers."""
-
-    cube: np.ndarray  # float32 (nz, ny, nx)
-    white: np.ndarray | None  # the "white" extension, if it is the first collapsed image
-    primary_header: fits.Header
-    data_header: fits.Header  # the DATA extension header (cube WCS, BUNIT)
-    path: Path
-
-
 # --------------------------------------------------------------------------
 # numba kernels
-
-
-@njit(cache=True, nogil=True)
-def _select(values, n, kth):
-    """The kth smallest of values[:n] (Wirth's selection, partially reorders values)."""
-    lo, hi = 0, n - 1
-    while lo < hi:
-        pivot = values[kth]
-        i, j = lo, hi
-        while i <= j:
-            while values[i] < pivot:
-                i += 1
-            while pivot < values[j]:
-                j -= 1
-            if i <= j:
-                values[i], values[j] = values[j], values[i]
-                i += 1
-                j -= 1
-        if j < kth:
-            lo = i
-        if kth < i:
-            hi = j
-    return values[kth]
 
 
 @njit(cache=True, nogil=True)
@@ -136,7 +95,8 @@ def _median_filter(data, bad, rx, ry):
     out = np.zeros((ny, nx), np.float32)
     outbad = np.zeros((ny, nx), np.bool_)
     window = np.empty((2 * rx + 1) * (2 * ry + 1), np.float32)
-    half = np.float32(2.0)
+    work = np.empty(window.size + 100, np.float32)
+    two = np.float32(2.0)
     for y in range(ny):
         y1 = max(0, y - ry)
         y2 = min(ny - 1, y + ry)
@@ -151,14 +111,8 @@ def _median_filter(data, bad, rx, ry):
                         k += 1
             if k == 0:
                 outbad[y, x] = True
-            elif k % 2 == 1:
-                out[y, x] = _select(window, k, (k - 1) // 2)
             else:
-                lo = _select(window, k, k // 2 - 1)
-                hi = window[k // 2]
-                for m in range(k // 2 + 1, k):  # the upper half is >= lo after selection
-                    hi = min(hi, window[m])
-                out[y, x] = lo + (hi - lo) / half
+                out[y, x] = median(window, k, work, two)
     return out, outbad
 
 
@@ -233,20 +187,13 @@ def _threshold(image: np.ndarray, is_wfm: bool) -> np.ndarray:
     return out
 
 
-def is_nfm(header: Mapping[str, Any] | fits.Header) -> bool:
-    """True for NFM data (``ESO INS MODE`` starting with NFM), as ESO decides."""
-    mode = header.get("ESO INS MODE", header.get("HIERARCH ESO INS MODE"))
-    return isinstance(mode, str) and mode.strip().startswith("NFM")
-
-
 def collapse(cube: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """White-light image: per-spaxel mean of the finite values (0 and flagged if none)."""
-    finite = np.isfinite(cube)
-    count = finite.sum(axis=0)
-    total = np.where(finite, cube, 0).sum(axis=0, dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        white = np.where(count > 0, total / np.maximum(count, 1), 0.0).astype(np.float32)
-    return white, count == 0
+    """White-light image as ESO's post-processing collapses: 0 where a spaxel has no
+    finite voxel, and the mask of those spaxels."""
+    white = white_light(cube)
+    empty = np.isnan(white)
+    white[empty] = 0
+    return white, empty
 
 
 def white_light_mask(white: np.ndarray) -> np.ndarray:
@@ -319,54 +266,6 @@ def nfm_vignetting_mask(ny: int, nx: int, nrows: int) -> np.ndarray:
     return mask
 
 
-class FitError(ValueError):
-    """A polynomial fit that CPL would refuse (too few points, singular equations)."""
-
-
-@njit(cache=True, nogil=True)
-def _solve_normal_equations(x, y, values, xorder, yorder):
-    """CPL's 2D least squares: normal equations in CPL's summation order, Cholesky.
-
-    Returns (coefficients, ok); the coefficient of x**i * y**j is at
-    j * (xorder + 1) + i.  ``ok`` is False where CPL finds a non-positive pivot.
-    """
-    npts = values.size
-    nc = (xorder + 1) * (yorder + 1)
-    design = np.empty((nc, npts))
-    for p in range(npts):
-        yvalue = 1.0
-        k = 0
-        for _ in range(yorder + 1):
-            xvalue = 1.0
-            for _ in range(xorder + 1):
-                design[k, p] = xvalue * yvalue
-                k += 1
-                xvalue *= x[p]
-            yvalue *= y[p]
-    normal = np.zeros((nc, nc))
-    for i in range(nc):
-        for j in range(i, nc):
-            total = 0.0
-            for p in range(npts):
-                total += design[i, p] * design[j, p]
-            normal[i, j] = total
-    rhs = np.zeros(nc)
-    for start in range(0, npts, 48):  # cpl_matrix_product's blocking
-        stop = min(start + 48, npts)
-        for i in range(nc):
-            total = 0.0
-            for p in range(start, stop):
-                total += design[i, p] * values[p]
-            rhs[i] += total
-    rhs, ok = cholesky_solve(normal, rhs)
-    if not ok:
-        return rhs, False
-    for i in range(nc):
-        if np.isnan(rhs[i]):
-            return rhs, False
-    return rhs, True
-
-
 def fit_polynomial_image(image: np.ndarray, bad: np.ndarray, xorder: int,
                          yorder: int) -> np.ndarray:
     """muse_utils_image_fit_polynomial: least-squares 2D polynomial, evaluated everywhere.
@@ -394,7 +293,7 @@ def fit_polynomial_image(image: np.ndarray, bad: np.ndarray, xorder: int,
     if xorder + yorder == 0:
         return np.full((ny, nx), np.float32(running_mean(values)), np.float32)
     xmean, ymean = running_mean(xs), running_mean(ys)
-    coeffs, ok = _solve_normal_equations(xs - xmean, ys - ymean, values, xorder, yorder)
+    coeffs, ok = polyfit_2d(xs - xmean, ys - ymean, values, xorder, yorder)
     if not ok:
         raise FitError(f"{xorder}x{yorder} polynomial fit failed: singular matrix "
                        f"({values.size} points)")
@@ -466,11 +365,11 @@ def _edge_exclusion(image: np.ndarray, bad: np.ndarray, limit: float) -> tuple[n
     return filled, out
 
 
-def _smooth_vignetted(wdiv: np.ndarray, bad: np.ndarray, is_wfm: bool, method: str,
+def _smooth_vignetted(wdiv: np.ndarray, bad: np.ndarray, is_wfm: bool, method: VignSmooth,
                       xpar: int, ypar: int, warnings: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Smooth white_div_global over the vignetted area; returns (fit, its bad mask)."""
     ny, nx = wdiv.shape
-    if method == "gaussian":
+    if method is VignSmooth.GAUSSIAN:
         xpar = 10 if xpar < 0 else xpar
         ypar = 10 if ypar < 0 else ypar
         fwhm = (xpar + ypar) / 2.0
@@ -482,7 +381,7 @@ def _smooth_vignetted(wdiv: np.ndarray, bad: np.ndarray, is_wfm: bool, method: s
         else:
             fit, _ = _linear_filter(wdiv, bad, kernel)
         return _threshold(fit, is_wfm), bad.copy()
-    if method == "median":
+    if method is VignSmooth.MEDIAN:
         xpar = 5 if xpar < 0 else xpar
         ypar = 5 if ypar < 0 else ypar
         log.info("Running %dx%d median filter...", xpar, ypar)
@@ -529,7 +428,8 @@ def _trim_nfm_rows(fit: np.ndarray, fitbad: np.ndarray, vignetted: np.ndarray) -
 # the stage
 
 
-def _fill_failed_planes(fitted: np.ndarray, failed: dict[int, str], header, warnings: list[str]) -> None:
+def _fill_failed_planes(fitted: np.ndarray, failed: dict[int, str], wavelengths: np.ndarray | None,
+                        warnings: list[str]) -> None:
     """Give planes that could not be fitted the fit of the nearest fitted plane (the lower one on ties).
 
     A plane without usable spaxels (e.g. inside the NaD notch of an AO mode with nearest
@@ -543,32 +443,37 @@ def _fill_failed_planes(fitted: np.ndarray, failed: dict[int, str], header, warn
                          + "; ".join(f"plane {k + 1}: {failed[k]}" for k in sorted(failed)))
     for k in sorted(failed):
         source = min(good, key=lambda g: (abs(g - k), g))
-        wavelength = (f" ({float(header['CRVAL3']) + k * float(header['CD3_3']):.1f} Angstrom)"
-                      if "CRVAL3" in header and "CD3_3" in header else "")
+        wavelength = f" ({wavelengths[k]:.1f} Angstrom)" if wavelengths is not None else ""
         _warn(warnings, f"plane {k + 1}{wavelength} cannot be smoothed ({failed[k]}); "
                         f"using the fit of plane {source + 1}")
         fitted[k] = fitted[source]
 
 
-def postprocess(cube: np.ndarray, header: Mapping[str, Any] | fits.Header, settings: Mapping[str, Any],
-                vignetting_mask: np.ndarray | None = None, mode: str | None = None,
-                white: np.ndarray | None = None) -> TwilightResult:
+def postprocess(cube: np.ndarray, settings: Settings, mode: str, *, white: np.ndarray | None = None,
+                vignetting_mask: np.ndarray | None = None,
+                wavelengths: np.ndarray | None = None) -> TwilightResult:
     """Turn a DATACUBE_SKYFLAT cube into the smooth TWILIGHT_CUBE (ESO's post-processing).
 
-    ``cube`` is (nz, ny, nx) float32 with NaN for empty spaxels; ``header``
-    supplies ``ESO INS MODE`` unless ``mode`` is given.  ``white`` is the
-    white-light image as stored with DATACUBE_SKYFLAT (NaN where empty); if
-    None it is collapsed from ``cube`` (0 where empty, as ESO's skip mode
-    does for a cube without one).
-    ``vignetting_mask`` (non-zero = vignetted) is used in WFM only; NFM
-    always uses the top ``vignnfmmask`` rows.
+    ``cube`` is (nz, ny, nx) float32 with NaN for empty spaxels, ``mode`` the ESO INS
+    MODE.  ``white`` is the white-light image as stored with DATACUBE_SKYFLAT (NaN where
+    empty); if None it is collapsed from ``cube`` (0 where empty, as ESO's skip mode does
+    for a cube without one).  ``vignetting_mask`` (non-zero = vignetted) is used in WFM
+    only; NFM always uses the top ``vignnfmmask`` rows.  ``wavelengths`` of the planes
+    only serve the messages.
+
+    Examples
+    --------
+    >>> from musetwilight.params import make_settings
+    >>> cube = np.ones((3, 20, 24), np.float32)
+    >>> result = postprocess(cube, make_settings(), "WFM-NOAO-N")
+    >>> result.cube.shape, float(result.cube[1].mean())
+    ((3, 20, 24), 1.0)
     """
     cube = np.asarray(cube, np.float32)
     if cube.ndim != 3:
         raise InputError(f"DATACUBE_SKYFLAT: expected a 3D cube, got shape {cube.shape}")
     nz, ny, nx = cube.shape
-    nfm = mode.strip().startswith("NFM") if mode is not None else is_nfm(header)
-    is_wfm = not nfm
+    is_wfm = not is_nfm(mode)
     warnings: list[str] = []
     if white is None:
         white, _ = collapse(cube)
@@ -582,9 +487,9 @@ def postprocess(cube: np.ndarray, header: Mapping[str, Any] | fits.Header, setti
                 if vignetting_mask is not None else None)
     else:
         log.info("NFM: creating internal VIGNETTING_MASK...")
-        vign = nfm_vignetting_mask(ny, nx, int(settings["vignnfmmask"]))
+        vign = nfm_vignetting_mask(ny, nx, settings.vignnfmmask)
 
-    xorder, yorder = int(settings["xorder"]), int(settings["yorder"])
+    xorder, yorder = settings.xorder, settings.yorder
     fitted = np.empty_like(cube)
 
     failed: dict[int, str] = {}
@@ -598,7 +503,7 @@ def postprocess(cube: np.ndarray, header: Mapping[str, Any] | fits.Header, setti
     # the planes are independent and the numba kernels release the GIL
     with ThreadPoolExecutor(max_workers=min(nz, os.cpu_count() or 1)) as pool:
         list(pool.map(fit_plane, range(nz)))
-    _fill_failed_planes(fitted, failed, header, warnings)
+    _fill_failed_planes(fitted, failed, wavelengths, warnings)
 
     white_global_fit, _ = collapse(fitted)
     whiten = _scale(white, 1.0 / _mean_good(white, white_bad))
@@ -609,15 +514,15 @@ def postprocess(cube: np.ndarray, header: Mapping[str, Any] | fits.Header, setti
         return result
 
     smooth_bad = white_bad | ~vign  # fit only the vignetted part of the field
-    edges = float(settings["vignmaskedges"])
+    edges = settings.vignmaskedges
     if is_wfm and edges > 0:
         log.info("Excluding strong edges (stronger than %.1f%%) from the vignetted area", edges * 100)
         filled, smooth_bad = _edge_exclusion(wdiv, smooth_bad, edges)
         result.white_div_global_excl_edges = filled
         result.white_div_global_excl_edges_dq = smooth_bad.copy()
 
-    fit, fitbad = _smooth_vignetted(wdiv, smooth_bad, is_wfm, str(settings["vignsmooth"]),
-                                    int(settings["vignxpar"]), int(settings["vignypar"]), warnings)
+    fit, fitbad = _smooth_vignetted(wdiv, smooth_bad, is_wfm, settings.vignsmooth, settings.vignxpar,
+                                    settings.vignypar, warnings)
     if fit is None:
         result.vign_fit = np.empty(0, np.float32)
         result.white_cor = np.empty(0, np.float32)
@@ -643,162 +548,3 @@ def postprocess(cube: np.ndarray, header: Mapping[str, Any] | fits.Header, setti
             _warn(warnings, f"normalization failed in plane {k + 1}: mean(plane) = "
                             f"{mean1:f} -> {mean2:f} -> {mean3:f}")
     return result
-
-
-# --------------------------------------------------------------------------
-# file I/O
-
-
-def _is_wcs_key(key: str) -> bool:
-    """ESO's MUSE_WCS_KEYS selection (plain WCSAXES/WCSNAME are not among them)."""
-    return _WCS_KEYS.match(key) is not None
-
-
-def read_datacube_skyflat(path: str | os.PathLike) -> SkyflatCube:
-    """Read a DATACUBE_SKYFLAT as ESO's skip mode does.
-
-    The white-light image is the extension right after STAT when it is called
-    ``white``; otherwise ``white`` is None and :func:`postprocess` collapses
-    the cube (empty spaxels then hold 0 instead of NaN, as in ESO).
-    """
-    path = Path(path)
-    try:
-        hdul = fits.open(path, memmap=False)
-    except (OSError, ValueError) as err:
-        raise InputError(f"{path}: cannot read DATACUBE_SKYFLAT: {err}") from None
-    with hdul:
-        names = [hdu.name for hdu in hdul]
-        if "DATA" not in names[1:]:
-            raise InputError(f"{path}: no DATA extension, not a MUSE cube")
-        idata = names.index("DATA", 1)
-        data = hdul[idata].data
-        if data is None or data.ndim != 3:
-            raise InputError(f"{path}: DATA extension is not a 3D cube")
-        cube = np.asarray(data, np.float32)
-        # ESO looks for collapsed images after STAT (without STAT it starts at
-        # extension 1, finds DATA first and collapses the cube itself)
-        white = None
-        if "STAT" in names[1:]:
-            following = names.index("STAT", 1) + 1
-            if following < len(names) and hdul[following].header.get("EXTNAME") == "white":
-                white = np.asarray(hdul[following].data, np.float32)
-        return SkyflatCube(cube=cube, white=white, primary_header=hdul[0].header.copy(),
-                           data_header=hdul[idata].header.copy(), path=path)
-
-
-def read_vignetting_mask(path: str | os.PathLike) -> np.ndarray:
-    """VIGNETTING_MASK: the primary-HDU image, non-zero = vignetted."""
-    path = Path(path)
-    try:
-        data = fits.getdata(path, 0)
-    except (OSError, ValueError, IndexError) as err:
-        raise InputError(f"{path}: cannot read VIGNETTING_MASK: {err}") from None
-    if data is None or data.ndim != 2:
-        raise InputError(f"{path}: VIGNETTING_MASK needs a 2D image in the primary HDU")
-    return np.asarray(data) != 0
-
-
-def skip_cube_path(option: str | os.PathLike | None = None) -> Path | None:
-    """The DATACUBE_SKYFLAT to start from: ``option`` or else $MUSE_TWILIGHT_SKIP."""
-    value = option if option else os.environ.get(SKIP_ENV)
-    return Path(value) if value else None
-
-
-_EXT_OBJECT = {
-    "white_div_global": ("normalized white-light divided by white global fit", "1"),
-    "white_div_global_excl_edges": ("white-light divided by white global, mask excl edges", "1"),
-    "vign_fit": ("vignetting fit", ""),
-    "white_cor": ("white image corrected by vignetting fit", "count"),
-}
-
-
-def twilight_cube_hdulist(result: TwilightResult, primary_header: fits.Header,
-                          cube_header: fits.Header | None = None,
-                          drop_qc: bool = True) -> fits.HDUList:
-    """TWILIGHT_CUBE in ESO's layout (DFS provenance keywords are added by the caller).
-
-    ``primary_header`` is the DATACUBE_SKYFLAT primary header; the DRS MUSE
-    FLAT FLUX keywords are kept, the QC TWILIGHT ones dropped unless
-    ``drop_qc`` is False (ESO keeps them when it starts from an existing
-    cube, MUSE_TWILIGHT_SKIP).  ``cube_header`` carries the cube WCS and
-    BUNIT (the DATA extension header; taken from ``primary_header`` when None).
-    """
-    wcs_source = cube_header if cube_header is not None else primary_header
-    primary = fits.Header()
-    for card in primary_header.cards:
-        key = card.keyword
-        if key in ("SIMPLE", "BITPIX", "NAXIS", "EXTEND", "EXTNAME", "BUNIT", "CHECKSUM",
-                   "DATASUM") or key.startswith("NAXIS") or _is_wcs_key(key):
-            continue
-        if drop_qc and key.startswith(QC_TWILIGHT_PREFIX) and key[len(QC_TWILIGHT_PREFIX):][:1].isdigit():
-            continue
-        primary.append(card)
-    set_card(primary, "HIERARCH ESO PRO CATG", "TWILIGHT_CUBE", "Category of pipeline product frame")
-
-    wcs = fits.Header([c for c in wcs_source.cards if _is_wcs_key(c.keyword)])
-    bunit = wcs_source.get("BUNIT")
-    base = primary_header.get("OBJECT")
-    hdus: list[fits.hdu.base.ExtensionHDU] = [
-        image_hdu(result.cube.astype(np.float32), "DATA", f"{base} (DATA)" if base is not None else None,
-                  wcs, "data", bunit),
-        image_hdu(result.white_global_fit.astype(np.float32), "white_global_fit",
-                  "white from global fit (white_global_fit)", wcs, "image", bunit),
-    ]
-    for name in ("white_div_global", "white_div_global_excl_edges", "vign_fit", "white_cor"):
-        image = getattr(result, name)
-        if image is None:
-            continue
-        dq = getattr(result, name + "_dq")
-        obj, unit = _EXT_OBJECT[name]
-        hdus.append(image_hdu(image.astype(np.float32) if image.size else None, name, f"{obj} ({name})",
-                              kind="image", bunit=unit, qualdata=name + "_DQ" if dq is not None else None))
-        if dq is None:  # failed vignetting fit: ESO writes an empty HDU without DQ
-            continue
-        hdus.append(image_hdu(np.asarray(dq).astype(np.int32), name + "_DQ", f"{obj} ({name}, DQ)",
-                              kind="dq", scidata=name))
-    return fits.HDUList([fits.PrimaryHDU(header=primary), *hdus])
-
-
-def postprocess_file(path: str | os.PathLike, settings: Mapping[str, Any],
-                     vignetting_mask: np.ndarray | None = None) -> tuple[TwilightResult, SkyflatCube]:
-    """Skip mode: post-process an existing DATACUBE_SKYFLAT file."""
-    sky = read_datacube_skyflat(path)
-    header = fits.Header(sky.primary_header)
-    result = postprocess(sky.cube, header, settings, vignetting_mask, white=sky.white)
-    return result, sky
-
-
-# --------------------------------------------------------------------------
-# command line: ``musetwilight smooth`` (ESO's MUSE_TWILIGHT_SKIP as a subcommand)
-
-
-def add_arguments(parser) -> None:
-    """Options of the ``smooth`` subcommand."""
-    parser.add_argument("cube", nargs="?", default=None,
-                        help=f"DATACUBE_SKYFLAT to post-process (default: ${SKIP_ENV})")
-    parser.add_argument("--vignetting-mask", default=None, help="VIGNETTING_MASK (WFM only)")
-    parser.add_argument("--output", default="TWILIGHT_CUBE.fits", help="output file")
-    parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                        help="recipe parameter (xorder, yorder, vignsmooth, ...); repeatable")
-
-
-def run_from_args(args) -> int:
-    """Write TWILIGHT_CUBE from an existing DATACUBE_SKYFLAT."""
-    from ..params import make_settings
-
-    path = skip_cube_path(args.cube)
-    if path is None:
-        raise InputError(f"no DATACUBE_SKYFLAT given (argument or ${SKIP_ENV})")
-    pairs = []
-    for item in args.param:
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise InputError(f"--param {item!r}: expected NAME=VALUE")
-        pairs.append((name.strip(), value))
-    settings = make_settings(pairs)
-    mask = read_vignetting_mask(args.vignetting_mask) if args.vignetting_mask else None
-    result, sky = postprocess_file(path, settings, mask)
-    hdul = twilight_cube_hdulist(result, sky.primary_header, sky.data_header, drop_qc=False)
-    hdul.writeto(args.output, overwrite=True)
-    log.info("Saved %s (%s)", args.output, ", ".join(["DATA", *result.extensions]))
-    return 0

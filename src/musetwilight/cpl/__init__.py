@@ -29,7 +29,9 @@ from astropy.io import fits
 
 from .. import __version__
 from .. import params as _params
-from ..io.frames import RULES_BY_TAG, InputError, make_frameset
+from ..errors import MuseTwilightError
+from ..io.frames import RULES_BY_TAG, make_frameset
+from ..io.products import PRODUCT_TAGS
 
 RECIPES = ("muse_twilight",)
 RAW_TAGS = ["SKYFLAT", "ILLUM"]
@@ -63,11 +65,14 @@ class Parameter:
     default = property(lambda self: self._declaration.default)
     type = property(lambda self: self._declaration.type)
     range = property(lambda self: None)
-    sequence = property(lambda self: list(self._declaration.choices) if self._declaration.choices else None)
+    sequence = property(lambda self: list(self._declaration.alternatives) or None)
     __doc__ = property(lambda self: self._declaration.help)
 
     @property
     def value(self) -> Any:
+        """The value set (as text for the string parameters, as python-cpl gives it), None = default."""
+        if isinstance(self._value, (_params.OverscanSpec, _params.RejectSpec, str)):
+            return str(self._value)
         return self._value
 
     @value.setter
@@ -79,7 +84,7 @@ class Parameter:
         self._value = None
 
     def __str__(self) -> str:
-        return f"{self._value if self._value is not None else self.default}"
+        return f"{self.value if self._value is not None else self.default}"
 
     def __repr__(self) -> str:
         return f"Parameter({self.name!r}, default={self.default!r}, value={self._value!r})"
@@ -337,7 +342,7 @@ class Recipe:
 
     @property
     def output(self) -> dict[str, list[str]]:
-        return {"SKYFLAT": ["DATACUBE_SKYFLAT", "TWILIGHT_CUBE"], "ILLUM": []}
+        return {"SKYFLAT": list(PRODUCT_TAGS), "ILLUM": []}
 
     def __repr__(self) -> str:
         return f"Recipe({self.__name__!r}, version={__version__!r})"
@@ -377,7 +382,7 @@ class Recipe:
                 for index, frame in enumerate(frames if isinstance(frames, (list, tuple)) else [frames]):
                     entries.append((_as_path(frame, inputs_dir, f"{frame_tag}_{index}"), frame_tag))
             result = recipe.run(make_frameset(entries), settings, run_dir, environ=environ)
-        except (InputError, _params.ParameterError, ValueError, OSError, RuntimeError) as err:
+        except (MuseTwilightError, OSError) as err:
             forward.error("%s", err)
             raise CplError(str(err), records) from err
         finally:

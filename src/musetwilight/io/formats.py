@@ -1,6 +1,7 @@
-"""FITS input and output in the MUSE formats (the edges of the package).
+"""Readers of the MUSE file formats (the input edge of the package).
 
-Shared data containers live here; every reader returns them.  The readers follow
+Every reader returns the containers of :mod:`musetwilight.core.images` or astropy
+tables, and follows
 the rules of the ESO MUSE pipeline 2.8.7 (``muse_utils.c``, ``muse_image.c``,
 ``muse_table.c``, ``muse_basicproc.c``, ``muse_mask.c``):
 
@@ -19,7 +20,7 @@ native-byte-order NumPy columns in file order; ``table.meta`` holds ``path``,
 ``extension`` (HDU index), ``extname`` and ``header`` (the primary header, plus the
 extension's EXTNAME when the primary has none, as ESO's ``muse_table_load``).
 
-Every problem with an input file raises :class:`musetwilight.frames.InputError`
+Every problem with an input file raises :class:`musetwilight.errors.InputError`
 naming the file: the public readers are wrapped by :func:`reader`, files are checked
 for truncation and trailing garbage while their HDUs are walked, and absurd NAXIS or
 TFIELDS counts (on which astropy would loop for ever) are refused before astropy
@@ -33,36 +34,25 @@ import functools
 import logging
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence, TypeVar
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 from astropy.io import fits
 from astropy.table import Table
 
-from .frames import InputError
+from ..core.images import MuseImage, MuseMask, RawImage
+from ..errors import InputError
+from ..headers import hierarch, is_structural, is_wcs_key, strip_structural
+from ..instrument import header_ifu, ifu_of_extname
 
 log = logging.getLogger(__name__)
 
-NUM_IFUS = 24
 EXTNAME_DATA, EXTNAME_DQ, EXTNAME_STAT = "DATA", "DQ", "STAT"
 # tags whose files match every IFU (muse_frameset_find)
 IFU_INDEPENDENT_TAGS = ("GEOMETRY_TABLE", "TWILIGHT_CUBE")
-# WCS keywords moved from the primary to the image extensions (MUSE_WCS_KEYS)
-WCS_KEY_PATTERN = re.compile(
-    r"^C(TYPE|UNIT|RPIX|RVAL|DELT|SYER|RDER)|^CD[0-9]+_[0-9]+|^WCSAXES[ A-Z]|^WCSNAME[ A-Z]|^L[OA][NT]POLE$"
-)
-# ESO data-format keywords rewritten for every extension (ESO_HDU_HEADERS_REGEXP)
-HDU_CLASS_KEY_PATTERN = re.compile(r"HDU(CLASS|CLAS1|CLAS2|CLAS3|DOC|VERS)$|^SCIDATA$|^QUAL(DATA|MASK)$|^ERRDATA$")
-# keywords describing the layout of one HDU, never carried over into another header
-STRUCTURAL_KEYS = frozenset(
-    ("SIMPLE", "XTENSION", "BITPIX", "EXTEND", "PCOUNT", "GCOUNT", "BZERO", "BSCALE", "BLANK",
-     "CHECKSUM", "DATASUM", "TFIELDS", "THEAP")
-)
-_NAXIS = re.compile(r"^NAXIS\d*$")
 
 # Required raw keywords and their CPL types (cpl_propertylist_get_int/_double/_string
 # accept only that type: integers must be FITS integers, reals need a decimal point).
@@ -79,60 +69,6 @@ BADPIX_COLUMNS = (("xpos", "int"), ("ypos", "int"), ("status", "int"), ("value",
 # GEOMETRY_TABLE columns read by the pixel table (muse_geo_table_def)
 GEOMETRY_COLUMNS = (("SubField", "int"), ("SliceCCD", "int"), ("SliceSky", "int"),
                     ("x", "double"), ("y", "double"), ("angle", "double"), ("width", "double"))
-
-
-@dataclass
-class MuseImage:
-    """A trimmed or raw MUSE CCD image: data, Euro3D DQ bits, variance, merged header."""
-
-    data: np.ndarray  # float32
-    dq: np.ndarray  # uint32 Euro3D status bits, 0 = good
-    stat: np.ndarray  # float32 variance
-    header: fits.Header
-    path: Path | None = None  # the file it was read from, for messages
-
-
-@dataclass
-class RawImage:
-    """One IFU of a raw exposure: the untrimmed integer CCD and its merged header."""
-
-    data: np.ndarray  # as stored (uint16 for real data), untrimmed
-    header: fits.Header  # primary header updated with the CHANnn extension header
-    path: Path
-    ifu: int
-
-
-@dataclass
-class MuseMask:
-    """A 2D boolean mask (True = masked) and the primary header of its file."""
-
-    mask: np.ndarray  # bool
-    header: fits.Header
-    path: Path
-
-
-# --------------------------------------------------------------------------- IFU matching
-
-_ATOI = re.compile(r"^[ \t\n\v\f\r]*([+-]?\d+)")
-
-
-def ifu_of_extname(name: object) -> int | None:
-    """The IFU number an EXTNAME stands for, as ESO parses it; None if it names no IFU.
-
-    ``CHAN05`` and ``CHAN05.DATA`` give 5.  Like ``muse_pfits_has_ifu`` the name must
-    start with ``CHAN`` and be at least 6 characters long; the number is C ``atoi``
-    of the rest (0 when it does not start with digits), truncated to an unsigned char.
-    """
-    if not isinstance(name, str) or not name.startswith("CHAN") or len(name) < 6:
-        return None
-    match = _ATOI.match(name[4:])
-    return int(match.group(1)) % 256 if match else 0
-
-
-def header_ifu(header: fits.Header) -> int | None:
-    """The IFU (1..24) named by this header's EXTNAME, else None (``muse_utils_get_ifu``)."""
-    ifu = ifu_of_extname(header.get("EXTNAME"))
-    return ifu if ifu is not None and 1 <= ifu <= NUM_IFUS else None
 
 
 _Reader = TypeVar("_Reader", bound=Callable)
@@ -297,30 +233,24 @@ def scan_fits(path: str | os.PathLike) -> list[fits.Header]:
         return [hdu.header for _, hdu in iter_hdus(hdul, file_path)]
 
 
-def ifu_extension(hdul: fits.HDUList, ifu: int, path: Path | str = "") -> int | None:
-    """Index of the first HDU (primary = 0) whose EXTNAME names ``ifu``, else None.
-
-    ESO's ``muse_utils_get_extension_for_ifu``; headers after the match are not read.
-    """
-    for index, hdu in iter_hdus(hdul, path):
-        if ifu_of_extname(hdu.header.get("EXTNAME")) == ifu:
-            return index
-    return None
-
-
-def find_ifu_hdu(hdul: fits.HDUList, ifu: int, path: Path | str = "", tag: str | None = None) -> int | None:
+def matching_hdu(headers: Iterable[fits.Header], ifu: int, tag: str | None = None) -> int | None:
     """The HDU index to use for ``ifu`` under ESO's frame-matching rule, None when the file
-    does not match that IFU (``muse_frameset_find``).
+    does not match that IFU (``muse_frameset_find``, ``muse_utils_get_extension_for_ifu``).
 
     The file matches when an HDU (primary included) is named ``CHANnn`` for the IFU; then
-    its index is returned.  Otherwise it matches (index 0 is returned) when the primary
-    header names no IFU and has no ``PIPEFILE`` (a "generic" calibration), when ``ifu`` is
-    0, or when ``tag`` is GEOMETRY_TABLE or TWILIGHT_CUBE.
+    the first such index is returned.  Otherwise it matches (index 0 is returned) when the
+    primary header names no IFU and has no ``PIPEFILE`` (a "generic" calibration), when
+    ``ifu`` is 0, or when ``tag`` is GEOMETRY_TABLE or TWILIGHT_CUBE.  ``headers`` may be
+    lazy: headers after the match are not read.
     """
-    index = ifu_extension(hdul, ifu, path)
-    if index is not None:
-        return index
-    primary = _hdu(hdul, 0, path).header
+    primary = None
+    for index, header in enumerate(headers):
+        if index == 0:
+            primary = header
+        if ifu_of_extname(header.get("EXTNAME")) == ifu:
+            return index
+    if primary is None:
+        return None
     if ifu == 0 or tag in IFU_INDEPENDENT_TAGS:
         return 0
     if header_ifu(primary) is None and "PIPEFILE" not in primary:
@@ -328,11 +258,21 @@ def find_ifu_hdu(hdul: fits.HDUList, ifu: int, path: Path | str = "", tag: str |
     return None
 
 
-@reader
-def file_matches_ifu(path: str | os.PathLike, ifu: int, tag: str | None = None) -> bool:
-    """Whether ESO would take this file for ``ifu`` (see :func:`find_ifu_hdu`)."""
-    with open_fits(path) as hdul:
-        return find_ifu_hdu(hdul, ifu, path, tag) is not None
+def _headers(hdul: fits.HDUList, path: Path | str) -> Iterator[fits.Header]:
+    return (hdu.header for _, hdu in iter_hdus(hdul, path))
+
+
+def ifu_extension(hdul: fits.HDUList, ifu: int, path: Path | str = "") -> int | None:
+    """Index of the first HDU (primary = 0) whose EXTNAME names ``ifu``, else None."""
+    for index, header in enumerate(_headers(hdul, path)):
+        if ifu_of_extname(header.get("EXTNAME")) == ifu:
+            return index
+    return None
+
+
+def find_ifu_hdu(hdul: fits.HDUList, ifu: int, path: Path | str = "", tag: str | None = None) -> int | None:
+    """:func:`matching_hdu` of an open file."""
+    return matching_hdu(_headers(hdul, path), ifu, tag)
 
 
 @reader
@@ -342,18 +282,6 @@ def has_ifu_extension(path: str | os.PathLike, ifu: int) -> bool:
     "does not contain data from IFU n", and skips that IFU)."""
     with open_fits(path) as hdul:
         return ifu_extension(hdul, ifu, path) is not None
-
-
-@reader
-def ifus_in_file(path: str | os.PathLike) -> list[int]:
-    """The IFUs (1..24) named by the EXTNAMEs of a file (primary included), sorted."""
-    found: set[int] = set()
-    with open_fits(path) as hdul:
-        for _, hdu in iter_hdus(hdul, path):
-            ifu = header_ifu(hdu.header)
-            if ifu is not None:
-                found.add(ifu)
-    return sorted(found)
 
 
 def find_extension(hdul: fits.HDUList, extname: str, path: Path | str = "") -> int | None:
@@ -383,54 +311,16 @@ def merge_headers(primary: fits.Header, extension: fits.Header) -> fits.Header:
     As ``muse_image_load_from_raw``: extension values replace primary ones, new keys are
     appended; COMMENT/HISTORY cards are appended.
     """
-    merged = _strip_structural(primary)
+    merged = strip_structural(primary)
     for card in extension.cards:
         key = card.keyword
-        if key in STRUCTURAL_KEYS or _NAXIS.match(key):
+        if is_structural(key):
             continue
         if key in ("COMMENT", "HISTORY", ""):
             merged.append(card, end=True)
         else:
             merged.set(hierarch(key), card.value, card.comment)
     return merged
-
-
-def _strip_structural(header: fits.Header) -> fits.Header:
-    out = header.copy(strip=True)
-    for key in list(out.keys()):
-        if key in STRUCTURAL_KEYS or _NAXIS.match(key):
-            out.remove(key, ignore_missing=True, remove_all=True)
-    return out
-
-
-def hierarch(key: str) -> str:
-    """The astropy spelling of a keyword: ``HIERARCH`` prefix for long or spaced names."""
-    if key.startswith("HIERARCH ") or (len(key) <= 8 and " " not in key):
-        return key
-    return "HIERARCH " + key
-
-
-def set_keyword(header: fits.Header, key: str, value: object, comment: str | None = None,
-                kind: str | None = None) -> None:
-    """Set a keyword with the FITS type CPL expects.
-
-    ``kind`` ("int", "real", "bool", "str") forces the type; otherwise it follows the
-    Python/NumPy type of ``value``.  Reals are always written with a decimal point
-    (astropy writes ``2.0`` for ``2.0``), integers as integers, booleans as T/F.
-    """
-    if kind is None:
-        if isinstance(value, (bool, np.bool_)):
-            kind = "bool"
-        elif isinstance(value, (int, np.integer)):
-            kind = "int"
-        elif isinstance(value, (float, np.floating)):
-            kind = "real"
-        else:
-            kind = "str"
-    converters = {"int": int, "real": float, "bool": bool, "str": str}
-    if kind not in converters:
-        raise ValueError(f"unknown keyword kind {kind!r}")
-    header.set(hierarch(key), converters[kind](value), comment)
 
 
 def check_keyword_types(header: fits.Header, path: Path | str, where: str = "",
@@ -527,7 +417,7 @@ def read_raw_ifu(path: str | os.PathLike, ifu: int, check_keywords: bool = True)
             raise InputError(f"{file_path}: does not contain data from IFU {ifu} (no CHAN{ifu:02d} extension)")
         primary = _hdu(hdul, 0, file_path).header
         hdu = _hdu(hdul, index, file_path)
-        header = merge_headers(primary, hdu.header) if index > 0 else _strip_structural(primary)
+        header = merge_headers(primary, hdu.header) if index > 0 else strip_structural(primary)
         data = _read_image_hdu(hdul, index, file_path, None)
     header.set("BUNIT", "adu", "DATA is in analog-to-digital units")
     if check_keywords:
@@ -536,6 +426,22 @@ def read_raw_ifu(path: str | os.PathLike, ifu: int, check_keywords: bool = True)
             if header[key] <= 0:
                 raise InputError(f"{file_path}[CHAN{ifu:02d}]: {key} = {header[key]} must be positive")
     return RawImage(data=data, header=header, path=file_path, ifu=ifu)
+
+
+def muse_image_layout(headers: Sequence[fits.Header], ifu: int | None) -> tuple[str, int] | None:
+    """Where a file keeps the MUSE image of ``ifu``: (EXTNAME prefix, index of its DATA HDU).
+
+    The per-IFU layout (a ``DATA`` extension; prefix "") when the file is this IFU's or
+    a generic one (:func:`matching_hdu`), else the merged layout (``CHANnn.DATA``; prefix
+    ``"CHANnn."``); None when the file holds neither.
+    """
+    names = [str(h.get("EXTNAME", "")).rstrip() for h in headers]
+    if EXTNAME_DATA in names[1:] and (ifu is None or matching_hdu(headers[:1], ifu) is not None
+                                     or header_ifu(headers[0]) == ifu):
+        return "", names.index(EXTNAME_DATA, 1)
+    if ifu is not None and f"CHAN{ifu:02d}.{EXTNAME_DATA}" in names[1:]:
+        return f"CHAN{ifu:02d}.", names.index(f"CHAN{ifu:02d}.{EXTNAME_DATA}", 1)
+    return None
 
 
 @reader
@@ -552,19 +458,18 @@ def read_muse_image(path: str | os.PathLike, ifu: int | None = None) -> MuseImag
     """
     file_path = Path(path)
     with open_fits(file_path) as hdul:
-        primary = _hdu(hdul, 0, file_path).header
-        header = _strip_structural(primary)
-        names = {kind: kind for kind in (EXTNAME_DATA, EXTNAME_DQ, EXTNAME_STAT)}
-        data_index = find_extension(hdul, EXTNAME_DATA, file_path)
-        merged = data_index is None
+        headers = [hdu.header for _, hdu in iter_hdus(hdul, file_path)]
+        found = muse_image_layout(headers, ifu)
+        if found is None:
+            wanted = f"CHAN{ifu:02d}.DATA" if ifu is not None else "DATA"
+            raise InputError(f"{file_path}: holds no image for IFU {ifu} (neither a DATA extension of "
+                             f"this IFU nor a {wanted} extension)")
+        prefix, data_index = found
+        merged = bool(prefix)
+        names = {kind: prefix + kind for kind in (EXTNAME_DATA, EXTNAME_DQ, EXTNAME_STAT)}
+        header = strip_structural(headers[0])
         if merged:
-            if ifu is None:
-                raise InputError(f"{file_path}: no DATA extension (and no IFU given to look for CHANnn.DATA)")
-            names = {kind: f"CHAN{ifu:02d}.{kind}" for kind in names}
-            data_index = find_extension(hdul, names[EXTNAME_DATA], file_path)
-            if data_index is None:
-                raise InputError(f"{file_path}: neither a DATA nor a {names[EXTNAME_DATA]} extension")
-            header.set("EXTNAME", f"CHAN{ifu:02d}")
+            header.set("EXTNAME", prefix.rstrip("."))
         data_header = _hdu(hdul, data_index, file_path).header
         if "BUNIT" in data_header:
             if "BUNIT" not in header:
@@ -724,131 +629,45 @@ def read_vignetting_mask(path: str | os.PathLike) -> MuseMask:
             raise InputError(f"{file_path}: VIGNETTING_MASK must be an integer image, found BITPIX = "
                              f"{hdu.header.get('BITPIX')}")
         values = image_values(hdu, file_path)
-        header = _strip_structural(hdu.header)
+        header = strip_structural(hdu.header)
     return MuseMask(mask=values != 0, header=header, path=file_path)
 
 
-# --------------------------------------------------------------------------- writers
+@dataclass
+class SkyflatCube:
+    """A DATACUBE_SKYFLAT read back: cube, white-light image and headers."""
 
-def write_hdulist_atomic(hdul: fits.HDUList | Sequence[fits.hdu.base._BaseHDU], path: str | os.PathLike,
-                         checksum: bool = True) -> Path:
-    """Write a FITS file atomically: a temporary file in the same directory (with
-    CHECKSUM/DATASUM), then a rename.  On any error no partial file is left behind and
-    an existing file of that name is untouched."""
-    out = Path(path)
-    if not isinstance(hdul, fits.HDUList):
-        hdul = fits.HDUList(list(hdul))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(handle)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", fits.verify.VerifyWarning)
-            hdul.writeto(tmp_name, overwrite=True, checksum=checksum, output_verify="exception")
-        os.chmod(tmp_name, 0o666 & ~_umask())
-        os.replace(tmp_name, out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
-    return out
+    cube: np.ndarray  # float32 (nz, ny, nx)
+    white: np.ndarray | None  # the "white" extension, if it is the first collapsed image
+    primary_header: fits.Header
+    data_header: fits.Header  # the DATA extension header (cube WCS, BUNIT)
+    path: Path
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+@reader
+def read_datacube_skyflat(path: str | os.PathLike) -> SkyflatCube:
+    """Read a DATACUBE_SKYFLAT as ESO's skip mode (MUSE_TWILIGHT_SKIP) does.
 
-
-def _hdu_class(header: fits.Header, class2: str, dq: str | None, stat: str | None,
-               data: str = EXTNAME_DATA) -> None:
-    """ESO data-format keywords of one image extension (``muse_utils_set_hduclass``)."""
-    header.set("HDUCLASS", "ESO", "class name (ESO format)")
-    header.set("HDUDOC", "DICD", "document with class description")
-    header.set("HDUVERS", "DICD version 6", "version number (according to spec v2.5.1)")
-    header.set("HDUCLAS1", "IMAGE", "Image data format")
-    if class2 == "DATA":
-        header.set("HDUCLAS2", "DATA", "this extension contains the data itself")
-        if stat:
-            header.set("ERRDATA", stat, "pointer to the variance extension")
-        if dq:
-            header.set("QUALDATA", dq, "pointer to the bad pixel mask extension")
-    elif class2 == "ERROR":
-        header.set("HDUCLAS2", "ERROR", "this extension contains variance")
-        header.set("HDUCLAS3", "MSE", "the extension contains variances (sigma**2)")
-        header.set("SCIDATA", data, "pointer to the data extension")
-        if dq:
-            header.set("QUALDATA", dq, "pointer to the bad pixel mask extension")
-    else:
-        header.set("HDUCLAS2", "QUALITY", "this extension contains bad pixel mask")
-        header.set("HDUCLAS3", "FLAG32BIT", "extension contains 32bit Euro3D bad pixel information")
-        header.set("QUALMASK", 0xFFFFFFFF, "all non-zero values are bad")
-        header.set("SCIDATA", data, "pointer to the data extension")
-        if stat:
-            header.set("ERRDATA", stat, "pointer to the variance extension")
-
-
-def primary_header_for_image(header: fits.Header) -> fits.Header:
-    """The primary header ESO writes for an image: without BUNIT, WCS and HDU-class
-    keywords and without structural keywords (``muse_image_save``)."""
-    out = _strip_structural(header)
-    for key in list(out.keys()):
-        if key == "BUNIT" or WCS_KEY_PATTERN.search(key) or HDU_CLASS_KEY_PATTERN.search(key):
-            out.remove(key, ignore_missing=True, remove_all=True)
-    return out
-
-
-def muse_image_hdus(image: MuseImage, prefix: str = "",
-                    data_keywords: fits.Header | None = None) -> list[fits.ImageHDU]:
-    """DATA (float32), DQ (int32, same bits), STAT (float32) image extensions of a MUSE image.
-
-    Extension headers as ``muse_image_save``: INHERIT, the WCS keywords of the image
-    header, EXTNAME ``prefix + DATA|DQ|STAT``, BUNIT (DATA: the image's, STAT: ``(unit)**2``)
-    and the ESO HDU-class keywords.  ``prefix="CHAN05."`` gives the merged layout, for
-    which ``data_keywords`` (e.g. the IFU's ``ESO`` keywords) go into the DATA header.
+    The white-light image is the extension right after STAT when it is called
+    ``white``; otherwise ``white`` is None and the smoothing collapses the cube (empty
+    spaxels then hold 0 instead of NaN, as in ESO).
     """
-    names = {kind: prefix + kind for kind in (EXTNAME_DATA, EXTNAME_DQ, EXTNAME_STAT)}
-    base = fits.Header()
-    base.set("INHERIT", True)
-    for card in image.header.cards:
-        if WCS_KEY_PATTERN.search(card.keyword):
-            base.set(card.keyword, card.value, card.comment)
-    unit = image.header.get("BUNIT")
-    unit_comment = image.header.comments["BUNIT"] if unit is not None else None
-
-    data_header = base.copy()
-    data_header.set("EXTNAME", names[EXTNAME_DATA], "This extension contains data values")
-    if unit is not None:
-        data_header.set("BUNIT", unit, unit_comment)
-    _hdu_class(data_header, "DATA", names[EXTNAME_DQ], names[EXTNAME_STAT], names[EXTNAME_DATA])
-    if data_keywords is not None:
-        for card in data_keywords.cards:
-            if card.keyword not in STRUCTURAL_KEYS and not _NAXIS.match(card.keyword):
-                data_header.set(hierarch(card.keyword), card.value, card.comment)
-
-    dq_header = base.copy()
-    dq_header.set("EXTNAME", names[EXTNAME_DQ], "This extension contains bad pixel status values")
-    _hdu_class(dq_header, "QUALITY", names[EXTNAME_DQ], names[EXTNAME_STAT], names[EXTNAME_DATA])
-
-    stat_header = base.copy()
-    stat_header.set("EXTNAME", names[EXTNAME_STAT], "This extension contains data variance")
-    if unit is not None:
-        stat_header.set("BUNIT", f"({unit})**2")
-    _hdu_class(stat_header, "ERROR", names[EXTNAME_DQ], names[EXTNAME_STAT], names[EXTNAME_DATA])
-
-    dq = np.ascontiguousarray(image.dq)
-    dq32 = dq.view(np.int32) if dq.dtype in (np.uint32, np.int32) else dq.astype(np.int64).astype(np.int32)
-    return [
-        fits.ImageHDU(np.asarray(image.data, dtype=np.float32), header=data_header),
-        fits.ImageHDU(dq32, header=dq_header),
-        fits.ImageHDU(np.asarray(image.stat, dtype=np.float32), header=stat_header),
-    ]
-
-
-def write_muse_image(path: str | os.PathLike, image: MuseImage, checksum: bool = True) -> Path:
-    """Write a MUSE image in the per-IFU layout: primary header (no data) + DATA, DQ
-    (int32 Euro3D bits), STAT, atomically.  The image header must have BUNIT (ESO)."""
-    if "BUNIT" not in image.header:
-        raise ValueError(f"{path}: the image header has no BUNIT (ESO's muse_image_save requires it)")
-    primary = fits.PrimaryHDU(header=primary_header_for_image(image.header))
-    return write_hdulist_atomic([primary, *muse_image_hdus(image)], path, checksum=checksum)
+    file_path = Path(path)
+    with open_fits(file_path) as hdul:
+        headers = [hdu.header for _, hdu in iter_hdus(hdul, file_path)]
+        names = [str(h.get("EXTNAME", "")).strip() for h in headers]
+        if "DATA" not in names[1:]:
+            raise InputError(f"{file_path}: no DATA extension, not a MUSE cube")
+        idata = names.index("DATA", 1)
+        cube = image_values(hdul[idata], file_path)
+        if cube.ndim != 3:
+            raise InputError(f"{file_path}: DATA extension is not a 3D cube")
+        # ESO looks for collapsed images after STAT (without STAT it starts at extension 1,
+        # finds DATA first and collapses the cube itself)
+        white = None
+        if "STAT" in names[1:]:
+            following = names.index("STAT", 1) + 1
+            if following < len(names) and names[following] == "white":
+                white = image_values(hdul[following], file_path).astype(np.float32)
+        return SkyflatCube(cube=cube.astype(np.float32), white=white, primary_header=headers[0].copy(),
+                           data_header=headers[idata].copy(), path=file_path)

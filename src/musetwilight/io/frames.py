@@ -12,9 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-
-class InputError(ValueError):
-    """Invalid or incomplete recipe input; the message names the file and the problem."""
+from ..errors import InputError
 
 
 @dataclass(frozen=True)
@@ -41,11 +39,6 @@ TAG_RULES: tuple[TagRule, ...] = (
     TagRule("VIGNETTING_MASK", "calib", 0, 1, "Mask to mark vignetted regions in the MUSE field of view"),
 )
 RULES_BY_TAG = {rule.tag: rule for rule in TAG_RULES}
-
-PRODUCTS: tuple[tuple[str, str], ...] = (
-    ("DATACUBE_SKYFLAT", "Cube of combined twilight skyflat exposures"),
-    ("TWILIGHT_CUBE", "Smoothed cube of twilight sky"),
-)
 
 
 @dataclass(frozen=True)
@@ -159,3 +152,41 @@ def write_sof(path: str | os.PathLike, frames: Iterable[tuple[str | os.PathLike,
     sof = Path(path)
     sof.write_text("".join(f"{Path(p)} {tag}\n" for p, tag in frames))
     return sof
+
+
+@dataclass
+class Inputs:
+    """The input files of one run, resolved by tag (counts validated)."""
+
+    frames: FrameSet
+    skyflats: list[Path]
+    illum: Path | None
+    bias: Path
+    flat: Path
+    dark: Path | None
+    trace: Path
+    wavecal: Path
+    geometry: Path
+    badpix: list[Path]
+    vignetting: Path | None
+
+    @classmethod
+    def from_frameset(cls, frames: FrameSet) -> "Inputs":
+        validate_frameset(frames)
+        required = {tag: frames.single(tag) for tag in ("MASTER_BIAS", "MASTER_FLAT", "TRACE_TABLE",
+                                                         "WAVECAL_TABLE", "GEOMETRY_TABLE")}
+        return cls(frames, frames.paths("SKYFLAT"), frames.single("ILLUM"), required["MASTER_BIAS"],
+                   required["MASTER_FLAT"], frames.single("MASTER_DARK"), required["TRACE_TABLE"],
+                   required["WAVECAL_TABLE"], required["GEOMETRY_TABLE"], frames.paths("BADPIX_TABLE"),
+                   frames.single("VIGNETTING_MASK"))
+
+    def used_raw(self) -> list[tuple[Path, str]]:
+        """The raw frames in the order they are processed: the SKYFLATs, then ILLUM."""
+        return [(p, "SKYFLAT") for p in self.skyflats] + ([(self.illum, "ILLUM")] if self.illum else [])
+
+    def used_calib(self, with_vignetting: bool, skipped_cube: bool = False) -> list[tuple[Path, str]]:
+        """Calibrations a product lists; from an existing cube only the vignetting mask is used."""
+        calib = [] if skipped_cube else [(f.path, f.tag) for f in self.frames.calib if f.tag != "VIGNETTING_MASK"]
+        if with_vignetting and self.vignetting:
+            calib.append((self.vignetting, "VIGNETTING_MASK"))
+        return calib

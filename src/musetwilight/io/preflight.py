@@ -31,55 +31,45 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from . import formats as io
-from ..core.basicproc import layout_from_header
-from .frames import InputError
-from ..params import Settings
+from ..core.basicproc import setup_mismatches
+from ..core.detector import layout_from_header, overscan_windows
 from ..core.smooth import adapt_vignetting_mask
+from ..errors import InputError
+from ..instrument import NUM_SLICES, header_ifu, is_nfm
+from ..params import Settings
+from . import formats
+from .frames import Inputs
 
-NSLICES = 48
 
-
-def preflight(inputs, settings: Settings) -> None:
-    """Validate the inputs of a run before any work; raise InputError naming the file.
-
-    ``inputs`` is the recipe's ``Inputs``; ``settings`` is accepted for checks that
-    depend on parameters.
-    """
+def preflight(inputs: Inputs, settings: Settings) -> None:
+    """Validate the inputs of a run before any work; raise InputError naming the file."""
     headers: dict[Path, list[fits.Header]] = {}
     for frame in inputs.frames:
         if frame.path not in headers:
             try:
-                headers[frame.path] = io.scan_fits(frame.path)
+                headers[frame.path] = formats.scan_fits(frame.path)
             except InputError as err:
                 raise InputError(f"{frame.tag} {err}") from None
     raw_ifus = _raw_ifus(inputs, headers)
     _check_setups(inputs, headers, raw_ifus)
-    reduced = [ifu for ifu in raw_ifus if _matches(headers[inputs.trace], ifu)]
+    _check_overscan_parameters(inputs, headers, raw_ifus, settings)
+    reduced = [ifu for ifu in raw_ifus if formats.matching_hdu(headers[inputs.trace], ifu) is not None]
     geometry = _check_geometry(inputs, reduced)
-    mode = str(headers[inputs.skyflats[0]][0].get("ESO INS MODE", "")).strip()
-    if inputs.vignetting is not None and not mode.startswith("NFM"):
+    if inputs.vignetting is not None and not is_nfm(headers[inputs.skyflats[0]][0].get("ESO INS MODE")):
         _check_vignetting(inputs.vignetting, geometry, reduced)
 
 
-def _raw_ifus(inputs, headers) -> list[int]:
+def _raw_ifus(inputs: Inputs, headers: dict[Path, list[fits.Header]]) -> list[int]:
     """IFUs with a CHANnn extension in every raw exposure (the others are skipped)."""
     raw = [path for path, _ in inputs.used_raw()]
-    present = None
+    present: set[int] | None = None
     for path in raw:
-        ifus = {io.header_ifu(h) for h in headers[path]} - {None}
+        ifus = {header_ifu(h) for h in headers[path]} - {None}
         present = ifus if present is None else present & ifus
     if not present:
         names = ", ".join(str(p) for p in raw)
         raise InputError(f"no IFU is present (as a CHANnn extension) in every raw exposure: {names}")
     return sorted(present)
-
-
-def _matches(headers: list[fits.Header], ifu: int) -> bool:
-    """Whether ESO takes this (calibration) file for ``ifu`` (see ``io.find_ifu_hdu``)."""
-    if any(io.header_ifu(h) == ifu for h in headers):
-        return True
-    return io.header_ifu(headers[0]) is None and "PIPEFILE" not in headers[0]
 
 
 class _Layered(Mapping):
@@ -104,62 +94,22 @@ class _Layered(Mapping):
 
 def _raw_header(headers: list[fits.Header], ifu: int) -> Mapping | None:
     for index, header in enumerate(headers):
-        if io.header_ifu(header) == ifu:
+        if header_ifu(header) == ifu:
             return _Layered(header, headers[0]) if index > 0 else header
     return None
 
 
 def _master_header(headers: list[fits.Header], ifu: int) -> tuple[Mapping, tuple[int, int]] | None:
-    """(header, DATA shape) of a master image for one IFU, as ESO would find it; None if
-    the file does not match that IFU (the recipe then skips the IFU)."""
-    primary = headers[0]
-    names = [str(h.get("EXTNAME", "")).strip() for h in headers]
-    own = io.header_ifu(primary)
-    if "DATA" in names[1:] and (own == ifu or (own is None and "PIPEFILE" not in primary)):
-        data = headers[names.index("DATA", 1)]
-    elif f"CHAN{ifu:02d}.DATA" in names[1:]:
-        data = headers[names.index(f"CHAN{ifu:02d}.DATA", 1)]
-    else:
+    """(header, DATA shape) of a master image for one IFU, as the reader finds it; None if
+    the file holds no image for that IFU (the recipe then skips the IFU)."""
+    found = formats.muse_image_layout(headers, ifu)
+    if found is None:
         return None
-    return _Layered(primary, data), (int(data.get("NAXIS2", 0)), int(data.get("NAXIS1", 0)))
+    data = headers[found[1]]
+    return _Layered(headers[0], data), (int(data.get("NAXIS2", 0)), int(data.get("NAXIS1", 0)))
 
 
-def setup_problems(raw: Mapping, raw_name: str, master: Mapping, shape: tuple[int, int],
-                   master_name: str, catg: str, is_illum: bool = False) -> list[str]:
-    """The mismatches between one IFU of a raw exposure and a master calibration that make
-    ESO's basic processing fail that IFU (warnings are left to the basic processing)."""
-    problems = []
-    for key in ("ESO DET BINX", "ESO DET BINY"):
-        if raw.get(key) != master.get(key):
-            problems.append(f"binning does not match: {key} = {raw.get(key)} in {raw_name}, "
-                            f"{master.get(key)} in {catg} {master_name}")
-    if catg == "MASTER_BIAS":
-        key = "ESO DET READ CURID"
-        if raw.get(key) != master.get(key):
-            problems.append(f"read-out mode does not match: {key} = {raw.get(key)} in {raw_name}, "
-                            f"{master.get(key)} in {catg} {master_name}")
-        chips = [tuple(h.get(k) for k in ("ESO DET CHIP NAME", "ESO DET CHIP ID")) for h in (raw, master)]
-        if None not in chips[0] + chips[1] and chips[0] != chips[1]:
-            problems.append(f"CHIP information does not match: {chips[0]} in {raw_name}, "
-                            f"{chips[1]} in {catg} {master_name}")
-    if catg == "MASTER_FLAT" and not is_illum:
-        key = "ESO INS MODE"
-        if raw.get(key) != master.get(key):
-            problems.append(f"instrument modes do not match: {key} = {raw.get(key)} in {raw_name}, "
-                            f"{master.get(key)} in {catg} {master_name}")
-    try:
-        layout = layout_from_header(raw, raw_name)
-    except InputError as err:
-        problems.append(str(err))
-    else:
-        trimmed = (2 * layout.ny, 2 * layout.nx)
-        if shape != trimmed:
-            problems.append(f"CCD size differs: {catg} {master_name} is {shape[1]} x {shape[0]} pixels, "
-                            f"the trimmed raw data of {raw_name} {trimmed[1]} x {trimmed[0]}")
-    return problems
-
-
-def _check_setups(inputs, headers, raw_ifus: list[int]) -> None:
+def _check_setups(inputs: Inputs, headers: dict[Path, list[fits.Header]], raw_ifus: list[int]) -> None:
     """Raw-vs-calibration checks per IFU; fail only when no IFU would survive them."""
     masters = [(tag, path) for tag, path in (("MASTER_BIAS", inputs.bias), ("MASTER_DARK", inputs.dark),
                                              ("MASTER_FLAT", inputs.flat)) if path is not None]
@@ -170,31 +120,46 @@ def _check_setups(inputs, headers, raw_ifus: list[int]) -> None:
             raw = _raw_header(headers[raw_path], ifu)
             name = f"{raw_path}[CHAN{ifu:02d}]"
             for catg, master_path, master in found:
-                if master is None:
+                if master is None or raw is None:
                     continue
-                problems = setup_problems(raw, name, master[0], master[1], str(master_path), catg,
-                                          is_illum=tag == "ILLUM")
-                if problems:
-                    first_problem.setdefault(ifu, problems[0])
+                fatal = [m for m in setup_mismatches(raw, name, master[0], str(master_path), master[1], catg,
+                                                     is_illum=tag == "ILLUM") if m.fatal]
+                if fatal:
+                    first_problem.setdefault(ifu, fatal[0].text)
     if first_problem and len(first_problem) == len(raw_ifus):
         ifu = min(first_problem)
         where = "the only IFU" if len(raw_ifus) == 1 else f"all {len(raw_ifus)} IFUs"
         raise InputError(f"{first_problem[ifu]} (IFU {ifu}; no IFU can be processed, {where} fail this check)")
 
 
-def _check_geometry(inputs, raw_ifus: list[int]):
+def _check_overscan_parameters(inputs: Inputs, headers: dict[Path, list[fits.Header]], raw_ifus: list[int],
+                               settings: Settings) -> None:
+    """``ovscignore`` must leave overscan columns to use (ESO fails every IFU otherwise)."""
+    path = inputs.skyflats[0]
+    raw = _raw_header(headers[path], raw_ifus[0])
+    try:
+        layout = layout_from_header(raw, f"{path}[CHAN{raw_ifus[0]:02d}]")
+    except InputError:
+        return  # reported per IFU by the basic processing
+    try:
+        overscan_windows(layout, 1, settings.ovscignore)
+    except InputError as err:
+        raise InputError(f"{path}[CHAN{raw_ifus[0]:02d}]: parameter {err}") from None
+
+
+def _check_geometry(inputs: Inputs, raw_ifus: list[int]):
     """Every IFU to be reduced (raw data and TRACE_TABLE present) needs its 48 slices,
     each once, in the GEOMETRY_TABLE."""
-    table = io.read_geometry_table(inputs.geometry)
+    table = formats.read_geometry_table(inputs.geometry)
     subfield = np.asarray(table["SubField"])
     slices = np.asarray(table["SliceCCD"])
     for ifu in raw_ifus:
         found = slices[subfield == ifu]
-        missing = sorted(set(range(1, NSLICES + 1)) - set(found.tolist()))
-        if missing or found.size != NSLICES:
+        missing = sorted(set(range(1, NUM_SLICES + 1)) - set(found.tolist()))
+        if missing or found.size != NUM_SLICES:
             detail = f"slice(s) {', '.join(map(str, missing))} missing" if missing else "duplicate slices"
             raise InputError(f"GEOMETRY_TABLE {inputs.geometry}: IFU {ifu} has {found.size} instead of "
-                             f"{NSLICES} slices ({detail})")
+                             f"{NUM_SLICES} slices ({detail})")
     return table
 
 
@@ -215,7 +180,7 @@ def _check_vignetting(path: Path, geometry, ifus: list[int]) -> None:
     cube (ESO pastes its most-masked quadrant into the cube's corner: a mask more than twice
     the cube size cannot be used).  Checked against the cube size estimated from the
     geometry with a margin of 2 spaxels, so only certain failures stop the run here."""
-    mask = io.read_vignetting_mask(path).mask
+    mask = formats.read_vignetting_mask(path).mask
     if not ifus:
         return
     ny, nx = cube_size_estimate(geometry, ifus)

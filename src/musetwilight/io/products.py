@@ -1,15 +1,20 @@
-"""The recipe's product files: ESO's layout, DFS provenance keywords, signatures.
+"""The recipe's products, declared once: tags, files, extensions, headers, writing.
 
 Products carry the keywords that ESO's Data Flow System writes (``ESO PRO CATG``,
-``ESO PRO REC1 RAWi/CALi/PARAMi ...``, ``PIPEFILE``, ``DATAMD5``) so that tools
-which read ESO products (python-cpl's ``cpl.dfs.ProcessingInfo``, archive
-ingestion) read ours too.
+``ESO PRO REC1 RAWi/CALi/PARAMi ...``, ``PIPEFILE``, ``DATAMD5``) so that tools which
+read ESO products (python-cpl's ``cpl.dfs.ProcessingInfo``, archive ingestion) read
+ours too.  Both products of a run are written all-or-nothing: each to a temporary
+file first, then all renamed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import tempfile
+import warnings
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -18,27 +23,53 @@ import numpy as np
 from astropy.io import fits
 
 from .. import __version__
+from ..core.fluxscale import MergedFlux
+from ..core.smooth import TwilightResult
+from ..headers import hierarch, is_wcs_key, set_card, set_hdu_class
 from ..params import PARAMETERS, RECIPE
+from .frames import Inputs
 
 PIPE_ID = f"musetwilight/{__version__}"
 DRS_ID = f"musetwilight-{__version__}"
 PRO_DID = "PRO-1.16"
 
-# keywords never inherited into a product's primary header (CPL's DFS rules, plus the
-# per-image bookkeeping of the intermediate stages)
+
+@dataclass(frozen=True)
+class Product:
+    """One product of the recipe: its tag (ESO PRO CATG), description and extensions in
+    ESO's order (the optional ones of TWILIGHT_CUBE included)."""
+
+    tag: str
+    description: str
+    extensions: tuple[str, ...]
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.tag}.fits"
+
+
+DATACUBE_SKYFLAT = Product("DATACUBE_SKYFLAT", "Cube of combined twilight skyflat exposures",
+                           ("DATA", "STAT", "white"))
+TWILIGHT_CUBE = Product("TWILIGHT_CUBE", "Smoothed cube of twilight sky",
+                        ("DATA", "white_global_fit", "white_div_global", "white_div_global_DQ",
+                         "white_div_global_excl_edges", "white_div_global_excl_edges_DQ",
+                         "vign_fit", "vign_fit_DQ", "white_cor", "white_cor_DQ"))
+PRODUCTS = (DATACUBE_SKYFLAT, TWILIGHT_CUBE)
+PRODUCT_TAGS = tuple(p.tag for p in PRODUCTS)
+
+# keywords never inherited into a product's primary header (CPL's DFS rules, the
+# per-image bookkeeping of the intermediate stages, and ESO's WCS keywords)
 _DROPPED = re.compile(
     r"^(ESO DPR |ESO PRO |ARCFILE$|ORIGFILE$|CHECKSUM$|DATASUM$|HDRVER$|EXTNAME$|BUNIT$|"
     r"ESO DRS MUSE OVSC|ESO DRS MUSE PIXTABLE|ESO DRS MUSE TMP|MUSE TMP|DATAMD5$|PIPEFILE$|"
-    r"CRPIX|CRVAL|CTYPE|CUNIT|CD\d_\d|BSCALE$|BZERO$|INHERIT$)"
+    r"BSCALE$|BZERO$|INHERIT$)"
 )
 _STRUCTURAL = {"SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "NAXIS3", "EXTEND", "XTENSION",
                "PCOUNT", "GCOUNT", "COMMENT", "HISTORY", ""}
+QC_TWILIGHT_PREFIX = "ESO QC TWILIGHT"
 
 
-def hierarch(key: str) -> str:
-    """Astropy's spelling of a long ESO keyword (avoids its HIERARCH warning)."""
-    return f"HIERARCH {key}" if len(key) > 8 or " " in key else key
-
+# --------------------------------------------------------------------------- primary headers
 
 def format_parameter(value) -> str:
     """A parameter value as CPL writes it into PRO REC1 PARAMi VALUE (%g for doubles)."""
@@ -54,7 +85,7 @@ def inherited_header(source: fits.Header) -> fits.Header:
     header = fits.Header()
     for card in source.cards:
         key = card.keyword
-        if key in _STRUCTURAL or _DROPPED.match(key):
+        if key in _STRUCTURAL or _DROPPED.match(key) or is_wcs_key(key):
             continue
         header.append((hierarch(key), card.value, card.comment))
     return header
@@ -95,6 +126,7 @@ def provenance_cards(catg: str, raw: Sequence[tuple[Path, str]], calib: Sequence
 
 
 def _datamd5_of(path: Path | str) -> str | None:
+    """DATAMD5 of a calibration's primary header (None without one)."""
     try:
         value = fits.getval(path, "DATAMD5", 0)
     except (OSError, KeyError):
@@ -137,11 +169,7 @@ def wcs_cards(header: fits.Header, naxis: int) -> fits.Header:
     return out
 
 
-def set_card(header: fits.Header, key: str, value, comment: str) -> None:
-    """Set a keyword, cutting the comment to fit one card (as CFITSIO does)."""
-    room = 80 - max(len(fits.Card(key, value).image.rstrip()), 30) - 3
-    header[key] = (value, comment[:max(room, 0)])
-
+# --------------------------------------------------------------------------- extensions
 
 _EXTNAME_COMMENTS = {"data": "This extension contains data values",
                      "stat": "This extension contains data variance",
@@ -164,25 +192,7 @@ def image_hdu(data: np.ndarray | None, extname: str, obj: str | None, wcs: fits.
     if wcs is not None and data is not None:
         header.extend(wcs_cards(wcs, data.ndim))
     set_card(header, "EXTNAME", extname, _EXTNAME_COMMENTS[kind])
-    set_card(header, "HDUCLASS", "ESO", "class name (ESO format)")
-    set_card(header, "HDUDOC", "DICD", "document with class description")
-    set_card(header, "HDUVERS", "DICD version 6", "version number (according to spec v2.5.1)")
-    set_card(header, "HDUCLAS1", "IMAGE", "Image data format")
-    if kind in ("data", "image"):
-        set_card(header, "HDUCLAS2", "DATA", "this extension contains the data itself")
-        if errdata:
-            set_card(header, "ERRDATA", errdata, "pointer to the variance extension")
-        if qualdata:
-            set_card(header, "QUALDATA", qualdata, "pointer to the bad pixel mask extension")
-    elif kind == "stat":
-        set_card(header, "HDUCLAS2", "ERROR", "this extension contains variance")
-        set_card(header, "HDUCLAS3", "MSE", "the extension contains variances (sigma**2)")
-        set_card(header, "SCIDATA", scidata, "pointer to the data extension")
-    else:
-        set_card(header, "HDUCLAS2", "QUALITY", "this extension contains bad pixel mask")
-        set_card(header, "HDUCLAS3", "FLAG32BIT", "extension contains 32bit Euro3D bad pixel information")
-        set_card(header, "QUALMASK", 4294967295, "all non-zero values are bad")
-        set_card(header, "SCIDATA", scidata, "pointer to the data extension")
+    set_hdu_class(header, "data" if kind == "image" else kind, data=scidata, stat=errdata, dq=qualdata)
     if bunit is not None:
         header["BUNIT"] = bunit
     return fits.ImageHDU(data=data, header=header)
@@ -200,6 +210,60 @@ def datacube_skyflat_hdulist(primary: fits.Header, data: np.ndarray, stat: np.nd
         image_hdu(np.asarray(white, np.float32), "white", f"{obj} (white)", wcs, "image", "count"),
     ])
 
+
+_EXT_OBJECT = {
+    "white_div_global": ("normalized white-light divided by white global fit", "1"),
+    "white_div_global_excl_edges": ("white-light divided by white global, mask excl edges", "1"),
+    "vign_fit": ("vignetting fit", ""),
+    "white_cor": ("white image corrected by vignetting fit", "count"),
+}
+
+
+def twilight_cube_hdulist(result: TwilightResult, primary_header: fits.Header,
+                          cube_header: fits.Header, drop_qc: bool = True) -> fits.HDUList:
+    """TWILIGHT_CUBE in ESO's layout from a primary header with its provenance.
+
+    The DRS MUSE FLAT FLUX keywords of ``primary_header`` are kept, the QC TWILIGHT
+    ones dropped unless ``drop_qc`` is False (ESO keeps them when it starts from an
+    existing cube, MUSE_TWILIGHT_SKIP).  ``cube_header`` carries the cube WCS and BUNIT
+    (the DATA extension header of DATACUBE_SKYFLAT).
+    """
+    primary = fits.Header()
+    for card in primary_header.cards:
+        key = card.keyword
+        if key in ("SIMPLE", "BITPIX", "NAXIS", "EXTEND", "EXTNAME", "BUNIT", "CHECKSUM",
+                   "DATASUM") or key.startswith("NAXIS") or is_wcs_key(key):
+            continue
+        if drop_qc and key.startswith(QC_TWILIGHT_PREFIX) and key[len(QC_TWILIGHT_PREFIX):][:1].isdigit():
+            continue
+        primary.append(card)
+    set_card(primary, "HIERARCH ESO PRO CATG", TWILIGHT_CUBE.tag, "Category of pipeline product frame")
+
+    wcs = fits.Header([c for c in cube_header.cards if is_wcs_key(c.keyword)])
+    bunit = cube_header.get("BUNIT")
+    base = primary_header.get("OBJECT")
+    hdus: list[fits.ImageHDU] = [
+        image_hdu(result.cube.astype(np.float32), "DATA", f"{base} (DATA)" if base is not None else None,
+                  wcs, "data", bunit),
+        image_hdu(result.white_global_fit.astype(np.float32), "white_global_fit",
+                  "white from global fit (white_global_fit)", wcs, "image", bunit),
+    ]
+    for name in ("white_div_global", "white_div_global_excl_edges", "vign_fit", "white_cor"):
+        image = getattr(result, name)
+        if image is None:
+            continue
+        dq = getattr(result, name + "_dq")
+        obj, unit = _EXT_OBJECT[name]
+        hdus.append(image_hdu(image.astype(np.float32) if image.size else None, name, f"{obj} ({name})",
+                              kind="image", bunit=unit, qualdata=name + "_DQ" if dq is not None else None))
+        if dq is None:  # failed vignetting fit: ESO writes an empty HDU without DQ
+            continue
+        hdus.append(image_hdu(np.asarray(dq).astype(np.int32), name + "_DQ", f"{obj} ({name}, DQ)",
+                              kind="dq", scidata=name))
+    return fits.HDUList([fits.PrimaryHDU(header=primary), *hdus])
+
+
+# --------------------------------------------------------------------------- files
 
 def data_md5(hdul: fits.HDUList) -> str:
     """MD5 over the data units of all HDUs as written to FITS (big-endian), ESO's DATAMD5."""
@@ -220,16 +284,13 @@ def sign_product(hdul: fits.HDUList, path: Path | str) -> None:
     hdul[0].header["DATAMD5"] = (data_md5(hdul), "MD5 checksum")
 
 
-def write_products(products: dict[str, fits.HDUList], output_dir: Path | str) -> dict[str, Path]:
-    """Write all products or none: each goes to a temporary file first, then all are renamed.
+def write_products(products: Mapping[str, fits.HDUList], output_dir: Path | str) -> dict[str, Path]:
+    """Write all products (tag -> HDUList) or none, as ``<tag>.fits`` in ``output_dir``.
 
-    On any failure (full disk, interruption) the temporary files are removed and no
-    product of this run is left in ``output_dir``; existing files there stay untouched.
+    Each goes to a temporary file in ``output_dir`` first, then all are renamed.  On any
+    failure (full disk, interruption) the temporary files are removed and no product of
+    this run is left in ``output_dir``; existing files there stay untouched.
     """
-    import os
-    import tempfile
-    import warnings
-
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if not os.access(out, os.W_OK):
@@ -258,3 +319,48 @@ def write_products(products: dict[str, fits.HDUList], output_dir: Path | str) ->
                 pass
         raise
     return {name: path for name, _, path in pending}
+
+
+# --------------------------------------------------------------------------- the products' headers
+
+def qc_cards(headers: Mapping[int, fits.Header], flux: MergedFlux) -> list[tuple[str, object, str | None]]:
+    """QC TWILIGHT keywords of every IFU, its INTFLUX, and the DRS MUSE FLAT FLUX values."""
+    cards: list[tuple[str, object, str | None]] = []
+    for ifu in sorted(headers):
+        for card in headers[ifu].cards:
+            if card.keyword.startswith(f"ESO QC TWILIGHT{ifu} "):
+                cards.append((card.keyword, card.value, card.comment or None))
+        if ifu in flux.flux:
+            cards.append((f"ESO QC TWILIGHT{ifu} INTFLUX", float(np.float32(flux.flux[ifu])),
+                          "Flux integrated over all slices of this IFU"))
+    lamp = headers[flux.reference_ifu].get("ESO DRS MUSE FLAT FLUX LAMP")
+    if lamp is not None:
+        cards.append(("ESO DRS MUSE FLAT FLUX LAMP", float(lamp), None))
+    for ifu in sorted(flux.flux):
+        cards.append((f"ESO DRS MUSE FLAT FLUX SKY{ifu}", float(flux.flux[ifu]), None))
+    return cards
+
+
+def skyflat_primary(headers: Mapping[int, fits.Header], flux: MergedFlux, inputs: Inputs, settings,
+                    failed: Sequence[int], absent: Sequence[int]) -> fits.Header:
+    """DATACUBE_SKYFLAT's primary header: the reference IFU's combined-image header, the
+    provenance, the QC and flux keywords, and the IFUs that failed or are absent."""
+    primary = product_primary_header(headers[flux.reference_ifu], DATACUBE_SKYFLAT.tag, inputs.used_raw(),
+                                     inputs.used_calib(False), settings, qc_cards(headers, flux))
+    if failed:
+        primary["HIERARCH MUSETWILIGHT SKIPPED"] = (",".join(map(str, failed)), "IFUs whose reduction failed")
+    if absent:
+        primary["HIERARCH MUSETWILIGHT ABSENT"] = (",".join(map(str, absent)),
+                                                   "IFUs without calibrations (not in the set)")
+    return primary
+
+
+def twilight_primary(skyflat_header: fits.Header, inputs: Inputs, settings, with_vignetting: bool,
+                     from_existing_cube: bool) -> fits.Header:
+    """TWILIGHT_CUBE's primary header from DATACUBE_SKYFLAT's: its provenance (from an
+    existing cube ESO lists only the vignetting mask, and keeps the QC keywords)."""
+    keep = [(c.keyword, c.value, c.comment) for c in skyflat_header.cards
+            if c.keyword.startswith("ESO DRS MUSE FLAT FLUX")
+            or (from_existing_cube and c.keyword.startswith(QC_TWILIGHT_PREFIX))]
+    return product_primary_header(skyflat_header, TWILIGHT_CUBE.tag, inputs.used_raw(),
+                                  inputs.used_calib(with_vignetting, from_existing_cube), settings, keep)

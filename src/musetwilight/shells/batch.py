@@ -14,7 +14,6 @@ worker's environment is not the submitter's).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
@@ -27,11 +26,11 @@ from itertools import islice
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-from ..params import PARAMETERS, Settings, format_value, make_settings
+from ..io.products import PRODUCTS
+from ..params import Settings, make_settings
 
 log = logging.getLogger("musetwilight.batch")
 
-PRODUCTS = ("DATACUBE_SKYFLAT", "TWILIGHT_CUBE")
 DASK_HINT = "the Dask options need dask.distributed: pip install 'musetwilight[dask]'"
 
 
@@ -58,6 +57,7 @@ class SetOutcome:
     details: str | None = None
     paths: dict[str, str] = field(default_factory=dict)
     skipped_ifus: list[int] = field(default_factory=list)
+    failed_ifus: list[int] = field(default_factory=list)
     worker: str | None = None
 
     @property
@@ -119,7 +119,7 @@ def plan_jobs(sofs: Iterable[str | Path], output_root: str | Path) -> list[SetJo
 
 
 def products_present(job: SetJob) -> bool:
-    return all((job.output_dir / f"{name}.fits").is_file() for name in PRODUCTS)
+    return all((job.output_dir / product.file_name).is_file() for product in PRODUCTS)
 
 
 def reduce_set(job: SetJob, settings: Settings, *, workers: int | None = None,
@@ -134,6 +134,7 @@ def reduce_set(job: SetJob, settings: Settings, *, workers: int | None = None,
                             progress=progress, mapper=mapper)
         outcome.paths = {name: str(path) for name, path in result.paths.items()}
         outcome.skipped_ifus = sorted(result.skipped_ifus)
+        outcome.failed_ifus = result.ifus("failed")
     except Exception as err:  # noqa: BLE001 - the batch reports every set's failure and goes on
         outcome.status = "failed"
         outcome.error = f"{type(err).__name__}: {err}"
@@ -314,63 +315,3 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, thread
     with LocalCluster(n_workers=workers or 1, threads_per_worker=threads_per_worker, processes=processes,
                       **cluster_options) as cluster, Client(cluster) as client:
         yield client
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``musetwilight batch SOF [SOF ...]`` options; recipe parameters as in ``musetwilight run``."""
-    parser.add_argument("sofs", nargs="+", type=Path, metavar="SOF", help="set-of-frames files, one per set")
-    parser.add_argument("--output-root", type=Path, default=Path("."),
-                        help="each set is written into OUTPUT_ROOT/<SOF stem>/ [.]")
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--scheduler", metavar="ADDRESS",
-                       help="submit to this dask.distributed scheduler (e.g. tcp://host:8786)")
-    where.add_argument("--workers", type=_positive_int, metavar="N",
-                       help="start a local Dask cluster of N worker processes")
-    parser.add_argument("--threads-per-worker", type=_positive_int, default=1, metavar="T",
-                        help="threads of each local Dask worker [1]")
-    parser.add_argument("--no-ifu-tasks", action="store_true",
-                        help="on Dask, reduce each set's IFUs inside its own task (less data between workers)")
-    parser.add_argument("--resume", action="store_true",
-                        help="skip sets whose output directory already holds both products")
-    parser.add_argument("--summary-json", type=Path, metavar="FILE", help="also write the summary as JSON")
-    parser.add_argument("--recipe-config", type=Path, help="EsoRex-style configuration file of parameters")
-    group = parser.add_argument_group("recipe parameters (as esorex muse_twilight, the same for every set)")
-    for parameter in PARAMETERS:
-        allowed = f" <{' | '.join(parameter.choices)}>" if parameter.choices else ""
-        group.add_argument(f"--{parameter.name}", metavar="VALUE", default=None,
-                           help=f"{parameter.help}{allowed} [{format_value(parameter.default)}]")
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    from .cli import Progress, settings_from_args
-
-    settings = settings_from_args(args)
-    progress = Progress()
-    options = dict(settings=settings, output_root=args.output_root, resume=args.resume, progress=progress)
-    if args.scheduler or args.workers:
-        try:
-            quiet = logging.WARNING if getattr(args, "verbose", 0) <= 0 else None
-            with dask_client(args.scheduler, args.workers, args.threads_per_worker, log_level=quiet) as client:
-                if getattr(client, "dashboard_link", None):
-                    print(f"Dask dashboard: {client.dashboard_link}")
-                report = run_batch(args.sofs, client=client, distribute_ifus=not args.no_ifu_tasks, **options)
-        except ImportError as err:
-            logging.getLogger("musetwilight").error("%s", err)
-            return 2
-    else:
-        report = run_batch(args.sofs, **options)
-    progress.done()
-    print(report.summary())
-    if args.summary_json:
-        args.summary_json.write_text(report.to_json())
-    return report.exit_status

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import textwrap
 
 from .. import __version__
-from ..io.frames import PRODUCTS, TAG_RULES
+from ..io.frames import TAG_RULES
+from ..io.products import PRODUCTS
 from ..params import PARAMETERS, format_value
 
 SYNOPSIS = ("Combine several twilight skyflats into one cube, compute correction factors for each "
@@ -59,25 +59,15 @@ def render(show_hidden: bool = False, width: int = 80) -> str:
         lines.append(f"   {rule.tag:<20} {rule.group:<5} {required:>2}  {count:>3} {rule.description}")
     lines += ["", '  Product frames for raw frame tag "SKYFLAT":', "",
               f"   {'Frame tag':<20} {'Level':<8} Description", f"   {'-' * 20} {'-' * 8} {'-' * 11}"]
-    for tag, description in PRODUCTS:
-        lines.append(f"   {tag:<20} {'final':<8} {description}")
+    for product in PRODUCTS:
+        lines.append(f"   {product.tag:<20} {'final':<8} {product.description}")
     lines += ["", "OPTIONS", "  The following options are provided by this recipe.", ""]
     option_wrap = textwrap.TextWrapper(width=width, subsequent_indent=" " * 26)
     for parameter in PARAMETERS:
         if parameter.expert and not show_hidden:
             continue
-        allowed = f" <{' | '.join(parameter.choices)}>" if parameter.choices else ""
+        allowed = f" <{' | '.join(parameter.alternatives)}>" if parameter.choices else ""
         text = f"  --{parameter.name:<20}: {parameter.help}{allowed} [{format_value(parameter.default)}]"
         lines.append(option_wrap.fill(text))
     lines += ["", "RELEASE", f"  musetwilight {__version__} (parameters of ESO muse_twilight 2.8.7)", ""]
     return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--show-hidden", action="store_true",
-                        help="also list the expert parameters (vign*), as esorex --show-hidden")
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    print(render(show_hidden=args.show_hidden))
-    return 0

@@ -19,12 +19,9 @@ Command line: ``musetwilight compare REF TEST`` (exit status 0 within tolerances
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 import re
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -32,11 +29,12 @@ from typing import Iterable
 import numpy as np
 from astropy.io import fits
 
-from ..io.frames import InputError
+from ..errors import InputError
+from ..headers import WCS_KEYS
 from ..io.formats import image_values, iter_hdus, open_fits
+from ..io.products import PRODUCTS
 
-PRODUCT_NAMES = ("DATACUBE_SKYFLAT.fits", "TWILIGHT_CUBE.fits")
-WCS_KEY = re.compile(r"^(CTYPE\d+|CUNIT\d+|CRVAL\d+|CRPIX\d+|CD\d+_\d+)$")
+PRODUCT_NAMES = tuple(p.file_name for p in PRODUCTS)
 COMPARED_KEY_PREFIXES = ("ESO QC ", "ESO DRS MUSE ")
 
 
@@ -298,7 +296,7 @@ def compare_keywords(ext: str, ref: fits.Header, test: fits.Header,
         out = {}
         for card in header.cards:
             key = card.keyword
-            if key.startswith(COMPARED_KEY_PREFIXES) or WCS_KEY.match(key):
+            if key.startswith(COMPARED_KEY_PREFIXES) or WCS_KEYS.match(key):
                 out.setdefault(key, card.value)
         return out
 
@@ -313,7 +311,7 @@ def compare_keywords(ext: str, ref: fits.Header, test: fits.Header,
             diffs.append(KeywordDiff(ext, key, None, test_keys[key], None, "missing in reference"))
             continue
         a, b = ref_keys[key], test_keys[key]
-        is_wcs = bool(WCS_KEY.match(key))
+        is_wcs = bool(WCS_KEYS.match(key))
         if _is_number(a) and _is_number(b):
             rel = _numeric_rel(float(a), float(b))
             if is_wcs:
@@ -450,34 +448,3 @@ def compare_products(ref: str | os.PathLike, test: str | os.PathLike, tolerances
     if names is None:
         report.missing_in_ref = [name for name in test_files if name not in ref_files]
     return report
-
-
-# --------------------------------------------------------------------------- command line
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = Tolerances()
-    parser.add_argument("ref", metavar="REF", help="reference products (directory or FITS file), e.g. ESO's")
-    parser.add_argument("test", metavar="TEST", help="products to check (directory or FITS file)")
-    parser.add_argument("--rtol-median", type=float, default=defaults.rtol_median,
-                        help="limit on the median relative pixel difference (default %(default)g)")
-    parser.add_argument("--rtol-p99", type=float, default=defaults.rtol_p99,
-                        help="limit on the 99th percentile of the relative pixel difference (default %(default)g)")
-    parser.add_argument("--rtol-max", type=float, default=defaults.rtol_max,
-                        help="limit on the largest relative pixel difference (default: not checked)")
-    parser.add_argument("--nan-mismatch-frac", type=float, default=defaults.nan_mismatch_frac,
-                        help="largest fraction of pixels finite in one set only (default %(default)g)")
-    parser.add_argument("--qc-rtol", type=float, default=defaults.qc_rtol,
-                        help="relative tolerance for ESO QC / ESO DRS MUSE keywords (default %(default)g)")
-    parser.add_argument("--file", dest="names", action="append", metavar="NAME",
-                        help="compare only this file name (repeatable; default: every FITS file of REF)")
-    parser.add_argument("--json", metavar="FILE", help="also write the report as JSON")
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    tolerances = Tolerances(rtol_median=args.rtol_median, rtol_p99=args.rtol_p99, rtol_max=args.rtol_max,
-                            nan_mismatch_frac=args.nan_mismatch_frac, qc_rtol=args.qc_rtol)
-    report = compare_products(args.ref, args.test, tolerances, names=args.names)
-    sys.stdout.write(report.format() + "\n")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-    return 0 if report.ok else 1

@@ -14,7 +14,15 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+import warnings
 from typing import Mapping
+
+import numpy as np
+from astropy.io import fits
+
+from ..core.pixtable import COLUMN_UNITS, COLUMNS, SHIFT_IFU, SHIFT_X, SHIFT_Y, PixTable, as_uint32
+from ..errors import InputError
+from ..instrument import NUM_IFUS, NUM_SLICES
 
 PLUGIN_DIRS = ("/usr/lib/x86_64-linux-gnu/cpl/plugins", "/usr/lib/aarch64-linux-gnu/cpl/plugins")
 
@@ -102,3 +110,96 @@ def run_esorex(
             messages.append((match["level"].upper(), match["text"]))
     return EsoRun(recipe, completed.returncode, out, log + completed.stderr, wall,
                   max(rss, before), messages)
+
+
+# --------------------------------------------------------------------------- pixel-table files
+# To hand our pixel tables to ESO's recipes (muse_scipost_make_cube) and to read ESO's
+# (PIXTABLE_OBJECT of muse_scibasic): ESO's layout and its origin bit field.
+
+
+def encode_origin(x: np.ndarray, y: np.ndarray, ifu: np.ndarray, slice_: np.ndarray,
+                  offset: np.ndarray) -> np.ndarray:
+    """Pack 1-based CCD x, y, IFU, slice and the slice x offset into the origin bits."""
+    x = np.asarray(x, dtype=np.int64)
+    bits = ((x - np.asarray(offset, dtype=np.int64)) & 0xFF) << SHIFT_X
+    bits |= np.asarray(y, dtype=np.int64) << SHIFT_Y
+    bits |= np.asarray(ifu, dtype=np.int64) << SHIFT_IFU
+    bits |= np.asarray(slice_, dtype=np.int64)
+    return (bits & 0xFFFFFFFF).astype(np.uint32)
+
+
+def slice_offsets(header: fits.Header, exp: int = 0) -> np.ndarray:
+    """XOFFSET keywords as an int array ``[25, 49]`` indexed by [ifu, slice] (0 if absent)."""
+    offsets = np.zeros((NUM_IFUS + 1, NUM_SLICES + 1), dtype=np.int64)
+    pattern = re.compile(rf"^ESO DRS MUSE PIXTABLE EXP{exp} IFU(\d\d) SLICE(\d\d) XOFFSET$")
+    for key in header.keys():
+        match = pattern.match(key)
+        if match:
+            offsets[int(match.group(1)), int(match.group(2))] = int(header[key])
+    return offsets
+
+
+def decode_origin(origin: np.ndarray, header: fits.Header
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(ifu, slice, x, y) of every row; x, y are 1-based trimmed-CCD pixels.
+
+    x needs the per-slice ``XOFFSET`` keywords of ``header``.  (MPDAF's
+    ``origin2xpix``/``origin2ypix`` return the same minus 1.)
+    """
+    origin = as_uint32(origin)
+    slice_ = (origin & np.uint32(0x3F)).astype(np.int64)
+    ifu = ((origin >> np.uint32(SHIFT_IFU)) & np.uint32(0x1F)).astype(np.int64)
+    y = ((origin >> np.uint32(SHIFT_Y)) & np.uint32(0x1FFF)).astype(np.int64)
+    x = ((origin >> np.uint32(SHIFT_X)) & np.uint32(0x7F)).astype(np.int64)
+    x += slice_offsets(header)[ifu, slice_]
+    return ifu, slice_, x, y
+
+
+def write_pixtable(path: str | Path, table: PixTable, overwrite: bool = True) -> Path:
+    """Write ESO's layout: header in the primary HDU, one image extension per column.
+
+    Each column is an ``nrow x 1`` image (``NAXIS1 = 1``) named by EXTNAME, with
+    BUNIT where ESO sets one; dq and origin are stored as int32 (same bits).
+    """
+    path = Path(path)
+    hdus = [fits.PrimaryHDU(header=table.header.copy())]
+    for name in COLUMNS:
+        values = table.column(name)
+        if values.dtype == np.uint32:
+            values = values.view(np.int32)
+        ext = fits.ImageHDU(values.reshape(-1, 1), name=name)
+        if name in COLUMN_UNITS:
+            ext.header["BUNIT"] = COLUMN_UNITS[name]
+        hdus.append(ext)
+    with warnings.catch_warnings():
+        # the XOFFSET comments do not fit into 80 characters; FITS truncates them, as CPL
+        warnings.simplefilter("ignore", fits.verify.VerifyWarning)
+        fits.HDUList(hdus).writeto(path, overwrite=overwrite)
+    return path
+
+
+def read_pixtable(path: str | Path) -> PixTable:
+    """Read a pixel table written by ESO or by write_pixtable (image or table layout)."""
+    path = Path(path)
+    with fits.open(path, memmap=False) as hdul:
+        header = hdul[0].header.copy()
+        names = {hdu.name.lower(): hdu for hdu in hdul[1:]}
+        columns = {}
+        if "xpos" in names:
+            for name in COLUMNS:
+                if name not in names:
+                    raise InputError(f"{path}: pixel table has no {name} extension")
+                columns[name] = np.asarray(names[name].data).reshape(-1)
+        else:
+            if len(hdul) < 2 or not isinstance(hdul[1], fits.BinTableHDU):
+                raise InputError(f"{path}: neither image extensions nor a table of a pixel table")
+            data = hdul[1].data
+            for name in COLUMNS:
+                columns[name] = np.asarray(data[name])
+    floats = {name: np.ascontiguousarray(columns[name], dtype=np.float32)
+              for name in ("xpos", "ypos", "lambda", "data", "stat")}
+    ints = {name: as_uint32(columns[name]) for name in ("dq", "origin")}
+    for key in ("SIMPLE", "BITPIX", "NAXIS", "EXTEND"):
+        header.remove(key, ignore_missing=True)
+    return PixTable(floats["xpos"], floats["ypos"], floats["lambda"], floats["data"],
+                    floats["stat"], ints["dq"], ints["origin"], header)

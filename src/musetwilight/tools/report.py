@@ -31,6 +31,8 @@ import numpy as np
 from astropy.io import fits
 
 from .. import __version__
+from ..instrument import is_nfm
+from ..io.products import DATACUBE_SKYFLAT, TWILIGHT_CUBE
 
 DEFAULT_TITLE = "musetwilight QA report"
 QC_RE = re.compile(r"^ESO QC TWILIGHT(\d+) (.+)$")
@@ -188,7 +190,7 @@ def _intflux(products: _Products) -> dict[int, float]:
 
 def _nfm(products: _Products) -> bool:
     primary = products.sky_primary if products.sky_primary is not None else products.twi_primary
-    return str(primary.get("ESO INS MODE", "")).startswith("NFM")
+    return is_nfm(primary.get("ESO INS MODE"))
 
 
 def _is_number(value) -> bool:
@@ -503,7 +505,7 @@ def _table(header: list[str], rows: list[list], cls: str = "") -> str:
 def _qc_cards(products: _Products) -> list[tuple[str, str, object, str]]:
     """(product, keyword, value, comment) of every QC TWILIGHT and DRS MUSE FLAT FLUX keyword."""
     cards = []
-    for product, header in (("DATACUBE_SKYFLAT", products.sky_primary), ("TWILIGHT_CUBE", products.twi_primary)):
+    for product, header in ((DATACUBE_SKYFLAT.tag, products.sky_primary), (TWILIGHT_CUBE.tag, products.twi_primary)):
         if header is None:
             continue
         for card in header.cards:
@@ -598,8 +600,8 @@ def _run_info(products: _Products, flux: dict[int, float], reference: int | None
 
 
 def _read_products(datacube_skyflat, twilight_cube) -> _Products:
-    sky, sky_opened = _open(datacube_skyflat, "DATACUBE_SKYFLAT")
-    twi, twi_opened = _open(twilight_cube, "TWILIGHT_CUBE")
+    sky, sky_opened = _open(datacube_skyflat, DATACUBE_SKYFLAT.tag)
+    twi, twi_opened = _open(twilight_cube, TWILIGHT_CUBE.tag)
     try:
         if twi is None:
             raise ReportError("the QA report needs a TWILIGHT_CUBE")

@@ -20,7 +20,6 @@ arrays (~1.3 GB at full scale).
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import logging
@@ -1032,38 +1031,3 @@ def _mjd_to_iso(mjd: float) -> str:
     from astropy.time import Time
 
     return Time(mjd, format="mjd", scale="utc").isot[:23]
-
-
-# --------------------------------------------------------------------------------------------
-# command line
-
-
-def _ifu_list(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of IFU numbers: {text!r}") from None
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, type=Path, help="output directory")
-    parser.add_argument("--scale", choices=SCALES, default="mini", help="mini (tests) or full (real size)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
-    parser.add_argument("--nexp", type=int, default=3, help="number of SKYFLAT exposures")
-    parser.add_argument("--ifus", type=_ifu_list, default=None, help="comma-separated IFU numbers")
-    parser.add_argument("--illum", action="store_true", help="add an ILLUM exposure")
-    parser.add_argument("--dark", action="store_true", help="add dark current and a MASTER_DARK")
-    parser.add_argument("--badpix", action="store_true", help="write a BADPIX_TABLE")
-    parser.add_argument("--vignetting", action="store_true", help="vignetted corner and VIGNETTING_MASK")
-    parser.add_argument("--saturate", action="store_true", help="saturate the brightest pixels of exposure 1")
-    parser.add_argument("--mode", choices=MODES, default="WFM-NOAO-N", help="instrument mode")
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    result = simulate_dataset(args.out, scale=args.scale, seed=args.seed, nexp=args.nexp, ifus=args.ifus,
-                              illum=args.illum, dark=args.dark, badpix=args.badpix,
-                              vignetting=args.vignetting, mode=args.mode, saturate=args.saturate)
-    print(f"simulated {result.scale} set ({result.mode}, IFUs {','.join(map(str, result.ifus))}) "
-          f"in {result.out_dir}")
-    print(f"SOF: {result.sof}")
-    return 0

@@ -1,12 +1,14 @@
-"""ILLUM slice correction, wavelength cut, per-IFU flux scaling and the merge."""
+"""ILLUM slice correction, wavelength cut, per-IFU flux scaling, and resampling IFU by IFU."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import pytest
 from astropy.io import fits
 
-from musetwilight.core import merge
+from musetwilight.core import fluxscale, illum
+from musetwilight.core.cplmath import median_of
+from musetwilight.errors import MergeError, ParameterError
 
 
 @dataclass
@@ -31,17 +33,28 @@ def make_table(rng, n, slices=(1, 2, 3), level=100.0, lam=(4800.0, 9300.0), ifu=
         origin=slice_of_row | np.uint32(ifu << 6), header=fits.Header())
 
 
-def test_cpl_median_even_and_odd():
-    assert merge.cpl_median(np.array([3, 1, 2], np.float32)) == 2.0
-    assert merge.cpl_median(np.array([4, 1, 3, 2], np.float32)) == 2.5
-    assert np.isnan(merge.cpl_median(np.array([], np.float32)))
+def scaled_tables(tables, nfm, scales=None):
+    """Flux scales and each table divided by its divisor (data / d, stat / d**2 in double, as CPL)."""
+    info = fluxscale.flux_scales(tables, nfm, scales)
+    out = {}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for ifu, d in info.divisor.items():
+            t = tables[ifu]
+            out[ifu] = replace(t, data=(t.data / np.float64(d)).astype(np.float32),
+                               stat=(t.stat / np.float64(d * d)).astype(np.float32))
+    return out, info
+
+
+def concatenate(tables):
+    names = [f.name for f in fields(tables[0]) if isinstance(getattr(tables[0], f.name), np.ndarray)]
+    return replace(tables[0], **{n: np.concatenate([getattr(t, n) for t in tables]) for n in names})
 
 
 def test_restrict_wavelength_is_inclusive_in_float32():
     rng = np.random.default_rng(1)
     table = make_table(rng, 1000)
     table.lambda_[:2] = [5000.0, 9000.0]
-    cut = merge.restrict_wavelength(table, 5000.0, 9000.0)
+    cut = illum.restrict_wavelength(table, 5000.0, 9000.0)
     assert cut.lambda_.min() >= 5000.0 and cut.lambda_.max() <= 9000.0
     assert np.count_nonzero((table.lambda_ >= 5000) & (table.lambda_ <= 9000)) == cut.data.size
     assert cut.origin.size == cut.data.size == cut.xpos.size
@@ -49,16 +62,16 @@ def test_restrict_wavelength_is_inclusive_in_float32():
 
 def test_illum_correction_recovers_slice_efficiencies():
     rng = np.random.default_rng(2)
-    illum = make_table(rng, 6000, slices=(1, 2, 3, 4))
+    lamp = make_table(rng, 6000, slices=(1, 2, 3, 4))
     efficiency = np.array([0, 1.0, 0.8, 1.25, 0.5])
-    illum.data = (illum.data * efficiency[illum.origin & 0x3F]).astype(np.float32)
-    correction = merge.illum_correction(illum)
+    lamp.data = (lamp.data * efficiency[lamp.origin & 0x3F]).astype(np.float32)
+    correction = illum.illum_correction(lamp)
     assert list(correction.slices) == [1, 2, 3, 4]
     assert correction.factors.mean() == pytest.approx(1.0)
     expected = 1 / efficiency[1:] / np.mean(1 / efficiency[1:])
     np.testing.assert_allclose(correction.factors, expected, rtol=0.02)
     sky = make_table(rng, 3000, slices=(1, 2, 3, 4), level=50.0)
-    corrected = merge.apply_illum(sky, correction, ifu=1)
+    corrected = illum.apply_illum(sky, correction, ifu=1)
     rows = (sky.origin & 0x3F) == 3
     np.testing.assert_allclose(corrected.data[rows], sky.data[rows] * correction.factors[2], rtol=1e-6)
     np.testing.assert_allclose(corrected.stat[rows], sky.stat[rows] * correction.factors[2] ** 2, rtol=1e-6)
@@ -74,7 +87,7 @@ def test_flux_scaling_relative_to_ifu1():
     rng = np.random.default_rng(3)
     tables = _tables(rng, {1: 100.0, 2: 50.0, 3: 200.0})
     raw_flux = {n: float(np.sum(t.data, dtype=np.float64)) for n, t in tables.items()}
-    scaled, info = merge.flux_scale_tables(tables, nfm=False)
+    scaled, info = scaled_tables(tables, nfm=False)
     assert info.reference_ifu == 1
     for ifu in (1, 2, 3):
         assert info.flux[ifu] == pytest.approx(raw_flux[ifu], rel=1e-12)
@@ -86,9 +99,9 @@ def test_flux_scaling_relative_to_ifu1():
 def test_nfm_ifu24_takes_ifu23_flux_and_without_23_becomes_nonfinite():
     rng = np.random.default_rng(4)
     tables = _tables(rng, {1: 100.0, 23: 80.0, 24: 10.0})
-    _, info = merge.flux_scale_tables(tables, nfm=True)
+    _, info = scaled_tables(tables, nfm=True)
     assert info.flux[24] == info.flux[23]
-    scaled, info = merge.flux_scale_tables(_tables(rng, {1: 100.0, 24: 10.0}), nfm=True)
+    scaled, info = scaled_tables(_tables(rng, {1: 100.0, 24: 10.0}), nfm=True)
     assert info.flux[24] == 0.0 and not np.isfinite(scaled[24].data).any()
 
 
@@ -96,45 +109,37 @@ def test_external_scales():
     rng = np.random.default_rng(5)
     tables = _tables(rng, {1: 100.0, 2: 50.0})
     scales = [2.0, 0.5] + [1.0] * 22
-    scaled, info = merge.flux_scale_tables(tables, nfm=False, scales=scales)
+    scaled, info = scaled_tables(tables, nfm=False, scales=scales)
     np.testing.assert_allclose(scaled[1].data, tables[1].data / 2.0, rtol=1e-6)
     np.testing.assert_allclose(scaled[2].data, tables[2].data / 0.5, rtol=1e-6)
     assert info.flux[2] == pytest.approx(0.5 * info.flux[1])
     # a list of the wrong length is ignored, after IFU 1 was divided by its first value (ESO)
-    scaled, info = merge.flux_scale_tables(tables, nfm=False, scales=[4.0, 1.0])
+    scaled, info = scaled_tables(tables, nfm=False, scales=[4.0, 1.0])
     np.testing.assert_allclose(scaled[1].data, tables[1].data / 4.0, rtol=1e-6)
     assert info.scale[2] == pytest.approx(info.flux[2] / info.flux[1])
-    assert merge.external_scales(" 1, 2.5 ,3") == [1.0, 2.5, 3.0]
-    with pytest.raises(merge.MergeError, match="cannot parse"):
-        merge.external_scales("1,x")
+    assert fluxscale.parse_scales(" 1, 2.5 ,3") == [1.0, 2.5, 3.0]
+    with pytest.raises(ParameterError, match="cannot parse"):
+        fluxscale.parse_scales("1,x")
 
 
 def test_missing_ifu1_uses_first_present_ifu():
     rng = np.random.default_rng(6)
-    _, info = merge.flux_scale_tables(_tables(rng, {2: 100.0, 3: 50.0}), nfm=False)
+    _, info = scaled_tables(_tables(rng, {2: 100.0, 3: 50.0}), nfm=False)
     assert info.reference_ifu == 2 and info.scale[2] == 1.0
 
 
 def test_no_pixels_left_is_a_clear_error():
     rng = np.random.default_rng(7)
-    empty = merge.restrict_wavelength(make_table(rng, 10, lam=(4000, 4500)), 5000, 9000)
-    with pytest.raises(merge.MergeError, match="no pixels for cube reconstruction"):
-        merge.flux_scale_tables({1: empty}, nfm=False)
-
-
-def test_concatenate_keeps_order_and_columns():
-    rng = np.random.default_rng(8)
-    tables = [make_table(rng, n, ifu=i + 1) for i, n in enumerate((5, 7, 3))]
-    expected = np.concatenate([t.data for t in tables])
-    merged = merge.concatenate(list(tables))
-    np.testing.assert_array_equal(merged.data, expected)
-    assert merged.origin.dtype == np.uint32 and merged.xpos.size == 15
+    empty = illum.restrict_wavelength(make_table(rng, 10, lam=(4000, 4500)), 5000, 9000)
+    with pytest.raises(MergeError, match="no pixels for cube reconstruction"):
+        scaled_tables({1: empty}, nfm=False)
 
 
 def test_resampling_ifu_tables_equals_resampling_the_merged_table():
     """The streaming path (no merged table) gives bit-identical cubes to the merge-then-resample path."""
     from musetwilight.core.cube import make_grid
-    from musetwilight.core.resample import resample_cube, resample_tables, resample_tables_banded
+    from musetwilight.core.resample import ResampleOptions, resample_cube, resample_tables, resample_tables_banded
+    from musetwilight.params import CrType, Resample
 
     rng = np.random.default_rng(9)
     tables = {ifu: make_table(rng, 6000, level=level, ifu=ifu, lam=(5000.0, 7000.0))
@@ -142,22 +147,31 @@ def test_resampling_ifu_tables_equals_resampling_the_merged_table():
     for table in tables.values():
         table.dq[rng.random(table.dq.size) < 0.02] = 1 << 6
         table.data[rng.random(table.data.size) < 0.01] *= 50  # cosmic rays
-    scaled, info = merge.flux_scale_tables(tables, nfm=False)
-    merged = merge.concatenate([scaled[i] for i in (1, 2, 3)])
+    scaled, info = scaled_tables(tables, nfm=False)
+    merged = concatenate([scaled[i] for i in (1, 2, 3)])
     grid = make_grid(merged.xpos, merged.ypos, merged.lambda_, 250.0)
     for method, crtype in (("drizzle", "median"), ("nearest", "iraf"), ("renka", "mean")):
+        options = ResampleOptions(Resample(method), CrType(crtype), 3.0)
         reference = resample_cube(merged.xpos, merged.ypos, merged.lambda_, merged.data, merged.stat,
-                                  merged.dq, grid, method=method, crtype=crtype, crsigma=3.0)
+                                  merged.dq, grid, options)
         streamed = resample_tables([tables[i] for i in (1, 2, 3)], [info.divisor[i] for i in (1, 2, 3)], grid,
-                                   method=method, crtype=crtype, crsigma=3.0)
+                                   options)
         np.testing.assert_array_equal(streamed.data, reference.data)
         np.testing.assert_array_equal(streamed.stat, reference.stat)
         np.testing.assert_array_equal(streamed.pixel_dq, reference.pixel_dq)
         assert streamed.ncosmic == reference.ncosmic > 0
         for planes in (1, 2, 4):  # bands of planes, tables given as loader functions
             banded = resample_tables_banded([lambda t=tables[i]: t for i in (1, 2, 3)],
-                                            [info.divisor[i] for i in (1, 2, 3)], grid, planes,
-                                            method=method, crtype=crtype, crsigma=3.0)
+                                            [info.divisor[i] for i in (1, 2, 3)], grid, planes, options)
             np.testing.assert_array_equal(banded.data, reference.data)
             np.testing.assert_array_equal(banded.stat, reference.stat)
             assert banded.ncosmic == reference.ncosmic
+
+
+def test_cpl_median_even_and_odd_in_the_data_precision():
+    assert median_of(np.array([3, 1, 2], np.float32)) == 2.0
+    assert median_of(np.array([4, 1, 3, 2], np.float32)) == 2.5
+    assert np.isnan(median_of(np.array([], np.float32)))
+    # float32 arithmetic of the middle pair: a + (b - a) / 2 rounded in single precision
+    a, b = np.float32(1.0), np.float32(1.0000001)
+    assert median_of(np.array([a, b], np.float32)) == float(np.float32(a + (b - a) / np.float32(2)))
