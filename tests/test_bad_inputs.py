@@ -21,18 +21,19 @@ import pytest
 from astropy.io import fits
 
 from musetwilight.tools import eso
-from musetwilight.core import merge
+from musetwilight.errors import MergeError
 from musetwilight import recipe
-from musetwilight.io.frames import InputError
-from musetwilight.params import PARAMETERS, ParameterError
+from musetwilight.errors import InputError
+from musetwilight.errors import ParameterError
+from musetwilight.params import PARAMETERS
 
 
 MINI_IFUS = (1, 2, 3)
 
 
-def _present(skipped: dict[int, str]) -> dict[int, str]:
+def _present(skipped) -> dict[int, str]:
     """Skip reasons of the IFUs the mini set has (the others are always skipped)."""
-    return {ifu: reason for ifu, reason in skipped.items() if ifu in MINI_IFUS}
+    return {ifu: skip.reason for ifu, skip in skipped.items() if ifu in MINI_IFUS}
 
 
 @pytest.fixture(scope="module")
@@ -102,10 +103,12 @@ def _skips(sof, tmp_path: Path, expected: dict[int, str]):
     """The run succeeds without the IFUs in ``expected`` (number -> exact reason)."""
     out = tmp_path / "out"
     result = recipe.run(sof, None, out, workers=2)
-    assert {ifu: reason for ifu, reason in result.skipped_ifus.items() if ifu in MINI_IFUS} == expected
+    assert {ifu: skip.reason for ifu, skip in result.skipped_ifus.items() if ifu in MINI_IFUS} == expected
+    assert result.ifus("failed") == sorted(expected)
     absent = {ifu: f"Calibrations could not be loaded for IFU {ifu:2d}: TRACE_TABLE WAVECAL_TABLE"
               for ifu in range(1, 25) if ifu not in MINI_IFUS}
-    assert {ifu: reason for ifu, reason in result.skipped_ifus.items() if ifu not in MINI_IFUS} == absent
+    assert {ifu: skip.reason for ifu, skip in result.skipped_ifus.items() if ifu not in MINI_IFUS} == absent
+    assert result.ifus("absent") == sorted(absent)
     listed = ",".join(map(str, sorted(expected)))
     not_in_set = ",".join(str(ifu) for ifu in range(1, 25) if ifu not in MINI_IFUS)
     assert _products(out) == ["DATACUBE_SKYFLAT.fits", "TWILIGHT_CUBE.fits"]
@@ -203,7 +206,8 @@ def test_bias_chip_mismatch_in_one_ifu_skips_it(mini, tmp_path):
         h["CHAN02.DATA"].header["HIERARCH ESO DET CHIP NAME"] = "OTHER"
     sof = _variant(mini, tmp_path, "MASTER_BIAS", chip)
     sky = _file(mini, "SKYFLAT")
-    _skips(sof, tmp_path, {2: f"Basic processing failed for IFU  2: {sky}[CHAN02] vs MASTER_BIAS: CHIP "
+    broken = tmp_path / f"broken_0_{_file(mini, 'MASTER_BIAS').name}"
+    _skips(sof, tmp_path, {2: f"Basic processing failed for IFU  2: {sky}[CHAN02] vs MASTER_BIAS {broken}: CHIP "
                               "information does not match (('SIM02', 'ESO-CCD-SIM-02') / "
                               "('OTHER', 'ESO-CCD-SIM-02'))"})
 
@@ -213,7 +217,7 @@ def test_overscan_far_from_the_bias_skips_that_ifu(mini, tmp_path):
         h["CHAN02.DATA"].header["HIERARCH ESO DRS MUSE OVSC1 MEAN"] = 3000.0
     sof = _variant(mini, tmp_path, "MASTER_BIAS", level)
     result = recipe.run(sof, None, None)
-    reason = result.skipped_ifus[2]
+    reason = result.skipped_ifus[2].reason
     sky = _file(mini, "SKYFLAT")
     assert reason.startswith(f"Basic processing failed for IFU  2: {sky}[CHAN02]: overscan of quadrant 1 (")
     assert reason.endswith("differs from MASTER_BIAS (3000.000+/-3.123): very different overscan levels, "
@@ -227,7 +231,7 @@ def test_overscan_far_from_the_bias_in_every_ifu_fails(mini, tmp_path):
             h[f"CHAN0{ifu}.DATA"].header["HIERARCH ESO DRS MUSE OVSC1 MEAN"] = 3000.0
     sof = _variant(mini, tmp_path, "MASTER_BIAS", level)
     out = tmp_path / "out"
-    with pytest.raises(merge.MergeError) as info:
+    with pytest.raises(MergeError) as info:
         recipe.run(sof, None, out)
     message = str(info.value)
     assert message.startswith("no IFU could be reduced: Basic processing failed for IFU  1: ")
@@ -257,7 +261,7 @@ def test_nan_in_every_ifu_of_a_master_fails(mini, tmp_path):
     reasons = "; ".join(f"Basic processing failed for IFU  {ifu}: MASTER_FLAT {broken} [CHAN0{ifu}]: 1 unflagged "
                         "pixel(s) are NaN or inf (first at x=8, y=6)" for ifu in (1, 2, 3))
     out = tmp_path / "out"
-    with pytest.raises(merge.MergeError) as info:
+    with pytest.raises(MergeError) as info:
         recipe.run(sof, None, out)
     assert str(info.value).startswith(f"no IFU could be reduced: {reasons}; Calibrations could not be loaded ")
     assert _products(out) == []
@@ -299,13 +303,13 @@ def test_trace_leaving_the_ccd_drops_the_slice_with_a_warning(mini, tmp_path, ca
 
 @pytest.mark.parametrize("tag, key, value, message", [
     ("MASTER_BIAS", "HIERARCH ESO DET BINX", 2,
-     "binning does not match: ESO DET BINX = 1 in {raw}[CHAN01], 2 in MASTER_BIAS {broken}"),
+     "{raw}[CHAN01] vs MASTER_BIAS {broken}: binning does not match (ESO DET BINX 1 / 2)"),
     ("MASTER_FLAT", "HIERARCH ESO DET BINY", 2,
-     "binning does not match: ESO DET BINY = 1 in {raw}[CHAN01], 2 in MASTER_FLAT {broken}"),
+     "{raw}[CHAN01] vs MASTER_FLAT {broken}: binning does not match (ESO DET BINY 1 / 2)"),
     ("MASTER_BIAS", "HIERARCH ESO DET READ CURID", 3,
-     "read-out mode does not match: ESO DET READ CURID = 1 in {raw}[CHAN01], 3 in MASTER_BIAS {broken}"),
+     "{raw}[CHAN01] vs MASTER_BIAS {broken}: read-out mode does not match (1 / 3)"),
     ("MASTER_FLAT", "HIERARCH ESO INS MODE", "WFM-AO-N",
-     "instrument modes do not match: ESO INS MODE = WFM-NOAO-N in {raw}[CHAN01], WFM-AO-N in MASTER_FLAT {broken}"),
+     "{raw}[CHAN01] vs MASTER_FLAT {broken}: instrument modes do not match (WFM-NOAO-N / WFM-AO-N)"),
 ])
 def test_calibration_setup_mismatch_for_all_ifus_fails_before_any_work(mini, tmp_path, tag, key, value, message):
     def edit(h):
@@ -322,9 +326,9 @@ def test_calibration_ccd_size_differs(mini, tmp_path):
             hdu.data = hdu.data[:-2]
     sof = _variant(mini, tmp_path, "MASTER_BIAS", crop)
     broken = tmp_path / f"broken_0_{_file(mini, 'MASTER_BIAS').name}"
-    _fails(sof, f"CCD size differs: MASTER_BIAS {broken} is 512 x 254 pixels, the trimmed raw data of "
-                f"{_file(mini, 'SKYFLAT')}[CHAN01] 512 x 256 (IFU 1; no IFU can be processed, all 3 IFUs "
-                "fail this check)", tmp_path)
+    _fails(sof, f"{_file(mini, 'SKYFLAT')}[CHAN01] vs MASTER_BIAS {broken}: MASTER_BIAS size 512x254 differs "
+                "from the trimmed raw size 512x256 (IFU 1; no IFU can be processed, all 3 IFUs fail this check)",
+           tmp_path)
 
 
 def test_flat_read_out_mode_differs_is_only_a_warning(mini, tmp_path, caplog):
@@ -335,7 +339,9 @@ def test_flat_read_out_mode_differs_is_only_a_warning(mini, tmp_path, caplog):
     assert _present(result.skipped_ifus) == {}
     warned = [r.getMessage() for r in caplog.records if "read-out mode does not match" in r.getMessage()]
     assert len(warned) == 9  # 3 exposures x 3 IFUs, as ESO
-    assert warned[0] == f"{_file(mini, 'SKYFLAT')}[CHAN01] vs MASTER_FLAT: read-out mode does not match (1 / 3)"
+    broken = tmp_path / f"broken_0_{_file(mini, 'MASTER_FLAT').name}"
+    assert warned[0] == (f"{_file(mini, 'SKYFLAT')}[CHAN01] vs MASTER_FLAT {broken}: read-out mode does not "
+                         "match (1 / 3)")
 
 
 def test_geometry_table_with_a_slice_missing(mini, tmp_path):
@@ -398,7 +404,7 @@ def test_lambdamax_not_above_lambdamin(mini, tmp_path, lambdamin, lambdamax):
 def test_wavelength_cut_that_leaves_no_pixels(mini, tmp_path):
     _fails(mini.sof, "After cutting to 10500.00..10900.00 Angstrom in wavelength no pixels for cube "
                      "reconstruction are left!",
-           tmp_path, merge.MergeError, {"lambdamin": 10500, "lambdamax": 10900})
+           tmp_path, MergeError, {"lambdamin": 10500, "lambdamax": 10900})
 
 
 # --------------------------------------------------------------------------- outputs

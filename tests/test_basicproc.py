@@ -16,9 +16,15 @@ import pytest
 from astropy.io import fits
 
 from musetwilight.core import basicproc
+from musetwilight.core.basicproc import Calibrations
+from musetwilight.core.cplmath import horner_long_double
+from musetwilight.core.detector import layout_from_header, overscan_windows, trim
+from musetwilight.core.images import MuseImage, RawImage
+from musetwilight.core.overscan import dcr_flag, iterate_polyfit, vpoly_correct
+from musetwilight.errors import InputError, OverscanError
+from musetwilight.io.formats import read_badpix_table, read_muse_image, read_raw_ifu
+from musetwilight.params import OverscanSpec, make_settings
 from musetwilight.tools import eso
-from musetwilight.io.formats import MuseImage, RawImage
-from musetwilight.params import make_settings
 
 # ---------------------------------------------------------------------------
 # synthetic MUSE-like data (tiny CCD, real layout rules)
@@ -153,48 +159,25 @@ def make_calibrations(tmp: Path, rng, bias_level: bool, ovsc_params: dict | None
 
 
 # ---------------------------------------------------------------------------
-# readers (tiny, until musetwilight.io.formats provides them)
+# readers and the chain for one exposure
 
 
 def read_raw(path: Path, ifu: int = 1) -> RawImage:
-    try:
-        from musetwilight.io.formats import read_raw_ifu
-        return read_raw_ifu(path, ifu)
-    except ImportError:
-        pass
-    with fits.open(path) as hdul:
-        header = hdul[0].header.copy()
-        ext = hdul[f"CHAN{ifu:02d}"]
-        for card in ext.header.cards:
-            if card.keyword not in ("XTENSION", "CHECKSUM", "DATASUM", "BITPIX", "PCOUNT", "GCOUNT",
-                                    "BZERO", "BSCALE") and not card.keyword.startswith("NAXIS"):
-                header[card.keyword] = card.value
-        return RawImage(ext.data.copy(), header, Path(path), ifu)
+    return read_raw_ifu(path, ifu)
 
 
 def read_image(path: Path, ifu: int = 1) -> MuseImage:
-    try:
-        from musetwilight.io.formats import read_muse_image
-        return read_muse_image(path, ifu)
-    except ImportError:
-        pass
-    with fits.open(path) as hdul:
-        header = hdul[0].header.copy()
-        for card in hdul["DATA"].header.cards:
-            if card.keyword.startswith("ESO ") or card.keyword == "BUNIT":
-                header[card.keyword] = card.value
-        return MuseImage(hdul["DATA"].data.astype(np.float32), hdul["DQ"].data.astype(np.uint32),
-                         hdul["STAT"].data.astype(np.float32), header)
+    return read_muse_image(path, ifu)
 
 
 def read_badpix(path: Path, ifu: int = 1):
-    try:
-        from musetwilight.io.formats import read_badpix_table
-        return read_badpix_table(path, ifu)
-    except ImportError:
-        pass
-    with fits.open(path) as hdul:
-        return hdul[f"CHAN{ifu:02d}"].data
+    return read_badpix_table(path, ifu)
+
+
+def process_one(raw, bias, settings, flat=None, dark=None, badpix=None, is_illum=False) -> MuseImage:
+    """The basic processing of one exposure."""
+    calibrations = Calibrations(bias, flat, dark, [badpix] if badpix is not None else [])
+    return basicproc.process_exposures([raw], settings, calibrations, illum=[is_illum]).images[0]
 
 
 def rel_diff(ours: np.ndarray, theirs: np.ndarray, mask: np.ndarray) -> float:
@@ -210,19 +193,19 @@ def rel_diff(ours: np.ndarray, theirs: np.ndarray, mask: np.ndarray) -> float:
 
 def test_layout_windows_match_the_format_spec():
     header = _hdr(_det_header())
-    layout = basicproc.layout_from_header(header)
+    layout = layout_from_header(header)
     assert layout.raw_shape == (RAW_H, RAW_W)
-    (hy, hx), (vy, vx) = basicproc.overscan_windows(layout, 1, 3)
+    (hy, hx), (vy, vx) = overscan_windows(layout, 1, 3)
     assert (hx.start, hx.stop) == (PRE, PRE + NX)
     assert (hy.start, hy.stop) == (PRE + NY + 3, PRE + NY + OVS)
     assert (vx.start, vx.stop) == (PRE + NX + 3, PRE + NX + OVS)
     assert (vy.start, vy.stop) == (PRE, PRE + NY + OVS)
-    (hy, hx), (vy, vx) = basicproc.overscan_windows(layout, 3, 3)
+    (hy, hx), (vy, vx) = overscan_windows(layout, 3, 3)
     assert (hx.start, hx.stop) == (PRE + NX + 2 * OVS, PRE + 2 * NX + 2 * OVS)
     assert (vx.start, vx.stop) == (PRE + NX + OVS, PRE + NX + 2 * OVS - 3)
     assert (hy.start, hy.stop) == (PRE + NY + OVS, PRE + NY + 2 * OVS - 3)
     raw = np.arange(RAW_H * RAW_W, dtype=np.float32).reshape(RAW_H, RAW_W)
-    trimmed = basicproc.trim(raw, layout)
+    trimmed = trim(raw, layout)
     assert trimmed.shape == (2 * NY, 2 * NX)
     assert trimmed[0, 0] == raw[PRE, PRE]
     assert trimmed[-1, -1] == raw[RAW_H - PRE - 1, RAW_W - PRE - 1]
@@ -231,16 +214,16 @@ def test_layout_windows_match_the_format_spec():
 
 def test_vpoly_recovers_a_known_overscan_polynomial():
     rng = np.random.default_rng(1)
-    layout = basicproc.layout_from_header(_hdr(_det_header()))
+    layout = layout_from_header(_hdr(_det_header()))
     rows = np.arange(1, RAW_H + 1, dtype=np.float64)
     truth = 1000.0 + 0.05 * rows - 2.0e-4 * rows ** 2
     data = (truth[:, None] + rng.normal(0, 0.5, (RAW_H, RAW_W))).astype(np.float32)
     dq = np.zeros(data.shape, np.uint32)
-    coeffs = basicproc.vpoly_correct(data, dq, layout, 3, 15, 30.0, 1.00001, 1.00001)
+    coeffs = vpoly_correct(data, dq, layout, OverscanSpec.parse("vpoly"), 3, 30.0)
     for c in coeffs[:1]:
         assert len(c) >= 3
         fitted = slice(PRE, RAW_H // 2)  # quadrant 1's vertical overscan rows
-        model = basicproc._horner(c, rows[fitted])
+        model = horner_long_double(c, rows[fitted])
         assert np.max(np.abs(model - truth[fitted])) < 0.3
     inner = data[PRE:RAW_H - PRE]
     assert abs(float(np.mean(inner))) < 0.05
@@ -252,7 +235,7 @@ def test_iterate_polyfit_rejects_outliers_like_a_hand_loop():
     x = np.arange(200.0)
     y = 3.0 + 0.1 * x + rng.normal(0, 1, 200)
     y[[10, 50, 150]] += [40, -35, 60]
-    fit = basicproc.iterate_polyfit(x, y, 1, 3.0)
+    fit = iterate_polyfit(x, y, 1, 3.0)
     keep = np.ones(200, bool)
     while True:
         c = np.polyfit(x[keep], y[keep], 1)[::-1]
@@ -275,7 +258,7 @@ def test_dcr_flags_isolated_hits_only():
     for y, x in hits:
         data[y, x] += 500
     dq = np.zeros(data.shape, np.uint32)
-    n = basicproc.dcr_flag(data, dq, 32, 128, 3, 2.5)
+    n = dcr_flag(data, dq, 32, 128, 3, 2.5)
     flagged = set(zip(*np.nonzero(dq)))
     assert flagged == set(hits)
     assert n == 3
@@ -317,8 +300,8 @@ def test_process_exposure_variance_and_dq_rules(synthetic):
     raw = read_raw(synthetic["raws"][0])
     bias = read_image(cal / "MASTER_BIAS.fits")
     flat = read_image(cal / "MASTER_FLAT.fits")
-    plain = basicproc.process_exposure(raw, bias, settings)
-    flat_fielded = basicproc.process_exposure(raw, bias, settings, flat=flat)
+    plain = process_one(raw, bias, settings)
+    flat_fielded = process_one(raw, bias, settings, flat=flat)
     assert plain.data.dtype == np.float32 and plain.stat.dtype == np.float32
     assert plain.header["BUNIT"] == "count"
     good = flat.data != 0
@@ -363,7 +346,7 @@ def eso_basicproc(synthetic, tag: str, raws: list[Path], overscan: str, params: 
 
 def ours_processed(synthetic, raw: Path, overscan: str, settings, dark=True, badpix=True, flat=True):
     cal = synthetic["cal"][overscan.split(":")[0]]
-    return basicproc.process_exposure(
+    return process_one(
         read_raw(raw), read_image(cal / "MASTER_BIAS.fits"), settings,
         flat=read_image(cal / "MASTER_FLAT.fits") if flat else None,
         dark=read_image(cal / "MASTER_DARK.fits") if dark else None,
@@ -425,8 +408,8 @@ def test_vpoly_level_check_fails_like_eso(synthetic, tmp_path):
     """A MASTER_BIAS whose overscan level is far off stops vpoly processing (ESO: error)."""
     bias = read_image(synthetic["cal"]["vpoly"] / "MASTER_BIAS.fits")
     bias.header[basicproc.OVSC_MEAN.format(2)] = 0.0
-    with pytest.raises(basicproc.OverscanError, match="quadrant 2"):
-        basicproc.process_exposure(read_raw(synthetic["raws"][0]), bias, make_settings({}))
+    with pytest.raises(OverscanError, match="quadrant 2"):
+        process_one(read_raw(synthetic["raws"][0]), bias, make_settings({}))
     path = tmp_path / "MASTER_BIAS.fits"
     with fits.open(synthetic["cal"]["vpoly"] / "MASTER_BIAS.fits") as hdul:
         hdul[0].header["HIERARCH ESO DRS MUSE OVSC2 MEAN"] = 0.0
@@ -450,10 +433,11 @@ def test_process_exposures_loads_each_calibration_once(synthetic):
 
     settings = make_settings({})
     raws = [read_raw(p) for p in synthetic["raws"]]
-    listwise = basicproc.process_exposures(raws, settings, loader("MASTER_BIAS"), flat=loader("MASTER_FLAT"),
-                                           dark=loader("MASTER_DARK"), illum=[False, False, True])
+    listwise = basicproc.process_exposures(raws, settings, Calibrations(loader("MASTER_BIAS"), loader("MASTER_FLAT"),
+                                                                        loader("MASTER_DARK")),
+                                           illum=[False, False, True]).images
     assert calls == ["MASTER_BIAS", "MASTER_DARK", "MASTER_FLAT"]
-    single = basicproc.process_exposure(raws[2], read_image(cal / "MASTER_BIAS.fits"), settings,
+    single = process_one(raws[2], read_image(cal / "MASTER_BIAS.fits"), settings,
                                         flat=read_image(cal / "MASTER_FLAT.fits"),
                                         dark=read_image(cal / "MASTER_DARK.fits"), is_illum=True)
     assert np.array_equal(listwise[2].data, single.data) and np.array_equal(listwise[2].dq, single.dq)
@@ -466,9 +450,9 @@ def test_flat_mode_mismatch_is_an_error_except_for_illum(synthetic):
     flat = read_image(cal / "MASTER_FLAT.fits")
     flat.header["HIERARCH ESO INS MODE"] = "NFM-AO-N"
     raw, bias = read_raw(synthetic["raws"][0]), read_image(cal / "MASTER_BIAS.fits")
-    with pytest.raises(basicproc.InputError, match="instrument modes"):
-        basicproc.process_exposure(raw, bias, make_settings({}), flat=flat)
-    illum = basicproc.process_exposure(raw, bias, make_settings({}), flat=flat, is_illum=True)
+    with pytest.raises(InputError, match="instrument modes"):
+        process_one(raw, bias, make_settings({}), flat=flat)
+    illum = process_one(raw, bias, make_settings({}), flat=flat, is_illum=True)
     assert illum.header[basicproc.FLAT_FLUX_LAMP] == 123456.7
 
 

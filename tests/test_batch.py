@@ -1,6 +1,5 @@
 """Batch reduction: many sets, a failing one reported, and a Dask cluster giving the serial products."""
 
-import argparse
 import json
 import pickle
 import subprocess
@@ -11,7 +10,8 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from musetwilight.shells import batch
+from musetwilight.io.products import PRODUCT_TAGS
+from musetwilight.shells import batch, cli
 from musetwilight.io.frames import write_sof
 from musetwilight.params import PARAMETERS, make_settings
 
@@ -80,7 +80,7 @@ def test_serial_batch_reduces_every_set_and_reports_the_failing_one(serial, sofs
     assert "missing_0.fits" in broken.error and broken.error.startswith("InputError")
     assert "Traceback" in broken.details
     for name in SETS:
-        for product in batch.PRODUCTS:
+        for product in PRODUCT_TAGS:
             path = root / name / f"{product}.fits"
             header = fits.getheader(path)
             assert header["ESO PRO CATG"] == product
@@ -133,7 +133,7 @@ def test_dask_products_are_bit_identical_to_the_serial_ones(serial, distributed_
     serial_root, _, _ = serial
     dask_root, _, _ = distributed_run
     for name in SETS:
-        for product in batch.PRODUCTS:
+        for product in PRODUCT_TAGS:
             with fits.open(serial_root / name / f"{product}.fits") as ours, \
                     fits.open(dask_root / name / f"{product}.fits") as theirs:
                 assert [h.name for h in ours] == [h.name for h in theirs]
@@ -170,25 +170,22 @@ def test_dask_without_ifu_tasks_keeps_each_set_in_one_task(serial, sofs, dask_cl
     assert [o.status for o in report.outcomes] == ["ok"]
     assert [t["key"].split("-")[1] for t in stream.data] == ["set"]
     serial_root, _, _ = serial
-    for product in batch.PRODUCTS:
+    for product in PRODUCT_TAGS:
         assert fits.getheader(tmp_path / "alpha" / f"{product}.fits")["DATAMD5"] == \
             fits.getheader(serial_root / "alpha" / f"{product}.fits")["DATAMD5"]
 
 
 def test_cli_resumes_finished_sets_and_fails_on_the_broken_one(serial, sofs, tmp_path, capsys):
     root, _, _ = serial
-    parser = argparse.ArgumentParser()
-    batch.add_arguments(parser)
     summary = tmp_path / "summary.json"
-    args = parser.parse_args([*map(str, sofs), "--output-root", str(root), "--resume", "--crsigma", "40",
-                              "--summary-json", str(summary)])
+    argv = ["batch", *map(str, sofs), "--output-root", str(root), "--resume", "--crsigma", "40",
+            "--summary-json", str(summary)]
     before = {p: p.stat().st_mtime_ns for p in root.glob("*/*.fits")}
-    assert batch.run_from_args(args) == 1
+    assert cli.main(argv) == 1
     out = capsys.readouterr().out
     assert "3 sets: 0 reduced, 2 already done, 1 failed" in out
     assert {p: p.stat().st_mtime_ns for p in root.glob("*/*.fits")} == before
     stored = json.loads(summary.read_text())
     assert [s["status"] for s in stored["sets"]] == ["skipped", "skipped", "failed"]
     assert Path(stored["sets"][0]["output_dir"]) == (root / "alpha").resolve()
-    args = parser.parse_args([str(sofs[0]), "--output-root", str(root), "--resume"])
-    assert batch.run_from_args(args) == 0
+    assert cli.main(["batch", str(sofs[0]), "--output-root", str(root), "--resume"]) == 0

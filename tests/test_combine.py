@@ -9,7 +9,7 @@ from astropy.io import fits
 from musetwilight.core import basicproc
 from musetwilight.core import combine
 from musetwilight.tools import eso
-from musetwilight.io.formats import MuseImage
+from musetwilight.core.images import MuseImage
 from musetwilight.params import make_settings
 
 import test_basicproc as tb
@@ -215,6 +215,7 @@ def test_combined_image_equals_eso(five, params):
     ({"dark": True, "badpix": True}, {"combine": "average", "scale": True}),
 ], ids=["default", "dark-badpix-average-scale"])
 def test_twilight_qc_equals_eso(simulated_set, eso_twilight, options, params):
+    from musetwilight.instrument import header_ifu
     from musetwilight.io import formats as io
 
     sim = simulated_set(**options)
@@ -226,16 +227,16 @@ def test_twilight_qc_equals_eso(simulated_set, eso_twilight, options, params):
     settings = make_settings(params)
     files = sim.files
     ours = {}
-    for ifu in io.ifus_in_file(files["SKYFLAT"][0]):
+    for ifu in sorted({header_ifu(h) for h in io.scan_fits(files["SKYFLAT"][0])} - {None}):
         flat = io.read_muse_image(files["MASTER_FLAT"][0], ifu)
         badpix = [t for t in (io.read_badpix_table(p, ifu) for p in files.get("BADPIX_TABLE", [])) if t is not None]
-        images = basicproc.process_exposures(
+        dark = io.read_muse_image(files["MASTER_DARK"][0], ifu) if files.get("MASTER_DARK") else None
+        processed = basicproc.process_exposures(
             [io.read_raw_ifu(p, ifu) for p in files["SKYFLAT"]], settings,
-            io.read_muse_image(files["MASTER_BIAS"][0], ifu), flat=flat,
-            dark=io.read_muse_image(files["MASTER_DARK"][0], ifu) if files.get("MASTER_DARK") else None,
-            badpix=badpix or None)
+            basicproc.Calibrations(io.read_muse_image(files["MASTER_BIAS"][0], ifu), flat, dark, badpix))
+        images = processed.images
         master = combine.combine_exposures(images, settings)
-        ours.update(combine.exposure_qc(images, ifu, basicproc.flat_rejected(flat)))
+        ours.update(combine.exposure_qc(images, ifu, processed.flat_zero))
         ours.update(combine.master_qc(master, ifu))
     assert set(ours) == set(theirs)
     worst = 0.0

@@ -73,7 +73,7 @@ def test_parameters_get_set_delete_iterate():
     names = [p.name for p in recipe.param]
     assert len(names) == 24 and names[0] == "overscan" and names[-1] == "vignnfmmask"
     assert {p.fullname for p in recipe.param} == {f"muse.muse_twilight.{n}" for n in names}
-    with pytest.raises(ValueError, match="not one of"):
+    with pytest.raises(cpl.CplError, match="not one of"):
         recipe.param.resample = "bicubic"
     with pytest.raises(AttributeError, match="no parameter 'xordr'"):
         recipe.param.xordr = 1

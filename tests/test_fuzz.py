@@ -17,10 +17,12 @@ from musetwilight.core import basicproc
 from musetwilight.core import combine
 from musetwilight.io import formats as io
 from musetwilight.core import smooth
-from musetwilight.io.frames import InputError
-from musetwilight.io.formats import MuseImage
+from musetwilight.errors import InputError
+from musetwilight.core.images import MuseImage
 from musetwilight.params import make_settings
-from musetwilight.core.resample import METHODS, resample_cube
+from musetwilight.core.overscan import FLT_MAX, iterate_polyfit
+from musetwilight.core.resample import ResampleOptions, resample_cube
+from musetwilight.params import CrType, Resample
 
 # derandomized: CI explores the same examples on every run (no flaky failures)
 FAST = settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
@@ -161,8 +163,8 @@ def test_overscan_polynomial_fit_recovers_a_known_polynomial(coeffs, start, n):
     x = np.arange(start, start + n, dtype=np.float64)
     t = (x - x.mean()) / n  # a polynomial of modest dynamic range over the rows
     y = 1000.0 + np.polynomial.polynomial.polyval(t, coeffs)
-    for sigma in (basicproc.FLT_MAX, 3.0):  # 3 sigma may reject points off by rounding only
-        fit = basicproc.iterate_polyfit(x, y, len(coeffs) - 1, sigma)
+    for sigma in (FLT_MAX, 3.0):  # 3 sigma may reject points off by rounding only
+        fit = iterate_polyfit(x, y, len(coeffs) - 1, sigma)
         model = np.polynomial.polynomial.polyval(x, fit.coeffs)
         np.testing.assert_allclose(model, y, rtol=0, atol=1e-6)
         assert fit.keep.sum() > len(coeffs)
@@ -186,7 +188,7 @@ def test_image_polynomial_fit_recovers_a_known_polynomial(xorder, yorder, seed, 
 
 @settings(max_examples=10, deadline=None, derandomize=True)
 @given(seed=st.integers(0, 2**32 - 1), value=st.floats(-1e4, 1e4).filter(lambda v: abs(v) > 1e-3),
-       method=st.sampled_from(METHODS))
+       method=st.sampled_from(list(Resample)))
 def test_resampling_keeps_a_constant_field_constant(seed, value, method):
     rng = np.random.default_rng(seed)
     n = 2000
@@ -195,8 +197,8 @@ def test_resampling_keeps_a_constant_field_constant(seed, value, method):
     lam = rng.uniform(5000, 6000, n).astype(np.float32)
     data = np.full(n, value, np.float32)
     stat = rng.uniform(0.5, 2, n).astype(np.float32)
-    cube = resample_cube(xpos, ypos, lam, data, stat, np.zeros(n, np.uint32), method=method,
-                         crtype="median", crsigma=5.0, dlambda=250.0)
+    cube = resample_cube(xpos, ypos, lam, data, stat, np.zeros(n, np.uint32),
+                         options=ResampleOptions(method, CrType.MEDIAN, 5.0), dlambda=250.0)
     finite = np.isfinite(cube.data)
     assert finite.sum() >= 40  # (of 315 voxels; lanczos leaves most of this small cube's edge empty)
     np.testing.assert_allclose(cube.data[finite], np.float32(value), rtol=1e-5)
@@ -272,7 +274,7 @@ def _bytes(hdul: fits.HDUList) -> bytes:
 
 READERS = {
     "muse_image": (_muse_image_file, lambda p: (io.read_muse_image(p, 2), io.scan_fits(p))),
-    "raw": (_raw_file, lambda p: (io.read_raw_ifu(p, 1), io.ifus_in_file(p))),
+    "raw": (_raw_file, lambda p: (io.read_raw_ifu(p, 1), io.has_ifu_extension(p, 2))),
     "ifu_table": (_table_file, lambda p: (io.read_ifu_table(p, 2, "TRACE_TABLE"), io.read_header(p, 1))),
     "geometry": (_geometry_file, lambda p: io.read_geometry_table(p)),
     "badpix": (_badpix_file, lambda p: io.read_badpix_table(p, 1)),

@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
+from musefiles import file_matches_ifu, ifus_in_file, muse_image_hdus, write_hdulist_atomic, write_muse_image
+from musetwilight.core.images import MuseImage
+from musetwilight.instrument import ifu_of_extname
 from musetwilight.io import formats as mio
-from musetwilight.io.frames import InputError
+from musetwilight.errors import InputError
 
 
 def det_header(ifu: int = 1, gain: float = 1.1) -> fits.Header:
@@ -50,7 +53,7 @@ def write_raw(path: Path, ifus=range(1, 25), shape=(20, 24)) -> Path:
     return path
 
 
-def make_image(shape=(6, 5), seed=0, unit="count") -> mio.MuseImage:
+def make_image(shape=(6, 5), seed=0, unit="count") -> MuseImage:
     rng = np.random.default_rng(seed)
     data = rng.normal(100, 5, shape).astype(np.float32)
     dq = rng.integers(0, 2, shape).astype(np.uint32) << np.uint32(31)  # top bit: sign of int32
@@ -59,7 +62,7 @@ def make_image(shape=(6, 5), seed=0, unit="count") -> mio.MuseImage:
     header = fits.Header()
     header["HIERARCH ESO PRO CATG"] = "MASTER_BIAS"
     header["BUNIT"] = (unit, "unit comment")
-    return mio.MuseImage(data, dq, stat, header)
+    return MuseImage(data, dq, stat, header)
 
 
 # ----------------------------------------------------------------------------- matching
@@ -70,7 +73,7 @@ def make_image(shape=(6, 5), seed=0, unit="count") -> mio.MuseImage:
     ("CHAN261", 5),  # atoi stored in an unsigned char
 ])
 def test_ifu_of_extname(name, expected):
-    assert mio.ifu_of_extname(name) == expected
+    assert ifu_of_extname(name) == expected
 
 
 def write_table_file(path: Path, ifus, pipefile: bool, primary_extname: str | None = None) -> Path:
@@ -95,7 +98,7 @@ def test_pipefile_merged_file_matches_only_its_ifus(tmp_path):
         assert mio.find_ifu_hdu(hdul, 2) == 1
         assert mio.find_ifu_hdu(hdul, 1) is None
         assert mio.find_ifu_hdu(hdul, 1, tag="GEOMETRY_TABLE") == 0
-    assert mio.ifus_in_file(path) == [2, 3]
+    assert ifus_in_file(path) == [2, 3]
     assert mio.read_ifu_table(path, 1) is None
     table = mio.read_ifu_table(path, 3)
     assert table.meta["extension"] == 2 and table.meta["extname"] == "CHAN03"
@@ -104,7 +107,7 @@ def test_pipefile_merged_file_matches_only_its_ifus(tmp_path):
 
 def test_generic_file_matches_every_ifu_and_uses_extension_1(tmp_path):
     path = write_table_file(tmp_path / "trace.fits", [2, 3], pipefile=False)
-    assert mio.file_matches_ifu(path, 7)
+    assert file_matches_ifu(path, 7)
     # ESO reads extension 1 for an IFU the generic file has no extension for
     table = mio.read_ifu_table(path, 7)
     assert table.meta["extension"] == 1 and table["MSE"][0] == 2.0
@@ -114,13 +117,13 @@ def test_generic_file_matches_every_ifu_and_uses_extension_1(tmp_path):
 def test_per_ifu_file_with_chan_in_primary(tmp_path):
     path = write_table_file(tmp_path / "trace-05.fits", [], pipefile=True, primary_extname="CHAN05")
     fits.append(path, fits.BinTableHDU.from_columns([fits.Column("SliceNo", "J", array=[1, 2])]).data)
-    assert mio.ifus_in_file(path) == [5]
-    assert not mio.file_matches_ifu(path, 4)
+    assert ifus_in_file(path) == [5]
+    assert not file_matches_ifu(path, 4)
     table = mio.read_ifu_table(path, 5)
     assert table.meta["extension"] == 1 and list(table["SliceNo"]) == [1, 2]
     # without PIPEFILE, a primary naming another IFU still rejects the file
     path2 = write_table_file(tmp_path / "trace-06.fits", [], pipefile=False, primary_extname="CHAN06")
-    assert not mio.file_matches_ifu(path2, 4)
+    assert not file_matches_ifu(path2, 4)
 
 
 def test_empty_table_is_an_error(tmp_path):
@@ -161,7 +164,7 @@ def test_read_raw_ifu_int32_and_float_kept(tmp_path):
 
 def test_raw_missing_ifu_and_keywords(tmp_path):
     path = write_raw(tmp_path / "raw.fits", ifus=[1])
-    assert mio.file_matches_ifu(path, 2)  # raw data carry no PIPEFILE: generic for matching
+    assert file_matches_ifu(path, 2)  # raw data carry no PIPEFILE: generic for matching
     assert mio.has_ifu_extension(path, 1) and not mio.has_ifu_extension(path, 2)
     with pytest.raises(InputError, match=r"raw\.fits.*IFU 2"):
         mio.read_raw_ifu(path, 2)
@@ -198,7 +201,7 @@ def test_not_fits_and_truncated_files(tmp_path):
         start = hdul.fileinfo(2)["hdrLoc"]
     cut_header.write_bytes(blob[: start + 1000])  # inside the header of CHAN02
     with pytest.raises(InputError, match="cuthdr.fits: truncated"):
-        mio.ifus_in_file(cut_header)
+        ifus_in_file(cut_header)
 
 
 def test_reading_one_ifu_leaves_the_others_alone(tmp_path):
@@ -230,7 +233,7 @@ def test_muse_image_round_trip_per_ifu(tmp_path):
     image = make_image()
     image.header["EXTNAME"] = "CHAN03"
     image.header["CTYPE1"] = "PIXEL"
-    path = mio.write_muse_image(tmp_path / "MASTER_BIAS-03.fits", image)
+    path = write_muse_image(tmp_path / "MASTER_BIAS-03.fits", image)
     with fits.open(path, do_not_scale_image_data=True) as hdul:
         assert [h.name for h in hdul] == ["CHAN03", "DATA", "DQ", "STAT"]
         assert hdul[0].header["NAXIS"] == 0
@@ -251,8 +254,8 @@ def test_muse_image_round_trip_per_ifu(tmp_path):
     np.testing.assert_array_equal(back.stat, image.stat)
     assert back.header["BUNIT"] == "count" and back.header["EXTNAME"] == "CHAN03"
     assert back.header["ESO PRO CATG"] == "MASTER_BIAS"
-    assert mio.ifus_in_file(path) == [3]
-    assert mio.file_matches_ifu(path, 3) and not mio.file_matches_ifu(path, 4)
+    assert ifus_in_file(path) == [3]
+    assert file_matches_ifu(path, 3) and not file_matches_ifu(path, 4)
 
 
 def write_merged(path: Path, ifus=(1, 2)) -> Path:
@@ -268,8 +271,8 @@ def write_merged(path: Path, ifus=(1, 2)) -> Path:
         extra["HIERARCH ESO QC FLAT MASTER INTFLUX"] = 1000.0 * ifu
         extra["HIERARCH ESO DET CHIP NAME"] = f"chip{ifu}"
         extra["OBJECT"] = "not merged"
-        hdus += mio.muse_image_hdus(image, prefix=f"CHAN{ifu:02d}.", data_keywords=extra)
-    mio.write_hdulist_atomic(hdus, path)
+        hdus += muse_image_hdus(image, prefix=f"CHAN{ifu:02d}.", data_keywords=extra)
+    write_hdulist_atomic(hdus, path)
     return path
 
 
@@ -284,7 +287,7 @@ def test_muse_image_merged_layout_header_rule(tmp_path):
     assert h["ESO QC FLAT MASTER INTFLUX"] == 2000.0
     assert h["ESO DET CHIP NAME"] == "from-primary"  # CPL appends; the first occurrence wins
     assert "OBJECT" not in h  # non-ESO keywords of CHANnn.DATA are ignored
-    assert mio.file_matches_ifu(path, 1) and not mio.file_matches_ifu(path, 3)
+    assert file_matches_ifu(path, 1) and not file_matches_ifu(path, 3)
     with pytest.raises(InputError, match="MASTER_FLAT.fits.*CHAN03.DATA"):
         mio.read_muse_image(path, ifu=3)
     with pytest.raises(InputError, match="no DATA extension"):
@@ -292,7 +295,7 @@ def test_muse_image_merged_layout_header_rule(tmp_path):
 
 
 def test_muse_image_missing_stat_or_bunit(tmp_path, caplog):
-    path = mio.write_muse_image(tmp_path / "img.fits", make_image())
+    path = write_muse_image(tmp_path / "img.fits", make_image())
     with fits.open(path) as hdul:
         del hdul[1].header["BUNIT"]
         nostat = fits.HDUList([hdul[0].copy(), hdul[1].copy(), hdul[2].copy()])
@@ -303,36 +306,6 @@ def test_muse_image_missing_stat_or_bunit(tmp_path, caplog):
     image = mio.read_muse_image(tmp_path / "nobunit.fits")
     assert "BUNIT" not in image.header
     assert "No BUNIT" in caplog.text
-
-
-def test_write_atomic_leaves_no_partial_file(tmp_path, monkeypatch):
-    target = tmp_path / "out.fits"
-    target.write_bytes(b"old")
-
-    def fail_midway(self, name, **kwargs):
-        Path(name).write_bytes(b"SIMPLE  =  partial")
-        raise OSError("disk full")
-
-    with monkeypatch.context() as patch:
-        patch.setattr(fits.HDUList, "writeto", fail_midway)
-        with pytest.raises(OSError, match="disk full"):
-            mio.write_hdulist_atomic([fits.PrimaryHDU()], target)
-    assert target.read_bytes() == b"old"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.fits"]
-    mio.write_hdulist_atomic([fits.PrimaryHDU(np.ones((2, 2), np.float32))], target)
-    with fits.open(target, checksum=True) as hdul:
-        assert hdul[0].header["CHECKSUM"] and hdul[0].data.sum() == 4
-
-
-def test_set_keyword_types(tmp_path):
-    h = fits.Header()
-    mio.set_keyword(h, "ESO DRS MUSE FLAT FLUX SKY1", np.float32(3))
-    mio.set_keyword(h, "ESO QC TWILIGHT1 INPUT1 NSATURATED", np.int64(4))
-    mio.set_keyword(h, "EXPTIME", 5, kind="real")
-    mio.set_keyword(h, "ESO DET CHIP LIVE", np.bool_(True))
-    text = h.tostring(sep="\n")
-    assert "SKY1 = 3.0" in text and "NSATURATED = 4 " in text and "EXPTIME =                  5.0" in text
-    assert h["ESO DET CHIP LIVE"] is True and isinstance(h["ESO QC TWILIGHT1 INPUT1 NSATURATED"], int)
 
 
 # ----------------------------------------------------------------------------- tables, mask
@@ -417,7 +390,7 @@ def test_readers_read_every_simulated_file(simulated):
             mask = mio.read_vignetting_mask(path)
             assert mask.mask.ndim == 2 and 0 < mask.mask.sum() < mask.mask.size
             continue
-        assert mio.ifus_in_file(path) == ifus, path
+        assert ifus_in_file(path) == ifus, path
         for ifu in ifus:
             if tag in ("SKYFLAT", "ILLUM"):
                 raw = mio.read_raw_ifu(path, ifu)
@@ -443,5 +416,5 @@ def test_readers_read_every_simulated_file(simulated):
                 bad = mio.read_badpix_table(path, ifu)
                 assert len(bad) > 0 and bad["xpos"].min() >= 1 and bad["ypos"].min() >= 1
         if tag in ("MASTER_BIAS", "TRACE_TABLE", "WAVECAL_TABLE"):  # merged products with PIPEFILE
-            assert not mio.file_matches_ifu(path, absent)
+            assert not file_matches_ifu(path, absent)
     assert trimmed == trimmed_shape and raw_shape[0] > trimmed[0]

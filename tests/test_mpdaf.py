@@ -29,6 +29,7 @@ def test_mpdaf_cube_reads_datacube_skyflat(products):
 def test_mpdaf_pixtable_decodes_our_origin(simulated_set, tmp_path):
     from musetwilight.io import formats as io
     from musetwilight.core import pixtable
+    from musetwilight.tools import eso
 
     sim = simulated_set(seed=1)
     image = io.read_muse_image(sim.files["MASTER_FLAT"][0], 1)
@@ -36,9 +37,9 @@ def test_mpdaf_pixtable_decodes_our_origin(simulated_set, tmp_path):
     table = pixtable.build_pixtable(image, io.read_ifu_table(sim.files["TRACE_TABLE"][0], 1),
                                     io.read_ifu_table(sim.files["WAVECAL_TABLE"][0], 1),
                                     io.read_geometry_table(sim.files["GEOMETRY_TABLE"][0]), 1, "WFM-NOAO-N")
-    path = pixtable.write_pixtable(tmp_path / "PIXTABLE.fits", table)
+    path = eso.write_pixtable(tmp_path / "PIXTABLE.fits", table)
     theirs = mpdaf_drs.PixTable(str(path))
-    ifu, slice_, x, y = pixtable.decode_origin(table.origin, table.header)
+    ifu, slice_, x, y = eso.decode_origin(table.origin, table.header)
     np.testing.assert_array_equal(theirs.origin2ifu(theirs.get_origin()), ifu)
     np.testing.assert_array_equal(theirs.origin2slice(theirs.get_origin()), slice_)
     np.testing.assert_array_equal(theirs.origin2xpix(theirs.get_origin()) + 1, x)

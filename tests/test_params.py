@@ -3,17 +3,22 @@
 import re
 import subprocess
 
+import numpy as np
 import pytest
 
-from musetwilight.tools import eso
 from musetwilight import params
-from musetwilight.params import ParameterError, make_settings
+from musetwilight.errors import ParameterError
+from musetwilight.params import CrType, OverscanSpec, RejectSpec, Resample, VignSmooth, make_settings
+from musetwilight.tools import eso
 
 
 def test_defaults_are_complete_and_valid():
     settings = make_settings()
     assert len(settings) == 24
-    assert settings.overscan == "vpoly" and settings.ovscreject == "dcr"
+    assert settings.overscan == OverscanSpec("vpoly", 15, 1.00001, 1.00001, "vpoly")
+    assert settings.ovscreject == RejectSpec("dcr", 128, 32, 3, 2.5, 5.0, "dcr")
+    assert settings.resample is Resample.DRIZZLE and settings.crtype is CrType.MEDIAN
+    assert settings.vignsmooth is VignSmooth.POLYFIT
     assert settings["muse.muse_twilight.crsigma"] == 50.0
     assert settings.scale is False and settings.vignnfmmask == 22
 
@@ -24,7 +29,8 @@ def test_defaults_are_complete_and_valid():
     ("resample", "lanczos", "lanczos"), ("lambdamin", 4750, 4750.0),
 ])
 def test_conversion(name, value, expected):
-    assert make_settings({name: value})[name] == expected
+    value = make_settings({name: value})[name]
+    assert (str(value) if isinstance(expected, str) else value) == expected
 
 
 @pytest.mark.parametrize("name, value, message", [
@@ -79,10 +85,84 @@ def test_declarations_equal_esorex(tmp_path):
                    capture_output=True, cwd=tmp_path)
     eso_values = params.read_config(str(rc))
     assert list(eso_values) == [p.name for p in params.PARAMETERS]
-    assert eso_values == {p.name: p.default for p in params.PARAMETERS}
+    assert eso_values == {p.name: p.default_value for p in params.PARAMETERS}
     man = subprocess.run(["esorex", "--man-page", "muse_twilight"], capture_output=True, text=True).stdout
     visible = set(re.findall(r"^  --(\w+)\s+:", man, flags=re.M))
     assert visible == {p.name for p in params.PARAMETERS if not p.expert}
     for parameter in params.PARAMETERS:
         if parameter.choices:
-            assert f"<{' | '.join(parameter.choices)}>" in re.sub(r"\s+", " ", man) or parameter.expert
+            assert f"<{' | '.join(parameter.alternatives)}>" in re.sub(r"\s+", " ", man) or parameter.expert
+
+
+# Every kind of value the former pattern checks let through ("vpoly(:n(,n){0,2})?",
+# "(dcr|fit)(:n(,n)*)?" with n any run of digits, signs, dots and exponents): each one is
+# either parsed into its typed value here, or refused here with the reason, never later.
+OVERSCAN_VALUES = {
+    "none": ("none", 15, 1.00001, 1.00001), "offset": ("offset", 15, 1.00001, 1.00001),
+    "vpoly": ("vpoly", 15, 1.00001, 1.00001), "vpoly:10": ("vpoly", 10, 1.00001, 1.00001),
+    "vpoly:0": ("vpoly", 0, 1.00001, 1.00001), "vpoly:5,1.01": ("vpoly", 5, 1.01, 1.00001),
+    "vpoly:5,1.01,1.02": ("vpoly", 5, 1.01, 1.02), "vpoly:12,2e0,1.5E0": ("vpoly", 12, 2.0, 1.5),
+    "vpoly:2.5": "vpoly order '2.5' is not a non-negative integer",
+    "vpoly:-3": "vpoly order '-3' is not a non-negative integer",
+    "vpoly:1e1": "vpoly order '1e1' is not a non-negative integer",
+    "vpoly:300": "vpoly order 300 is larger than 255",
+    "vpoly:15,0.5": "frms and fchisq must be larger than 1",
+    "vpoly:15,1.01,1.0": "frms and fchisq must be larger than 1",
+    "vpoly:15,+-.": "vpoly frms '+-.' is not a number",
+    "vpoly:": "takes 1 to 3 comma-separated values",
+}
+REJECT_VALUES = {
+    "none": ("none", 128, 32, 3, 2.5, 5.0), "dcr": ("dcr", 128, 32, 3, 2.5, 5.0),
+    "dcr:64": ("dcr", 64, 32, 3, 2.5, 5.0), "dcr:64,16,2,3.0": ("dcr", 64, 16, 2, 3.0, 5.0),
+    "dcr:64,16,2,3.3": ("dcr", 64, 16, 2, float(np.float32(3.3)), 5.0),
+    "fit": ("fit", 128, 32, 3, 2.5, 5.0), "fit:4": ("fit", 128, 32, 3, 2.5, 4.0),
+    "fit:3.3": ("fit", 128, 32, 3, 2.5, float(np.float32(3.3))),
+    "dcr:1.5": "dcr x box '1.5' is not a non-negative integer",
+    "dcr:128,32,-1": "dcr passes '-1' is not a non-negative integer",
+    "dcr:1,2,3,4,5": "takes 1 to 4 comma-separated values",
+    "fit:1,2": "takes 1 to 1 comma-separated values",
+    "fit:x": "fit sigma 'x' is not a number",
+    "fit:e": "fit sigma 'e' is not a number",
+}
+
+
+@pytest.mark.parametrize("text", sorted(OVERSCAN_VALUES))
+def test_overscan_text_is_parsed_once_into_its_spec(text):
+    expected = OVERSCAN_VALUES[text]
+    if isinstance(expected, str):
+        with pytest.raises(ParameterError, match=re.escape(expected)):
+            make_settings({"overscan": text})
+        return
+    spec = make_settings({"overscan": text}).overscan
+    assert (spec.method, spec.order, spec.frms, spec.fchisq) == expected
+    assert str(spec) == text  # what the products record, as ESO
+
+
+@pytest.mark.parametrize("text", sorted(REJECT_VALUES))
+def test_ovscreject_text_is_parsed_once_into_its_spec(text):
+    expected = REJECT_VALUES[text]
+    if isinstance(expected, str):
+        with pytest.raises(ParameterError, match=re.escape(expected)):
+            make_settings({"ovscreject": text})
+        return
+    spec = make_settings({"ovscreject": text}).ovscreject
+    assert (spec.method, spec.xbox, spec.ybox, spec.npass, spec.threshold, spec.sigma) == expected
+    assert str(spec) == text
+
+
+def test_enumerations_carry_the_kernel_codes():
+    assert [r.code for r in Resample] == [0, 1, 2, 3, 4, 5]
+    assert [c.code for c in CrType] == [0, 1, 2]
+    assert make_settings({"resample": "renka"}).resample is Resample.RENKA
+
+
+def test_settings_pickle_and_config_keep_the_text(tmp_path):
+    import pickle
+
+    settings = make_settings({"overscan": "vpoly:5,1.01", "ovscreject": "fit:3.3", "vignsmooth": "median"})
+    assert pickle.loads(pickle.dumps(settings)) == settings
+    path = tmp_path / "twilight.rc"
+    path.write_text(params.config_text(settings))
+    text = path.read_text()
+    assert "muse.muse_twilight.overscan=vpoly:5,1.01\n" in text and "ovscreject=fit:3.3\n" in text
+    assert make_settings(params.read_config(str(path))) == settings

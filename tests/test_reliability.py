@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from musetwilight.core import merge
+from musetwilight.errors import MergeError
 from musetwilight import recipe
-from musetwilight.params import ParameterError, make_settings
+from musetwilight.errors import ParameterError
+from musetwilight.params import make_settings
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def _products(directory):
 
 
 def test_no_pixels_in_wavelength_range_is_a_clear_error(mini, tmp_path):
-    with pytest.raises(merge.MergeError, match="no pixels for cube reconstruction"):
+    with pytest.raises(MergeError, match="no pixels for cube reconstruction"):
         recipe.run(mini.sof, {"lambdamin": 9950, "lambdamax": 9990}, tmp_path / "out")
     assert _products(tmp_path / "out") == []
 

@@ -18,8 +18,13 @@ from astropy.io import fits
 from musetwilight.tools import eso
 from musetwilight.core.cube import CubeGrid, lround, make_grid, white_light
 from musetwilight.core.pixgrid import build_pixgrid
-from musetwilight.core.resample import (CRTYPES, EURO3D_COSMICRAY, EURO3D_MISSDATA, METHODS,
-                                   _median, resample_cube)
+from musetwilight.core.cplmath import median
+from musetwilight.core.resample import EURO3D_COSMICRAY, EURO3D_MISSDATA, ResampleOptions, resample_cube
+from musetwilight.errors import ParameterError
+from musetwilight.params import CrType, Resample, make_settings
+
+METHODS = [str(m) for m in Resample]
+CRTYPES = [str(c) for c in CrType]
 
 requires_esorex = pytest.mark.skipif(eso.esorex_path() is None,
                                      reason="esorex (ESO MUSE pipeline) is not installed")
@@ -51,9 +56,13 @@ def muse_like_table(seed=0, nstack=2, nrow=6, columns=12, lmin=5000.0, lmax=7000
     return {"xpos": x, "ypos": y, "lambda": lam, "data": data, "stat": stat, "dq": dq}
 
 
-def resample(table, **kwargs):
+def options(method="drizzle", crtype="median", crsigma=50.0) -> ResampleOptions:
+    return ResampleOptions(Resample(method), CrType(crtype), crsigma)
+
+
+def resample(table, method="drizzle", crtype="median", crsigma=50.0, dlambda=250.0):
     return resample_cube(table["xpos"], table["ypos"], table["lambda"], table["data"],
-                         table["stat"], table["dq"], **kwargs)
+                         table["stat"], table["dq"], options=options(method, crtype, crsigma), dlambda=dlambda)
 
 
 # --------------------------------------------------------------------------- grid
@@ -116,7 +125,7 @@ def test_nearest_takes_the_closest_row_and_the_first_on_ties():
     lam = np.array([5000.0, 5000.0, 5000.0, 5000.0], np.float32)
     data = np.array([1.0, 2.0, 3.0, 4.0], np.float32)
     dq = np.array([0, 1 << 8, 0, 0], np.uint32)
-    cube = resample_cube(x, y, lam, data, data * 10, dq, method="nearest", crsigma=0, dlambda=250.0)
+    cube = resample_cube(x, y, lam, data, data * 10, dq, options=options("nearest", crsigma=0), dlambda=250.0)
     assert cube.grid.nx == 2
     # nearest ignores DQ when choosing, then the flagged row makes the voxel NaN
     assert np.isnan(cube.data[0, 0, 1]) and cube.dq[0, 0, 1] == 1 << 8
@@ -130,8 +139,8 @@ def test_drizzle_weights_are_overlap_fractions():
     lam = np.full(3, 6000.0, np.float32)
     data = np.array([10.0, 20.0, 40.0], np.float32)
     stat = np.array([1.0, 1.0, 1.0], np.float32)
-    cube = resample_cube(x, y, lam, data, stat, np.zeros(3, np.uint32), method="drizzle",
-                         crsigma=0, dlambda=250.0)
+    cube = resample_cube(x, y, lam, data, stat, np.zeros(3, np.uint32), options=options("drizzle", crsigma=0),
+                         dlambda=250.0)
     # overlaps: spaxel 0 gets A fully (B is 1.25 away: none); spaxel 1 gets
     # B by 0.75 (A and C 1 away: none); spaxel 2 gets B by 0.25 and C fully
     assert cube.data[0, 0, 0] == pytest.approx(10.0)
@@ -144,7 +153,7 @@ def test_empty_voxels_are_nan_and_missing_data():
     x = np.array([0.0, 4.0], np.float32)
     zeros = np.zeros(2, np.float32)
     cube = resample_cube(x, zeros, zeros + 6000, zeros + 1, zeros + 1, np.zeros(2, np.uint32),
-                         method="linear", crsigma=0, dlambda=250.0)
+                         options=options("linear", crsigma=0), dlambda=250.0)
     assert cube.grid.nx == 5
     assert np.isnan(cube.data[0, 0, 2]) and cube.dq[0, 0, 2] == EURO3D_MISSDATA
     assert np.isfinite(cube.data[0, 0, [0, 1, 3, 4]]).all()
@@ -157,7 +166,7 @@ def test_cpl_median_of_even_counts_is_the_midpoint():
     rng = np.random.default_rng(5)
     for n in (3, 4, 9, 400, 401, 1200, 1201):
         values = rng.normal(0, 1, n)
-        assert _median(values.copy(), n, np.empty(n + 100)) == pytest.approx(np.median(values), abs=0)
+        assert median(values.copy(), n, np.empty(n + 100), 2.0) == pytest.approx(np.median(values), abs=0)
 
 
 @pytest.mark.parametrize("crtype", CRTYPES)
@@ -199,12 +208,11 @@ def test_white_light_is_the_mean_of_finite_planes():
     assert white[0, 0] == 2.0 and np.isnan(white[0, 1])
 
 
-def test_unknown_method_and_crtype_are_refused():
-    table = muse_like_table()
-    with pytest.raises(ValueError, match="resample"):
-        resample(table, method="cubic")
-    with pytest.raises(ValueError, match="crtype"):
-        resample(table, crtype="sigclip")
+def test_unknown_method_and_crtype_are_refused_by_the_parameters():
+    with pytest.raises(ParameterError, match="resample: 'cubic' is not one of nearest, linear"):
+        make_settings({"resample": "cubic"})
+    with pytest.raises(ParameterError, match="crtype: 'sigclip' is not one of iraf, mean, median"):
+        make_settings({"crtype": "sigclip"})
 
 
 # --------------------------------------------------------------------------- ESO parity

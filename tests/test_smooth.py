@@ -8,16 +8,16 @@ reconstruction before it.
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import pytest
 from astropy.io import fits
 
+from musetwilight import recipe
 from musetwilight.core import smooth
-from musetwilight.tools.eso import esorex_path, run_esorex
-from musetwilight.io.frames import InputError
+from musetwilight.errors import FitError, InputError
+from musetwilight.io import formats, products
 from musetwilight.params import make_settings
+from musetwilight.tools.eso import esorex_path, run_esorex
 
 TOLERANCE = 1e-4  # maximum relative difference to ESO per extension
 
@@ -87,10 +87,11 @@ def corner_mask(shape, corner_shape, corner="bottom left"):
 
 
 def run_ours(cube_path, params, mask_path=None):
-    sky = smooth.read_datacube_skyflat(cube_path)
-    mask = smooth.read_vignetting_mask(mask_path) if mask_path else None
-    result = smooth.postprocess(sky.cube, sky.primary_header, make_settings(params), mask, white=sky.white)
-    return result, smooth.twilight_cube_hdulist(result, sky.primary_header, sky.data_header)
+    sky = formats.read_datacube_skyflat(cube_path)
+    mask = formats.read_vignetting_mask(mask_path).mask if mask_path else None
+    result = smooth.postprocess(sky.cube, make_settings(params), sky.primary_header["ESO INS MODE"],
+                                white=sky.white, vignetting_mask=mask)
+    return result, products.twilight_cube_hdulist(result, sky.primary_header, sky.data_header)
 
 
 def assert_matches_eso(eso_path, ours: fits.HDUList):
@@ -199,9 +200,9 @@ def test_polynomial_fit_has_all_cross_terms_and_ignores_the_last_row_and_column(
         truth[:-1, :-1][~bad[:-1, :-1]].mean(), rel=1e-6)
     few = np.ones((ny, nx), bool)
     few[0, :24] = False
-    with pytest.raises(smooth.FitError, match="Too few data points 24 < 25"):
+    with pytest.raises(FitError, match="Too few data points 24 < 25"):
         smooth.fit_polynomial_image(image, few, 4, 4)
-    with pytest.raises(smooth.FitError, match="singular"):  # 39 points on one row
+    with pytest.raises(FitError, match="singular"):  # 39 points on one row
         smooth.fit_polynomial_image(image, ~np.eye(1, nx, dtype=bool).repeat(ny, 0) & few | bad, 1, 1)
 
 
@@ -212,7 +213,7 @@ def test_polynomial_fit_has_all_cross_terms_and_ignores_the_last_row_and_column(
 def test_postprocess_wfm_with_mask_gives_unit_mean_planes_and_a_vignetting_model():
     cube = synthetic_cube()
     mask = corner_mask((70, 80), (14, 16))
-    result = smooth.postprocess(cube, {"ESO INS MODE": "WFM-NOAO-N"}, make_settings(), mask)
+    result = smooth.postprocess(cube, make_settings(), "WFM-NOAO-N", vignetting_mask=mask)
     assert result.cube.dtype == np.float32 and np.isfinite(result.cube).all()
     np.testing.assert_allclose(result.cube.mean(axis=(1, 2), dtype=float), 1.0, atol=1e-6)
     assert result.extensions == ["white_global_fit", "white_div_global", "white_div_global_DQ",
@@ -230,24 +231,24 @@ def test_postprocess_wfm_with_mask_gives_unit_mean_planes_and_a_vignetting_model
 
 def test_postprocess_extension_sets_follow_mode_mask_and_edge_setting():
     cube = synthetic_cube(mode="NFM-AO-N")
-    nfm = smooth.postprocess(cube, {"ESO INS MODE": "NFM-AO-N"}, make_settings({"vignsmooth": "median"}))
+    nfm = smooth.postprocess(cube, make_settings({"vignsmooth": "median"}), "NFM-AO-N")
     assert "white_div_global_excl_edges" not in nfm.extensions and "vign_fit" in nfm.extensions
     assert (nfm.vign_fit <= 1).all() and nfm.vign_fit[-5:].min() < 0.9
     np.testing.assert_allclose(nfm.cube.mean(axis=(1, 2), dtype=float), 1.0, atol=1e-6)
-    wfm = smooth.postprocess(synthetic_cube(), {}, make_settings(), mode="WFM-AO-E")
+    wfm = smooth.postprocess(synthetic_cube(), make_settings(), "WFM-AO-E")
     assert wfm.extensions == ["white_global_fit", "white_div_global", "white_div_global_DQ"]
-    noedge = smooth.postprocess(synthetic_cube(), {}, make_settings({"vignmaskedges": 0}),
-                                corner_mask((44, 48), (13, 15)), mode="WFM-NOAO-N")
+    noedge = smooth.postprocess(synthetic_cube(), make_settings({"vignmaskedges": 0}), "WFM-NOAO-N",
+                                vignetting_mask=corner_mask((44, 48), (13, 15)))
     assert "white_div_global_excl_edges" not in noedge.extensions and "white_cor" in noedge.extensions
 
 
 def test_failed_vignetting_polyfit_leaves_empty_extensions_as_eso():
     cube = synthetic_cube(vx=5, vy=4)
-    result = smooth.postprocess(cube, {}, make_settings(), corner_mask((44, 48), (4, 5)), mode="WFM-NOAO-N")
+    result = smooth.postprocess(cube, make_settings(), "WFM-NOAO-N", vignetting_mask=corner_mask((44, 48), (4, 5)))
     assert result.vign_fit.size == 0 and result.vign_fit_dq is None
     assert result.extensions[-2:] == ["vign_fit", "white_cor"]
     assert any("polyfit failed" in w for w in result.warnings)
-    hdul = smooth.twilight_cube_hdulist(result, fits.Header({"OBJECT": "SKYFLAT"}))
+    hdul = products.twilight_cube_hdulist(result, fits.Header({"OBJECT": "SKYFLAT"}), fits.Header())
     assert hdul["vign_fit"].data is None and "QUALDATA" not in hdul["vign_fit"].header
 
 
@@ -265,8 +266,8 @@ def test_twilight_cube_layout_and_keywords(tmp_path):
     assert fit_header["CRVAL1"] == -20.0 and "CRVAL3" not in fit_header and "CD3_1" not in fit_header
     assert hdul["white_div_global_DQ"].header["BITPIX"] == 32
     assert hdul["white_div_global"].header["QUALDATA"] == "white_div_global_DQ"
-    sky = smooth.read_datacube_skyflat(tmp_path / "cube.fits")
-    kept = smooth.twilight_cube_hdulist(result, sky.primary_header, sky.data_header, drop_qc=False)
+    sky = formats.read_datacube_skyflat(tmp_path / "cube.fits")
+    kept = products.twilight_cube_hdulist(result, sky.primary_header, sky.data_header, drop_qc=False)
     assert kept[0].header["ESO QC TWILIGHT1 INTFLUX"] == 1.0e9
 
 
@@ -274,7 +275,7 @@ def test_missing_white_extension_is_collapsed_from_the_cube(tmp_path):
     cube = synthetic_cube(nz=3)
     write_skyflat(tmp_path / "with.fits", cube)
     write_skyflat(tmp_path / "without.fits", cube, white=False)
-    assert smooth.read_datacube_skyflat(tmp_path / "without.fits").white is None
+    assert formats.read_datacube_skyflat(tmp_path / "without.fits").white is None
     with_white, _ = run_ours(tmp_path / "with.fits", {})
     without, _ = run_ours(tmp_path / "without.fits", {})
     np.testing.assert_array_equal(with_white.white_div_global_dq, without.white_div_global_dq)
@@ -284,22 +285,10 @@ def test_missing_white_extension_is_collapsed_from_the_cube(tmp_path):
     assert without.white_div_global[20, 25] == 0 and np.isnan(with_white.white_div_global[20, 25])
 
 
-def test_skip_cube_from_option_or_environment(tmp_path, monkeypatch):
-    monkeypatch.delenv(smooth.SKIP_ENV, raising=False)
-    assert smooth.skip_cube_path() is None
-    monkeypatch.setenv(smooth.SKIP_ENV, str(tmp_path / "env.fits"))
-    assert smooth.skip_cube_path() == tmp_path / "env.fits"
-    assert smooth.skip_cube_path(tmp_path / "opt.fits") == tmp_path / "opt.fits"
-    write_skyflat(tmp_path / "env.fits", synthetic_cube(nz=2))
-    parser = argparse.ArgumentParser()
-    smooth.add_arguments(parser)
-    args = parser.parse_args(["--output", str(tmp_path / "out.fits"), "--param", "xorder=1"])
-    assert smooth.run_from_args(args) == 0
-    with fits.open(tmp_path / "out.fits") as out:
-        assert out["DATA"].data.shape == (2, 44, 48)
-    with pytest.raises(InputError, match="DATA"):
-        fits.PrimaryHDU(np.zeros((3, 3))).writeto(tmp_path / "bad.fits")
-        smooth.read_datacube_skyflat(tmp_path / "bad.fits")
+def test_datacube_skyflat_reader_refuses_a_file_without_a_cube(tmp_path):
+    fits.PrimaryHDU(np.zeros((3, 3))).writeto(tmp_path / "bad.fits")
+    with pytest.raises(InputError, match="no DATA extension"):
+        formats.read_datacube_skyflat(tmp_path / "bad.fits")
 
 
 # --------------------------------------------------------------------------
@@ -342,7 +331,7 @@ def test_postprocessing_matches_eso_on_synthetic_cubes(case, tmp_path):
         sof += f"{mask_path} VIGNETTING_MASK\n"
     (tmp_path / "in.sof").write_text(sof)
     run = run_esorex("muse_twilight", tmp_path / "in.sof", tmp_path / "eso", params,
-                     env={smooth.SKIP_ENV: str(tmp_path / "cube.fits")})
+                     env={recipe.SKIP_ENV: str(tmp_path / "cube.fits")})
     assert run.returncode == 0, run.errors
     result, ours = run_ours(tmp_path / "cube.fits", params, mask_path)
     assert_matches_eso(run.product("TWILIGHT_CUBE.fits"), ours)

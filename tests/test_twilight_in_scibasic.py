@@ -6,7 +6,7 @@ import pytest
 from musetwilight.tools import eso
 from musetwilight import recipe
 from musetwilight.io.frames import write_sof
-from musetwilight.core.pixtable import read_pixtable
+from musetwilight.tools.eso import read_pixtable
 
 pytestmark = [pytest.mark.eso,
               pytest.mark.skipif(eso.esorex_path() is None, reason="ESO's esorex is not installed")]

@@ -77,7 +77,10 @@ class Parameter:
 
     @value.setter
     def value(self, value: Any) -> None:
-        self._value = None if value is None else self._declaration.convert(value)
+        try:
+            self._value = None if value is None else self._declaration.convert(value)
+        except MuseTwilightError as err:
+            raise CplError(str(err)) from None
 
     @value.deleter
     def value(self) -> None:

@@ -460,10 +460,11 @@ def read_muse_image(path: str | os.PathLike, ifu: int | None = None) -> MuseImag
     with open_fits(file_path) as hdul:
         headers = [hdu.header for _, hdu in iter_hdus(hdul, file_path)]
         found = muse_image_layout(headers, ifu)
+        if found is None and ifu is None:
+            raise InputError(f"{file_path}: no DATA extension (and no IFU given to look for CHANnn.DATA)")
         if found is None:
-            wanted = f"CHAN{ifu:02d}.DATA" if ifu is not None else "DATA"
-            raise InputError(f"{file_path}: holds no image for IFU {ifu} (neither a DATA extension of "
-                             f"this IFU nor a {wanted} extension)")
+            raise InputError(f"{file_path}: holds no image of IFU {ifu} (neither a DATA extension for this "
+                             f"IFU nor a CHAN{ifu:02d}.DATA extension)")
         prefix, data_index = found
         merged = bool(prefix)
         names = {kind: prefix + kind for kind in (EXTNAME_DATA, EXTNAME_DQ, EXTNAME_STAT)}

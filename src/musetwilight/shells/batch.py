@@ -164,7 +164,7 @@ def run_batch(sofs: Iterable[str | Path], settings: Settings | None = None, outp
     for job in jobs:
         if resume and products_present(job):
             outcomes[job.name] = SetOutcome(job.name, str(job.sof), str(job.output_dir), "skipped",
-                                            paths={n: str(job.output_dir / f"{n}.fits") for n in PRODUCTS})
+                                            paths={p.tag: str(job.output_dir / p.file_name) for p in PRODUCTS})
         else:
             todo.append(job)
     say = progress or (lambda message: None)

@@ -31,28 +31,24 @@ import numpy as np
 from astropy.io import fits
 from numpy.polynomial import Polynomial
 
+from ..instrument import (MODES, NOTCH_RANGES, NUM_IFUS, NUM_SLICES, PORT_X_RIGHT, PORT_Y_TOP, SATURATION_LIMIT,
+                          Euro3D, is_nfm)
+
 log = logging.getLogger(__name__)
 
-__all__ = ["SimulatedSet", "simulate_dataset", "add_arguments", "run_from_args", "LAYOUTS", "MODES",
+__all__ = ["SimulatedSet", "simulate_dataset", "LAYOUTS", "MODES",
            "CcdLayout", "build_instrument", "pixel_maps", "twilight_spectrum", "lamp_spectrum",
            "notch_transmission"]
 
-MODES = ("WFM-NOAO-N", "WFM-NOAO-E", "WFM-AO-N", "WFM-AO-E", "NFM-AO-N")
 SCALES = ("mini", "full")
-NSLICES = 48
-NIFUS = 24
-SATURATION = 65500.0
-PORT_X_RIGHT = 4096  # ESO DET OUTi X/Y of the right/top ports: constants, not CCD sizes
-PORT_Y_TOP = 4112
+NSLICES, NIFUS, SATURATION = NUM_SLICES, NUM_IFUS, SATURATION_LIMIT
 # CCD slice -> sky slice (4 stacks of 12) as on the real instrument
 CCD_TO_SKY = np.array([9, 8, 1, 10, 7, 2, 11, 6, 3, 12, 5, 4])
 CCD_TO_SKY = np.concatenate([CCD_TO_SKY + 12 * k for k in range(4)])
-NAD_RANGES = {"WFM-AO-N": (5805.0, 5966.0), "WFM-AO-E": (5755.0, 6008.0), "NFM-AO-N": (5780.0, 6050.0)}
-# Euro3D bits used here
-DQ_HOT = 1 << 8
-DQ_DARK = 1 << 9
-DQ_DEAD = 1 << 13  # muse_bias marks bad (hot/dark) column segments with this bit
-DQ_TRAP = 1 << 29
+NAD_RANGES = NOTCH_RANGES
+# Euro3D bits used here (muse_bias marks bad hot/dark column segments DEAD)
+DQ_HOT, DQ_DARK, DQ_DEAD, DQ_TRAP = (int(b) for b in (Euro3D.HOT_PIXEL, Euro3D.DARK_PIXEL, Euro3D.DEAD_PIXEL,
+                                                       Euro3D.MUSE_TRAP))
 # the parameters of ESO's muse_bias that the twilight recipe compares with its own
 # (values formatted exactly as ESO's muse_bias writes them, doubles without a decimal point)
 BIAS_REC_PARAMS = (("nifu", "0"), ("overscan", "vpoly"), ("ovscreject", "dcr"), ("ovscsigma", "30"),
@@ -156,7 +152,7 @@ class Instrument:
 
     @property
     def nfm(self) -> bool:
-        return self.mode.startswith("NFM")
+        return is_nfm(self.mode)
 
 
 def _poly_in_y(coeffs_t, centre: float, scale: float, order: int) -> np.ndarray:
@@ -486,7 +482,7 @@ def simulate_dataset(out_dir, *, scale="mini", seed=0, nexp=3, ifus=None, illum=
     if nexp < 1:
         raise ValueError("nexp must be at least 1")
     ifus = sorted(set(int(i) for i in (ifus if ifus is not None
-                                        else DEFAULT_IFUS[(scale, mode.startswith("NFM"))])))
+                                        else DEFAULT_IFUS[(scale, is_nfm(mode))])))
     if not ifus or min(ifus) < 1 or max(ifus) > NIFUS:
         raise ValueError(f"IFU numbers must be within 1..{NIFUS}: {ifus}")
     opts = _Options(scale, int(seed), int(nexp), ifus, illum, dark, badpix, vignetting, mode, saturate)
