@@ -36,7 +36,6 @@ import glob
 import gzip
 import hashlib
 import json
-import os
 import re
 import shlex
 import shutil
@@ -46,6 +45,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_DIR = ROOT / "tests" / "reference"
@@ -260,12 +261,29 @@ def sigclip_checks(esorex, plugins, set_dir, entries, case: Case, shared: dict) 
 
 def store_gzipped(source: Path, target: Path) -> dict:
     """ESO's file byte for byte inside a reproducible gzip (no name, mtime 0); both digests."""
-    content = source.read_bytes()
     with open(target, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0,
                                                   compresslevel=9) as packed:
-        packed.write(content)
-    return {"sha256": rd.file_sha256(target), "bytes": target.stat().st_size,
+        packed.write(source.read_bytes())
+    return stored_record(target)
+
+
+def stored_record(path: Path) -> dict:
+    content = gzip.decompress(path.read_bytes())
+    return {"sha256": rd.file_sha256(path), "bytes": path.stat().st_size,
             "content_sha256": hashlib.sha256(content).hexdigest(), "content_bytes": len(content)}
+
+
+def _essence(content: bytes) -> list:
+    """A FITS file's header cards and data, without what changes from run to run (DATE, checksums)."""
+    import io
+    from astropy.io import fits
+    out = []
+    with fits.open(io.BytesIO(content)) as hdul:
+        for hdu in hdul:
+            cards = [(c.keyword, str(c.value)) for c in hdu.header.cards
+                     if c.keyword not in ("DATE", "CHECKSUM", "DATASUM")]
+            out.append((cards, None if hdu.data is None else np.ascontiguousarray(hdu.data).tobytes()))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,11 +301,17 @@ def make_case(case: Case, esorex: str, plugins: Path, twilight_defaults: dict, w
     if call.returncode != 0:
         raise RuntimeError(f"case {case.name}: esorex muse_twilight failed ({call.returncode}): {call.errors()[-3:]}")
     target = REFERENCE_DIR / case.name
-    shutil.rmtree(target, ignore_errors=True)
-    target.mkdir(parents=True)
+    target.mkdir(parents=True, exist_ok=True)
     stored = {}
     for product in PRODUCTS:
-        stored[f"{product}.gz"] = store_gzipped(call.out / product, target / f"{product}.gz")
+        path = target / f"{product}.gz"
+        if path.exists() and _essence(gzip.decompress(path.read_bytes())) == _essence((call.out / product).read_bytes()):
+            stored[path.name] = stored_record(path)  # same products, only ESO's DATE/CHECKSUM differ: keep
+        else:
+            stored[path.name] = store_gzipped(call.out / product, path)
+    for stale in target.iterdir():
+        if stale.name not in stored:
+            stale.unlink()
     record = {
         "description": case.description,
         "catches": list(case.catches),
