@@ -1,6 +1,6 @@
 """Regenerate the ESO reference products under tests/reference/ (needs ESO's pipeline installed).
 
-    PYTHONPATH=src python tools/make_references.py              # every case (~1 min), rewrites tests/reference/
+    PYTHONPATH=src python tools/make_references.py              # every case (~15 s), rewrites tests/reference/
     PYTHONPATH=src python tools/make_references.py --only nfm   # some cases; the others stay as they are
     PYTHONPATH=src python tools/make_references.py --list       # the cases
 
