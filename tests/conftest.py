@@ -8,17 +8,75 @@ and returns the :class:`musetwilight.eso.EsoRun`; tests using it are skipped whe
 esorex is not installed.  ``eso_recipe(recipe, options, params, env, retag)`` does the same
 for any recipe, with frame tags renamed by ``retag`` (e.g. ``{"SKYFLAT": "OBJECT"}`` to get
 ESO's intermediate products from ``muse_scibasic``).
+
+ESO's pipeline must be esorex 3.13.x with exactly the MUSE plugins muse-2.8.7.  Where it is
+missing or another version, the tests that need it (marked ``eso``, or using the ESO fixtures)
+are skipped with the reason; in CI (environment variable CI=true) they fail instead.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
+import re
+import subprocess
+from pathlib import Path
 
 import pytest
 
 from musetwilight.tools import eso
 from musetwilight.tools.simulate import simulate_dataset
+
+
+ESOREX_SERIES = "3.13."
+ESO_PLUGIN = "muse-2.8.7"
+
+
+@functools.lru_cache(maxsize=None)
+def eso_problem() -> str | None:
+    """Why ESO's pipeline cannot serve as the reference here (missing, other version), or None."""
+    exe = eso.esorex_path()
+    if exe is None:
+        return "esorex (ESO MUSE pipeline) is not installed"
+    try:
+        text = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as err:
+        return f"esorex --version failed: {err}"
+    found = re.search(r"version\s+(\d+\.\d+\.\d+)", text)
+    if not found or not found[1].startswith(ESOREX_SERIES):
+        return f"esorex reports version {found[1] if found else '(none)'}, the tests need {ESOREX_SERIES}x"
+    plugins = eso.plugin_dir()
+    muse = sorted(p.name for p in Path(plugins).glob("muse-*")) if plugins else []
+    if muse != [ESO_PLUGIN]:
+        return f"MUSE plugins {', '.join(muse) or '(none)'} in {plugins}, the tests need exactly {ESO_PLUGIN}"
+    return None
+
+
+def skip_or_fail_without_eso() -> None:
+    """Skip the test if ESO's pipeline is unusable; in CI (CI=true) fail it instead."""
+    problem = eso_problem()
+    if problem is None:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{problem}; CI=true requires ESO's pipeline (apt-get install esorex cpl-plugin-muse, "
+                    f"see .ci/run)", pytrace=False)
+    pytest.skip(problem)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Tests marked ``eso``: checked before their own skipif markers, so that CI fails rather than skips."""
+    if item.get_closest_marker("eso") is not None:
+        skip_or_fail_without_eso()
+
+
+@pytest.fixture(scope="session")
+def eso_installation():
+    """Session-level check of ESO's pipeline (esorex 3.13.x, plugins muse-2.8.7)."""
+    skip_or_fail_without_eso()
+    return eso.esorex_path()
 
 
 def _key(mapping) -> str:
@@ -50,10 +108,8 @@ def simulated_set(simulation_root):
 
 
 @pytest.fixture(scope="session")
-def eso_twilight(simulated_set, simulation_root):
+def eso_twilight(simulated_set, simulation_root, eso_installation):
     """Factory: ``eso_twilight(options, params=None, env=None)`` -> EsoRun of ESO's muse_twilight."""
-    if eso.esorex_path() is None:
-        pytest.skip("esorex (ESO MUSE pipeline) is not installed")
     cache = {}
 
     def run(options: dict | None = None, params: dict | None = None, env: dict | None = None):
@@ -68,14 +124,12 @@ def eso_twilight(simulated_set, simulation_root):
 
 
 @pytest.fixture(scope="session")
-def eso_recipe(simulated_set, simulation_root):
+def eso_recipe(simulated_set, simulation_root, eso_installation):
     """Factory: ``eso_recipe(recipe, options=None, params=None, env=None, retag=None)`` -> EsoRun.
 
     Runs any ESO MUSE recipe on a simulated set once per arguments; ``retag`` maps SOF tags to
     new ones (tags mapped to None are dropped), e.g. ``{"SKYFLAT": "OBJECT"}`` for muse_scibasic.
     """
-    if eso.esorex_path() is None:
-        pytest.skip("esorex (ESO MUSE pipeline) is not installed")
     cache = {}
 
     def run(recipe: str, options: dict | None = None, params: dict | None = None, env: dict | None = None,
