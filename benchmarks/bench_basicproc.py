@@ -109,9 +109,9 @@ import json, resource, sys, time
 from pathlib import Path
 import numpy as np
 from astropy.io import fits
-from musetwilight.core import basicproc
-from musetwilight.core import combine
-from musetwilight.io.formats import MuseImage, RawImage
+from musetwilight.core import basicproc, combine
+from musetwilight.core.images import MuseImage, RawImage
+from musetwilight.core.overscan import dcr_flag
 from musetwilight.params import make_settings
 
 cfg = json.loads(sys.argv[1])
@@ -142,20 +142,18 @@ for m in ("average", "median", "minmax", "sigclip"):
     combine.combine_exposures(tiny, make_settings({"combine": m}))
 tiny[0].dq[2, 2] = 1
 combine.interpolate_bad_pixels(tiny[0])
-basicproc.dcr_flag(np.ones((40, 40), np.float32), np.zeros((40, 40), np.uint32), 20, 20, 1, 2.5)
+dcr_flag(np.ones((40, 40), np.float32), np.zeros((40, 40), np.uint32), 20, 20, 1, 2.5)
 
 settings = make_settings({"combine": cfg["combine"]})
 t0 = time.perf_counter()
 with fits.open(d / "BADPIX_TABLE.fits") as h:
     badpix = h["CHAN01"].data
-flat = image(d / "MASTER_FLAT.fits")
-rejected = basicproc.flat_rejected(flat)
-del flat
-images = basicproc.process_exposures(
-    [raw(p) for p in cfg["raws"]], settings, lambda: image(d / "MASTER_BIAS.fits"),
-    flat=lambda: image(d / "MASTER_FLAT.fits"), dark=lambda: image(d / "MASTER_DARK.fits"), badpix=badpix)
+calibrations = basicproc.Calibrations(lambda: image(d / "MASTER_BIAS.fits"), lambda: image(d / "MASTER_FLAT.fits"),
+                                      lambda: image(d / "MASTER_DARK.fits"), [badpix])
+processed = basicproc.process_exposures([raw(p) for p in cfg["raws"]], settings, calibrations)
+images = processed.images
 master = combine.combine_exposures(images, settings)
-qc = combine.exposure_qc(images, 1, rejected)
+qc = combine.exposure_qc(images, 1, processed.flat_zero)
 del images
 qc.update(combine.master_qc(master, 1))
 wall = time.perf_counter() - t0
@@ -207,8 +205,8 @@ def main() -> int:
         extra = edq.astype(np.uint32) & ~odq
         same_dq = bool(np.all((extra & ~np.uint32((1 << 8) | (1 << 13))) == 0) and np.all(odq[extra != 0] != 0))
         good = edq == 0
-        rel = lambda a, b: float(np.max(np.abs(a[good] - b[good].astype(np.float64))
-                                        / np.maximum(np.abs(b[good]), 1.0)))
+        def rel(a, b):
+            return float(np.max(np.abs(a[good] - b[good].astype(np.float64)) / np.maximum(np.abs(b[good]), 1.0)))
         print(f"parity: DQ identical {same_dq}, max rel diff data {rel(odata, edata):.3g}, "
               f"stat {rel(ostat, estat):.3g} on {int(good.sum())} good pixels")
     return 0

@@ -24,16 +24,17 @@ import argparse
 import re
 import sys
 import tempfile
-import time
 import threading
+import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
 
+from musetwilight.core.resample import ResampleOptions, resample_cube
+from musetwilight.params import CrType, Resample
 from musetwilight.tools.eso import esorex_path, run_esorex
-from musetwilight.core.resample import resample_cube
 
 
 def muse_like_table(nifu: int, seed: int = 0, lmin: float = 5000.0, lmax: float = 9000.0,
@@ -146,8 +147,7 @@ def main(argv=None) -> int:
     small = {k: v[:20000] for k, v in table.items()}
     for method in args.methods.split(","):
         resample_cube(small["xpos"], small["ypos"], small["lambda"], small["data"], small["stat"],
-                      small["dq"], method=method, crtype=args.crtype, crsigma=args.crsigma,
-                      dlambda=args.dlambda)
+                      small["dq"], options=_options(method, args), dlambda=args.dlambda)
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_resample_"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -164,8 +164,7 @@ def main(argv=None) -> int:
         with PeakRSS() as memory:
             start = time.perf_counter()
             cube = resample_cube(table["xpos"], table["ypos"], table["lambda"], table["data"],
-                                 table["stat"], table["dq"], method=method, crtype=args.crtype,
-                                 crsigma=args.crsigma, dlambda=args.dlambda)
+                                 table["stat"], table["dq"], options=_options(method, args), dlambda=args.dlambda)
             ours = time.perf_counter() - start
         del cube
         core = total = float("nan")
@@ -191,18 +190,29 @@ def main(argv=None) -> int:
 
 def merged_table_of(sof: str, settings) -> dict[str, np.ndarray]:
     """Our merged, flux-scaled pixel table of a twilight set (recipe stages 1-2)."""
-    from musetwilight.core import merge
-from musetwilight import recipe
-    from musetwilight.io.frames import parse_sof
+    from musetwilight import recipe
+    from musetwilight.core.fluxscale import flux_scales
+    from musetwilight.instrument import is_nfm
 
-    inputs = recipe.Inputs.from_frameset(parse_sof(sof))
+    inputs = recipe.read_inputs(sof, settings)
     mode = recipe.instrument_mode(inputs.skyflats[0])
-    results, _ = recipe.reduce_all_ifus(inputs, settings, mode, 2, None)
-    tables = {ifu: result.table for ifu, result in results.items()}
-    scaled, _ = merge.flux_scale_tables(tables, nfm=mode.startswith("NFM"), scales=None)
-    merged = merge.concatenate([scaled[ifu] for ifu in sorted(scaled)])
-    return {"xpos": merged.xpos, "ypos": merged.ypos, "lambda": merged.lambda_,
-            "data": merged.data, "stat": merged.stat, "dq": merged.dq}
+    reductions = recipe.reduce_ifus(inputs, settings, mode, recipe.RunOptions(workers=2))
+    tables = {ifu: result.table for ifu, result in reductions.results.items()}
+    flux = flux_scales(tables, nfm=is_nfm(mode))
+    order = sorted(flux.divisor)
+    columns = {}
+    for name, key in (("xpos", "xpos"), ("ypos", "ypos"), ("lambda", "lambda_"), ("data", "data"),
+                      ("stat", "stat"), ("dq", "dq")):
+        parts = [getattr(tables[i], key) for i in order]
+        if name in ("data", "stat"):
+            power = 1 if name == "data" else 2
+            parts = [(p / np.float64(flux.divisor[i]) ** power).astype(np.float32) for p, i in zip(parts, order)]
+        columns[name] = np.concatenate(parts)
+    return columns
+
+
+def _options(method: str, args) -> ResampleOptions:
+    return ResampleOptions(Resample(method), CrType(args.crtype), args.crsigma)
 
 
 def bench_twilight_set(args) -> int:
@@ -217,13 +227,11 @@ def bench_twilight_set(args) -> int:
     print(f"merged pixel table of {args.sof}: {table['data'].size} rows ({table_bytes / 2**20:.0f} MiB)")
     small = {k: v[:20000] for k, v in table.items()}
     resample_cube(small["xpos"], small["ypos"], small["lambda"], small["data"], small["stat"],
-                  small["dq"], method="drizzle", crtype=args.crtype, crsigma=args.crsigma,
-                  dlambda=args.dlambda)
+                  small["dq"], options=_options("drizzle", args), dlambda=args.dlambda)
     with PeakRSS() as memory:
         start = time.perf_counter()
         resample_cube(table["xpos"], table["ypos"], table["lambda"], table["data"], table["stat"],
-                      table["dq"], method="drizzle", crtype=args.crtype, crsigma=args.crsigma,
-                      dlambda=args.dlambda)
+                      table["dq"], options=_options("drizzle", args), dlambda=args.dlambda)
         ours = time.perf_counter() - start
     core = float("nan")
     if esorex_path() is not None:

@@ -29,12 +29,11 @@ import pytest
 from musetwilight.tools import eso
 from musetwilight.tools.simulate import simulate_dataset
 
-
 ESOREX_SERIES = "3.13."
 ESO_PLUGIN = "muse-2.8.7"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def eso_problem() -> str | None:
     """Why ESO's pipeline cannot serve as the reference here (missing, other version), or None."""
     exe = eso.esorex_path()

@@ -7,8 +7,8 @@ import contextlib
 import os
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from astropy.io import fits

@@ -6,9 +6,9 @@ made) and our arrays (when they are checked).
 Array digest (``array_digest``): SHA-256 of the array's values in a canonical byte form:
 C order (row-major; for images numpy's ``[y, x]``, for pixel-table columns the rows in table
 order, ESO's ``(nrow, 1)`` column images flattened), little-endian, float arrays as ``<f4``
-(float32; other float widths are refused) with every NaN written as the quiet NaN 0x7FC00000, integer arrays as the 4-byte
-pattern of ``<u4`` (so ESO's int32 DQ/origin columns and our uint32 ones hash alike).  Besides
-the digest: shape, kind and summary numbers for diagnosis (float: sum of finite values as
+(float32; other float widths are refused) with every NaN written as the quiet NaN 0x7FC00000,
+integer arrays as the 4-byte pattern of ``<u4`` (so ESO's int32 DQ/origin columns and our uint32
+ones hash alike).  Besides the digest: shape, kind and summary numbers for diagnosis (float: sum of finite values as
 float64, min, max, number of NaN; integer: sum, min, max, number of non-zero values).
 
 Input digest (``input_digest``): for every file of a SOF its tag, the SHA-256 of each HDU's

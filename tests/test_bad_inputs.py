@@ -20,13 +20,10 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from musetwilight.tools import eso
-from musetwilight.errors import MergeError
 from musetwilight import recipe
-from musetwilight.errors import InputError
-from musetwilight.errors import ParameterError
+from musetwilight.errors import InputError, MergeError, ParameterError
 from musetwilight.params import PARAMETERS
-
+from musetwilight.tools import eso
 
 MINI_IFUS = (1, 2, 3)
 
@@ -195,7 +192,8 @@ def test_no_ifu_in_every_raw_file(mini, tmp_path):
     lines = _lines(mini)
     for index, name in enumerate(("CHAN01", "CHAN02", "CHAN03")):
         src = _file(mini, "SKYFLAT", index)
-        lines = _replace(lines, "SKYFLAT", _edited(src, tmp_path / f"{index}.fits", lambda h: keep(h, name)), index)
+        lines = _replace(lines, "SKYFLAT", _edited(src, tmp_path / f"{index}.fits",
+                                                   lambda h, name=name: keep(h, name)), index)
     sof = _sof(tmp_path, lines)
     names = ", ".join(f"{tmp_path}/{k}.fits" for k in range(3))
     _fails(sof, f"no IFU is present (as a CHANnn extension) in every raw exposure: {names}", tmp_path)

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from musetwilight.io.products import PRODUCT_TAGS
-from musetwilight.shells import batch, cli
+from musetwilight.errors import ParameterError
 from musetwilight.io.frames import write_sof
+from musetwilight.io.products import PRODUCT_TAGS
 from musetwilight.params import PARAMETERS, make_settings
+from musetwilight.shells import batch, cli
 
 SETS = {"alpha": {"seed": 1}, "beta": {"seed": 2, "illum": True}}
 SETTINGS = make_settings({"crsigma": 40.0})
@@ -114,7 +115,7 @@ def test_settings_survive_pickling_for_the_workers():
 def test_plan_rejects_two_sofs_that_would_share_a_directory(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    with pytest.raises(ValueError, match="distinct names"):
+    with pytest.raises(ParameterError, match="distinct names"):
         batch.plan_jobs([tmp_path / "a" / "night.sof", tmp_path / "b" / "night.sof"], tmp_path / "out")
     jobs = batch.plan_jobs([tmp_path / "a" / "night.sof"], tmp_path / "out")
     assert jobs[0].output_dir == (tmp_path / "out" / "night").resolve()

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import test_basicproc as tb
 from astropy.io import fits
 
-from musetwilight.core import basicproc
-from musetwilight.core import combine
-from musetwilight.tools import eso
+from musetwilight.core import basicproc, combine
 from musetwilight.core.images import MuseImage
 from musetwilight.params import make_settings
-
-import test_basicproc as tb
 
 
 def _images(data, dq, stat, exptimes=None):

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from musetwilight.tools import compare
 from musetwilight import cpl
-from musetwilight.tools import eso
+from musetwilight.tools import compare, eso
 
 # The seed example of the user-facing issue, with file names filled in from a JSON file;
 # only the first line differs between python-cpl and musetwilight.

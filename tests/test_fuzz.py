@@ -10,19 +10,17 @@ import math
 import numpy as np
 import pytest
 from astropy.io import fits
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from musetwilight.core import basicproc
-from musetwilight.core import combine
-from musetwilight.io import formats as io
-from musetwilight.core import smooth
-from musetwilight.errors import InputError
+from musetwilight.core import combine, smooth
 from musetwilight.core.images import MuseImage
-from musetwilight.params import make_settings
 from musetwilight.core.overscan import FLT_MAX, iterate_polyfit
 from musetwilight.core.resample import ResampleOptions, resample_cube
-from musetwilight.params import CrType, Resample
+from musetwilight.errors import InputError
+from musetwilight.io import formats as io
+from musetwilight.params import CrType, Resample, make_settings
 
 # derandomized: CI explores the same examples on every run (no flaky failures)
 FAST = settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.io import fits
-
 from musefiles import file_matches_ifu, ifus_in_file, muse_image_hdus, write_hdulist_atomic, write_muse_image
+
 from musetwilight.core.images import MuseImage
+from musetwilight.errors import InputError
 from musetwilight.instrument import ifu_of_extname
 from musetwilight.io import formats as mio
-from musetwilight.errors import InputError
 
 
 def det_header(ifu: int = 1, gain: float = 1.1) -> fits.Header:

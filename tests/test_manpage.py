@@ -1,8 +1,8 @@
 """The man page lists every parameter, input and product."""
 
-from musetwilight.shells import manpage
 from musetwilight.io.frames import TAG_RULES
 from musetwilight.params import PARAMETERS
+from musetwilight.shells import manpage
 
 
 def test_man_page_lists_everything():

@@ -27,8 +27,8 @@ def test_mpdaf_cube_reads_datacube_skyflat(products):
 
 
 def test_mpdaf_pixtable_decodes_our_origin(simulated_set, tmp_path):
-    from musetwilight.io import formats as io
     from musetwilight.core import pixtable
+    from musetwilight.io import formats as io
     from musetwilight.tools import eso
 
     sim = simulated_set(seed=1)

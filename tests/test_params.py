@@ -166,3 +166,36 @@ def test_settings_pickle_and_config_keep_the_text(tmp_path):
     text = path.read_text()
     assert "muse.muse_twilight.overscan=vpoly:5,1.01\n" in text and "ovscreject=fit:3.3\n" in text
     assert make_settings(params.read_config(str(path))) == settings
+
+
+def test_cli_values_reach_the_kernels_typed_without_reparsing(simulated_set, tmp_path, monkeypatch):
+    """--overscan, --vignsmooth and --crsigma are parsed once (make_settings) and arrive at the
+    stages as OverscanSpec, VignSmooth and float; the kernels get the numbers they need."""
+    from musetwilight.core import basicproc, resample, smooth
+    from musetwilight.shells import cli
+
+    seen = {}
+    vpoly, vignetted, crreject = basicproc.vpoly_correct, smooth._smooth_vignetted, resample._crreject
+
+    def spy_vpoly(data, dq, layout, spec, ignore, sigma):
+        seen["overscan"] = spec
+        return vpoly(data, dq, layout, spec, ignore, sigma)
+
+    def spy_vignetted(wdiv, bad, is_wfm, method, xpar, ypar, warnings):
+        seen["vignsmooth"] = (method, xpar, ypar)
+        return vignetted(wdiv, bad, is_wfm, method, xpar, ypar, warnings)
+
+    def spy_crreject(offsets, data, stat, dq, nx, ny, nz, crtype, sigma, bufsize):
+        seen["crreject"] = (crtype, sigma)
+        return crreject(offsets, data, stat, dq, nx, ny, nz, crtype, sigma, bufsize)
+
+    monkeypatch.setattr(basicproc, "vpoly_correct", spy_vpoly)
+    monkeypatch.setattr(smooth, "_smooth_vignetted", spy_vignetted)
+    monkeypatch.setattr(resample, "_crreject", spy_crreject)
+    sim = simulated_set(vignetting=True)
+    code = cli.main(["run", "--overscan=vpoly:10,1.01", "--vignsmooth=median", "--vignxpar=3",
+                     "--crsigma=20", "--crtype=mean", f"--output-dir={tmp_path}", str(sim.sof)])
+    assert code == 0
+    assert seen["overscan"] == OverscanSpec("vpoly", 10, 1.01, 1.00001, "vpoly:10,1.01")
+    assert seen["vignsmooth"] == (VignSmooth.MEDIAN, 3, -1) and type(seen["vignsmooth"][1]) is int
+    assert seen["crreject"] == (CrType.MEAN.code, 20.0) and type(seen["crreject"][1]) is float

@@ -13,10 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from musetwilight.core import pixtable as pt
+from musetwilight.core.images import MuseImage
+from musetwilight.errors import InputError
 from musetwilight.tools import eso
 from musetwilight.tools.eso import esorex_path
-from musetwilight.errors import InputError
-from musetwilight.core.images import MuseImage
 
 NX, NY = 640, 120
 IFU = 7

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from musetwilight.tools import compare
 from musetwilight import recipe
 from musetwilight.params import make_settings
+from musetwilight.tools import compare
 
 pytestmark = pytest.mark.eso
 

@@ -31,9 +31,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from astropy.io import fits
-
 import reference_digests as rd
+from astropy.io import fits
 
 REFERENCE_DIR = Path(__file__).parent / "reference"
 MANIFEST = json.loads((REFERENCE_DIR / "manifest.json").read_text())
@@ -49,19 +48,16 @@ TWILIGHT_RTOL = 1e-6
 VOLATILE = {"DATE", "CHECKSUM", "DATASUM", "DATAMD5", "COMMENT", "HISTORY", "ESO PRO REC1 DRS ID",
             "ESO PRO REC1 PIPE ID"}
 OURS_ONLY_PREFIX = "MUSETWILIGHT "  # our SKIPPED/ABSENT lists
-# known differences of extension headers, (product, extension, keyword): ESO writes BUNIT = 'count'
-# into TWILIGHT_CUBE's DATA and white_global_fit (normalised, unitless data); we write none
-KNOWN_EXTENSION_DIFFERENCES = {("TWILIGHT_CUBE.fits", "DATA", "BUNIT"),
-                               ("TWILIGHT_CUBE.fits", "white_global_fit", "BUNIT")}
+# known differences of extension headers, (product, extension, keyword): none
+KNOWN_EXTENSION_DIFFERENCES: set[tuple[str, str, str]] = set()
 
 
 # --------------------------------------------------------------------------------------------
-# The package's internals used here, all in one place: the package is being reorganised into
-# subpackages and these import paths will change.
+# The package's internals used here, all in one place.
 
 
 def run_simulator(out_dir, options: dict):
-    from musetwilight.simulate import simulate_dataset
+    from musetwilight.tools.simulate import simulate_dataset
     return simulate_dataset(out_dir, **options)
 
 
@@ -77,18 +73,20 @@ def our_intermediates(sim, kind: str, ifu: int, params: dict) -> dict[str, dict[
     bad-pixel interpolation: muse_scibasic does not interpolate) and its pixel table (NaD notch
     flagged in AO modes); 'illum': the ILLUM exposure alone, processed, and its pixel table.
     """
-    from musetwilight import basicproc, combine, io, pixtable, recipe
+    from musetwilight import recipe
+    from musetwilight.core import basicproc, combine, pixtable
+    from musetwilight.io import formats as io
     from musetwilight.params import make_settings
 
     settings = make_settings(params)
     files = sim.files
     raws = files["SKYFLAT"] if kind == "sky" else files["ILLUM"]
     badpix = [t for t in (io.read_badpix_table(p, ifu) for p in files.get("BADPIX_TABLE", [])) if t is not None]
-    images = basicproc.process_exposures(
-        [io.read_raw_ifu(p, ifu) for p in raws], settings, io.read_muse_image(files["MASTER_BIAS"][0], ifu),
-        flat=io.read_muse_image(files["MASTER_FLAT"][0], ifu),
-        dark=io.read_muse_image(files["MASTER_DARK"][0], ifu) if files.get("MASTER_DARK") else None,
-        badpix=badpix or None, illum=[kind == "illum"] * len(raws))
+    calibrations = basicproc.Calibrations(
+        io.read_muse_image(files["MASTER_BIAS"][0], ifu), io.read_muse_image(files["MASTER_FLAT"][0], ifu),
+        io.read_muse_image(files["MASTER_DARK"][0], ifu) if files.get("MASTER_DARK") else None, badpix)
+    images = basicproc.process_exposures([io.read_raw_ifu(p, ifu) for p in raws], settings, calibrations,
+                                         illum=[kind == "illum"] * len(raws)).images
     image = combine.combine_exposures(images, settings) if kind == "sky" else images[0]
     table = pixtable.build_pixtable(image, io.read_ifu_table(files["TRACE_TABLE"][0], ifu),
                                     io.read_ifu_table(files["WAVECAL_TABLE"][0], ifu),
@@ -286,7 +284,7 @@ def test_other_header_cards_equal_eso(reduced):
         for hdu in eso[1:]:
             known = {k for p, e, k in KNOWN_EXTENSION_DIFFERENCES if p == product and e == hdu.name}
             problems += [f"{product}[{hdu.name}] {p}" for p in _header_differences(
-                hdu.header, ours[hdu.name].header, skip=lambda key: key in known)]
+                hdu.header, ours[hdu.name].header, skip=lambda key, known=known: key in known)]
     assert not problems, f"{reduced[0]}: " + "; ".join(problems[:20])
 
 

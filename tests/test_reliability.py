@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from musetwilight.errors import MergeError
 from musetwilight import recipe
-from musetwilight.errors import ParameterError
+from musetwilight.errors import MergeError, ParameterError
 from musetwilight.params import make_settings
 
 

@@ -15,8 +15,8 @@ import pytest
 from astropy.io import fits
 
 from musetwilight import recipe
-from musetwilight.tools import report
 from musetwilight.params import make_settings
+from musetwilight.tools import report
 
 # shared with test_recipe's "vignetting" set, so the session builds it once
 OPTIONS = {"seed": 4, "vignetting": True, "dark": True, "badpix": True}

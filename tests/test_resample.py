@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from musetwilight.tools import eso
+from musetwilight.core.cplmath import median
 from musetwilight.core.cube import CubeGrid, lround, make_grid, white_light
 from musetwilight.core.pixgrid import build_pixgrid
-from musetwilight.core.cplmath import median
 from musetwilight.core.resample import EURO3D_COSMICRAY, EURO3D_MISSDATA, ResampleOptions, resample_cube
-from musetwilight.errors import ParameterError
+from musetwilight.errors import MergeError, ParameterError
 from musetwilight.params import CrType, Resample, make_settings
+from musetwilight.tools import eso
 
 METHODS = [str(m) for m in Resample]
 CRTYPES = [str(c) for c in CrType]
@@ -90,7 +90,7 @@ def test_grid_sizes_and_wcs_follow_eso():
 
 
 def test_grid_rejects_empty_table():
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(MergeError, match="empty"):
         make_grid(np.array([], np.float32), np.array([], np.float32), np.array([], np.float32), 250.0)
 
 

@@ -145,7 +145,7 @@ def test_calibration_tables_have_eso_columns(everything):
 def test_trace_edges_stay_on_the_ccd_at_both_scales():
     assert LAYOUTS["full"].raw_shape == (4240, 4224)
     assert (LAYOUTS["full"].width, LAYOUTS["full"].height) == (4096, 4112)
-    for scale, layout in LAYOUTS.items():
+    for layout in LAYOUTS.values():
         inst = build_instrument(layout, "WFM-NOAO-N", seed=5)
         y = np.arange(1, layout.height + 1)
         for ifu in (1, 24):

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from musetwilight.tools import eso
 from musetwilight import recipe
 from musetwilight.io.frames import write_sof
+from musetwilight.tools import eso
 from musetwilight.tools.eso import read_pixtable
 
 pytestmark = [pytest.mark.eso,

@@ -235,8 +235,8 @@ def sigclip_checks(esorex, plugins, set_dir, entries, case: Case, shared: dict) 
     variants = {"upper_bound_lsigma": {"lsigma": lsigma, "hsigma": lsigma},
                 "no_upper_rejection": {"lsigma": lsigma, "hsigma": 1e6},
                 "no_lower_rejection": {"lsigma": 1e6, "hsigma": hsigma}}
-    from astropy.io import fits
     import numpy as np
+    from astropy.io import fits
     out = {}
     for name, bounds in variants.items():
         counts = {}
@@ -251,7 +251,8 @@ def sigclip_checks(esorex, plugins, set_dir, entries, case: Case, shared: dict) 
     call = run_esorex(esorex, plugins, "muse_twilight", params, "twilight.sof", set_dir, "eso_twilight_upper_lsigma")
     a = fits.getdata(call.out / "DATACUBE_SKYFLAT.fits", "DATA")
     b = fits.getdata(set_dir / "eso_twilight" / "DATACUBE_SKYFLAT.fits", "DATA")
-    out["upper_bound_lsigma"]["datacube_voxels_differing"] = int(np.count_nonzero(~((a == b) | (np.isnan(a) & np.isnan(b)))))
+    same = (a == b) | (np.isnan(a) & np.isnan(b))
+    out["upper_bound_lsigma"]["datacube_voxels_differing"] = int(np.count_nonzero(~same))
     out["upper_bound_lsigma"]["esorex_command"] = shlex.join(call.command)
     bad = [f"{name} IFU {ifu}" for name, v in out.items() for ifu, n in v["pixels_differing_per_ifu"].items() if n == 0]
     if bad or out["upper_bound_lsigma"]["datacube_voxels_differing"] == 0:
@@ -276,6 +277,7 @@ def stored_record(path: Path) -> dict:
 def _essence(content: bytes) -> list:
     """A FITS file's header cards and data, without what changes from run to run (DATE, checksums)."""
     import io
+
     from astropy.io import fits
     out = []
     with fits.open(io.BytesIO(content)) as hdul:
@@ -290,7 +292,7 @@ def _essence(content: bytes) -> list:
 
 
 def make_case(case: Case, esorex: str, plugins: Path, twilight_defaults: dict, work: Path) -> dict:
-    from musetwilight.simulate import simulate_dataset
+    from musetwilight.tools.simulate import simulate_dataset
 
     start = time.perf_counter()
     set_dir = work / case.name
@@ -305,7 +307,9 @@ def make_case(case: Case, esorex: str, plugins: Path, twilight_defaults: dict, w
     stored = {}
     for product in PRODUCTS:
         path = target / f"{product}.gz"
-        if path.exists() and _essence(gzip.decompress(path.read_bytes())) == _essence((call.out / product).read_bytes()):
+        unchanged = path.exists() and (_essence(gzip.decompress(path.read_bytes()))
+                                       == _essence((call.out / product).read_bytes()))
+        if unchanged:
             stored[path.name] = stored_record(path)  # same products, only ESO's DATE/CHECKSUM differ: keep
         else:
             stored[path.name] = store_gzipped(call.out / product, path)
@@ -377,7 +381,7 @@ def main() -> int:
                 shutil.rmtree(stale)
     manifest = {
         "regenerate": REGENERATE,
-        "generated": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "generated": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "eso": eso_versions(esorex, plugins),
         "muse_twilight_defaults": twilight_defaults,
         "digests": "SHA-256 of canonical array bytes, see tests/reference_digests.py",

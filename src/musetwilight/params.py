@@ -14,12 +14,14 @@ parameter; ``str()`` of a typed value is the text as given (what ESO records).
 
 from __future__ import annotations
 
+import builtins
 import math
 import re
 import textwrap
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -129,7 +131,7 @@ class OverscanSpec:
         return self.text or self.method
 
     @classmethod
-    def parse(cls, text: str) -> "OverscanSpec":
+    def parse(cls, text: str) -> OverscanSpec:
         """Parse the parameter text; raise ParameterError naming what is wrong."""
         source = "parameter overscan"
         if text in ("none", "offset"):
@@ -168,7 +170,7 @@ class RejectSpec:
         return self.text or self.method
 
     @classmethod
-    def parse(cls, text: str) -> "RejectSpec":
+    def parse(cls, text: str) -> RejectSpec:
         """Parse the parameter text; raise ParameterError naming what is wrong."""
         source = "parameter ovscreject"
         if text == "none":
@@ -203,7 +205,7 @@ class Parameter:
     type: type
     default: Any
     help: str
-    choices: type[StrEnum] | None = None
+    choices: builtins.type[StrEnum] | None = None
     parse: Callable[[Any], Any] | None = None
     check: Callable[[Any], str | None] | None = None
     expert: bool = False
@@ -407,37 +409,37 @@ class Settings(Mapping[str, Any]):
     ``settings.resample is Resample.DRIZZLE``).
     """
 
-    values: dict[str, Any] = field(default_factory=lambda: {p.name: p.default_value for p in PARAMETERS})
+    typed: dict[str, Any] = field(default_factory=lambda: {p.name: p.default_value for p in PARAMETERS})
 
     def __post_init__(self) -> None:
-        problems = cross_check(self.values)
+        problems = cross_check(self.typed)
         if problems:
             raise ParameterError("; ".join(problems))
 
     def __getitem__(self, key: str) -> Any:
-        return self.values[lookup(key).name]
+        return self.typed[lookup(key).name]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.values)
+        return iter(self.typed)
 
     def __len__(self) -> int:
-        return len(self.values)
+        return len(self.typed)
 
     def __getattr__(self, key: str) -> Any:
         try:
-            return self.values[key]
+            return self.typed[key]
         except KeyError:
             raise AttributeError(key) from None
 
     def __reduce__(self):
         return make_settings, (self.texts(),)
 
-    def replace(self, **changes: Any) -> "Settings":
-        return make_settings({**self.values, **changes})
+    def replace(self, **changes: Any) -> Settings:
+        return make_settings({**self.typed, **changes})
 
     def texts(self) -> dict[str, Any]:
         """The values as EsoRex would print them (compound and enumeration values as text)."""
-        return {k: str(v) if isinstance(v, (str, OverscanSpec, RejectSpec)) else v for k, v in self.values.items()}
+        return {k: str(v) if isinstance(v, (str, OverscanSpec, RejectSpec)) else v for k, v in self.typed.items()}
 
     def non_default(self) -> dict[str, Any]:
         return {k: v for k, v in self.texts().items() if v != BY_NAME[k].default}

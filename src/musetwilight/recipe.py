@@ -17,11 +17,12 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Mapping
+from typing import Literal
 
 import numpy as np
 from astropy.io import fits
@@ -71,7 +72,7 @@ class RunOptions:
 
     @classmethod
     def resolve(cls, environ: Mapping[str, str] | None = None, *, skip_cube=None, scales=None,
-                workers: int | None = None, **rest) -> "RunOptions":
+                workers: int | None = None, **rest) -> RunOptions:
         """Options from the caller's values, the environment filling in what is not given."""
         environ = os.environ if environ is None else environ
         skip = skip_cube or environ.get(SKIP_ENV) or None
@@ -91,7 +92,7 @@ class RunResult:
     datacube_skyflat: fits.HDUList | None  # None when starting from an existing cube
     twilight_cube: fits.HDUList
     paths: dict[str, Path] = field(default_factory=dict)
-    skipped_ifus: dict[int, "IfuSkip"] = field(default_factory=dict)
+    skipped_ifus: dict[int, IfuSkip] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
     def ifus(self, kind: Literal["absent", "failed"]) -> list[int]:
@@ -241,11 +242,10 @@ def _reduce_ifu(ifu: int, inputs: Inputs, settings: Settings, geometry, mode: st
         raise InputError(f"no CHAN{ifu:02d} extension in the raw exposures")
     badpix = [t for t in (formats.read_badpix_table(p, ifu) for p in inputs.badpix) if t is not None]
     raw = inputs.used_raw()
-    calibrations = Calibrations(
-        bias=lambda: formats.read_muse_image(inputs.bias, ifu),
-        flat=lambda: formats.read_muse_image(inputs.flat, ifu),
-        dark=(lambda: formats.read_muse_image(inputs.dark, ifu)) if inputs.dark else None,
-        badpix=badpix)
+    calibrations = Calibrations(bias=partial(formats.read_muse_image, inputs.bias, ifu),
+                                flat=partial(formats.read_muse_image, inputs.flat, ifu),
+                                dark=partial(formats.read_muse_image, inputs.dark, ifu) if inputs.dark else None,
+                                badpix=badpix)
     processed = process_exposures([formats.read_raw_ifu(path, ifu) for path, _ in raw], settings, calibrations,
                                   illum=[tag == "ILLUM" for _, tag in raw])
     exposures = processed.images[:len(inputs.skyflats)]
@@ -351,6 +351,7 @@ def build_skyflat(reductions: IfuReductions, inputs: Inputs, settings: Settings,
     absent = sorted(i for i, s in reductions.skipped.items() if s.kind == "absent")
     primary = products.skyflat_primary(headers, flux, inputs, settings, failed, absent)
     data_header = cube.grid.header_wcs()
+    data_header["BUNIT"] = "count"  # the DATA extension's unit, which TWILIGHT_CUBE's DATA inherits (as ESO)
     hdulist = products.datacube_skyflat_hdulist(primary, cube.data, cube.stat, white, data_header)
     return Skyflat(cube.data, white, primary, data_header, hdulist)
 

@@ -17,8 +17,9 @@ double precision and rounded to float32, while factors that CPL casts to float
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence, Union
+from typing import Any
 
 import numpy as np
 from astropy.io import fits
@@ -340,7 +341,7 @@ def _flat_stage(e: _Exposure, flat: MuseImage, is_illum: bool) -> None:
     e.header[FLAT_FLUX_LAMP] = float(flat.header.get("HIERARCH ESO QC FLAT MASTER INTFLUX", 0.0))
 
 
-Calibration = Union[MuseImage, Callable[[], MuseImage]]
+Calibration = MuseImage | Callable[[], MuseImage]
 
 
 @dataclass
@@ -365,11 +366,10 @@ class ProcessedExposures:
     flat_zero: np.ndarray | None  # pixels the flat leaves undivided (flat == 0); None where none
 
 
-def _load(calib: Calibration | None, catg: str) -> MuseImage | None:
+def _load(calib: Calibration, catg: str) -> MuseImage:
     """The calibration image, checked to be finite where it is used."""
     image = calib() if callable(calib) else calib
-    if image is not None:
-        check_finite(image, catg)
+    check_finite(image, catg)
     return image
 
 
@@ -418,5 +418,5 @@ def process_exposures(raws: Sequence[RawImage], settings: Settings, calibrations
         zero = image.data == 0
         flat_zero = zero if zero.any() else None
         del image
-    return ProcessedExposures([MuseImage(data=e.data, dq=e.dq, stat=e.stat, header=e.header) for e in work],
-                              flat_zero)
+    return ProcessedExposures([MuseImage(data=e.data, dq=e.dq, stat=e.stat, header=e.header)  # type: ignore[arg-type]
+                               for e in work], flat_zero)

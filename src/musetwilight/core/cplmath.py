@@ -13,6 +13,7 @@ import math
 import numpy as np
 from numba import njit
 
+
 @njit(cache=True, nogil=True)
 def cholesky_solve(matrix, rhs):
     """Solve ``matrix @ x = rhs`` for a symmetric positive definite matrix, as CPL does.

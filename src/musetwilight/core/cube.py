@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from astropy.io import fits
 
+from ..errors import MergeError, ParameterError
 from ..instrument import SPECTRAL_SAMPLING  # ESO's sampling when dlambda is 0
 
 
@@ -97,7 +98,7 @@ def make_grid(xpos: np.ndarray, ypos: np.ndarray, lambda_: np.ndarray,
     in WFM and NFM alike, the spectral step ``dlambda`` (0 means 1.25 A).
     """
     if len(xpos) == 0:
-        raise ValueError("the pixel table is empty: no pixels for cube reconstruction")
+        raise MergeError("the pixel table is empty: no pixels for cube reconstruction")
     return grid_from_limits(np.min(xpos), np.max(xpos), np.min(ypos), np.max(ypos),
                             np.min(lambda_), np.max(lambda_), dlambda)
 
@@ -105,7 +106,7 @@ def make_grid(xpos: np.ndarray, ypos: np.ndarray, lambda_: np.ndarray,
 def grid_from_limits(xmin, xmax, ymin, ymax, lmin, lmax, dlambda: float) -> CubeGrid:
     """:func:`make_grid` from the table's column limits (e.g. combined over several IFU tables)."""
     if dlambda < 0 or not math.isfinite(dlambda):
-        raise ValueError(f"dlambda must be positive, got {dlambda}")
+        raise ParameterError(f"dlambda must be positive, got {dlambda}")
     if dlambda == 0:
         dlambda = SPECTRAL_SAMPLING
     # the limits live in the pixel-table header as float32

@@ -9,8 +9,9 @@ the IFU-to-IFU throughput of the sky relative to the lamp flats.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -52,7 +53,7 @@ class MergedFlux:
     divisor: dict[int, float]
 
 
-def flux_scales(tables: dict[int, object], nfm: bool, scales: Sequence[float] | None = None,
+def flux_scales(tables: Mapping[int, Any], nfm: bool, scales: Sequence[float] | None = None,
                 lambda_range: tuple[float, float] | None = None) -> MergedFlux:
     """Each IFU's integrated flux and the divisor that scales it relative to the reference IFU.
 

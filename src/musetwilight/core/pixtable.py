@@ -32,9 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,8 +40,8 @@ from astropy.io import fits
 from numba import njit
 
 from ..errors import InputError
-from ..instrument import NUM_IFUS, NUM_SLICES, Euro3D, header_ifu, is_ao, notch_range
 from ..headers import WCS_KEYS
+from ..instrument import NUM_IFUS, NUM_SLICES, Euro3D, header_ifu, is_ao, notch_range
 
 log = logging.getLogger(__name__)
 

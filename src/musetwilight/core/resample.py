@@ -66,7 +66,7 @@ class ResampleOptions:
     rc: float = 1.25
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "ResampleOptions":
+    def from_settings(cls, settings: Settings) -> ResampleOptions:
         return cls(settings.resample, settings.crtype, settings.crsigma)
 
 
@@ -78,7 +78,7 @@ class ResampledCube:
     data: np.ndarray  # float32, NaN where dq != 0
     stat: np.ndarray  # float32 variance, NaN where dq != 0
     dq: np.ndarray  # uint32: 0 good, MISSDATA empty (nearest: DQ of the chosen row)
-    pixel_dq: np.ndarray  # uint32 DQ of the input rows, cosmic-ray bit added
+    pixel_dq: np.ndarray | None  # uint32 DQ of the input rows, cosmic-ray bit added (None when banded)
     ncosmic: int  # rows carrying the cosmic-ray bit after rejection
 
 

@@ -25,7 +25,6 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Mapping
 
 import numpy as np
 from numba import njit
@@ -366,8 +365,9 @@ def _edge_exclusion(image: np.ndarray, bad: np.ndarray, limit: float) -> tuple[n
 
 
 def _smooth_vignetted(wdiv: np.ndarray, bad: np.ndarray, is_wfm: bool, method: VignSmooth,
-                      xpar: int, ypar: int, warnings: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Smooth white_div_global over the vignetted area; returns (fit, its bad mask)."""
+                      xpar: int, ypar: int, warnings: list[str]) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Smooth white_div_global over the vignetted area; returns (fit, its bad mask), (None, None)
+    where the polynomial fit fails."""
     ny, nx = wdiv.shape
     if method is VignSmooth.GAUSSIAN:
         xpar = 10 if xpar < 0 else xpar
@@ -531,6 +531,7 @@ def postprocess(cube: np.ndarray, settings: Settings, mode: str, *, white: np.nd
         if is_wfm:
             fitbad = white_bad | ~vign
         else:
+            assert fitbad is not None
             fitbad = ~_trim_nfm_rows(fit, fitbad, vign)
         vign_fit = np.where(fitbad, np.float32(1), fit).astype(np.float32)
         white_cor, zero = _divide(wdiv, vign_fit)

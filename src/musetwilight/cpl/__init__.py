@@ -22,8 +22,9 @@ import resource
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from astropy.io import fits
 
@@ -41,11 +42,15 @@ CALIB_TAGS = [rule.tag for rule in RULES_BY_TAG.values() if rule.group == "calib
 class CplError(Exception):
     """The recipe stopped with an error; ``log`` holds its messages."""
 
-    def __init__(self, msg: str, log: "LogList | None" = None, code: int = 1):
+    def __init__(self, msg: str, log: LogList | None = None, code: int = 1):
         super().__init__(msg)
         self.msg, self.code, self.log = msg, code, log or LogList()
         self.filename, self.line, self.function = None, None, None
         self.next = None
+
+
+class CplValueError(CplError, ValueError):
+    """A bad parameter value: a CplError, and the ValueError python-cpl raises for it."""
 
 
 class RecipeCrash(Exception):
@@ -80,7 +85,7 @@ class Parameter:
         try:
             self._value = None if value is None else self._declaration.convert(value)
         except MuseTwilightError as err:
-            raise CplError(str(err)) from None
+            raise CplValueError(str(err)) from None
 
     @value.deleter
     def value(self) -> None:
@@ -268,7 +273,25 @@ class Result:
 
 
 class Recipe:
-    """python-cpl's ``cpl.Recipe`` for muse_twilight, running musetwilight."""
+    """python-cpl's ``cpl.Recipe`` for muse_twilight, running musetwilight.
+
+    Parameters
+    ----------
+    name : str
+        The recipe, ``"muse_twilight"``.
+    filename, version, threaded
+        As python-cpl's (accepted; musetwilight has one implementation of the recipe).
+
+    Examples
+    --------
+    >>> from musetwilight import cpl                                     # doctest: +SKIP
+    >>> recipe = cpl.Recipe("muse_twilight")
+    >>> recipe.param.resample = "nearest"
+    >>> recipe.calib.MASTER_BIAS = "MASTER_BIAS.fits"    # and the other calibrations
+    >>> result = recipe(["SKYFLAT_1.fits", "SKYFLAT_2.fits", "SKYFLAT_3.fits"])
+    >>> result.TWILIGHT_CUBE[0].header["ESO PRO CATG"]
+    'TWILIGHT_CUBE'
+    """
 
     path: list[str] = []
     temp_dir = tempfile.gettempdir()

@@ -35,9 +35,10 @@ import logging
 import os
 import re
 import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import TypeVar
 
 import numpy as np
 from astropy.io import fits
@@ -45,7 +46,7 @@ from astropy.table import Table
 
 from ..core.images import MuseImage, MuseMask, RawImage
 from ..errors import InputError
-from ..headers import hierarch, is_structural, is_wcs_key, strip_structural
+from ..headers import hierarch, is_structural, strip_structural
 from ..instrument import header_ifu, ifu_of_extname
 
 log = logging.getLogger(__name__)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from ..errors import InputError
 
@@ -171,7 +171,7 @@ class Inputs:
     vignetting: Path | None
 
     @classmethod
-    def from_frameset(cls, frames: FrameSet) -> "Inputs":
+    def from_frameset(cls, frames: FrameSet) -> Inputs:
         validate_frameset(frames)
         required = {tag: frames.single(tag) for tag in ("MASTER_BIAS", "MASTER_FLAT", "TRACE_TABLE",
                                                          "WAVECAL_TABLE", "GEOMETRY_TABLE")}

@@ -14,10 +14,10 @@ import os
 import re
 import tempfile
 import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 from astropy.io import fits
@@ -138,7 +138,7 @@ def product_primary_header(source: fits.Header, catg: str, raw, calib, settings,
                            extra: Iterable[tuple[str, object, str | None]] = ()) -> fits.Header:
     """Primary header of a product: inherited keywords, provenance, then ``extra`` (QC, DRS)."""
     header = fits.Header()
-    header["DATE"] = (datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
+    header["DATE"] = (datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S"),
                       "file creation date (YYYY-MM-DDThh:mm:ss UT)")
     inherited = inherited_header(source)
     core = [k for k in ("TELESCOP", "INSTRUME", "ORIGIN", "DATE-OBS", "MJD-OBS", "EXPTIME", "RA",
@@ -284,7 +284,7 @@ def sign_product(hdul: fits.HDUList, path: Path | str) -> None:
     hdul[0].header["DATAMD5"] = (data_md5(hdul), "MD5 checksum")
 
 
-def write_products(products: Mapping[str, fits.HDUList], output_dir: Path | str) -> dict[str, Path]:
+def write_products(products: Mapping[str, fits.HDUList], output_dir: str | os.PathLike) -> dict[str, Path]:
     """Write all products (tag -> HDUList) or none, as ``<tag>.fits`` in ``output_dir``.
 
     Each goes to a temporary file in ``output_dir`` first, then all are renamed.  On any

@@ -20,12 +20,13 @@ import time
 import traceback
 import uuid
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
 
+from ..errors import ParameterError
 from ..io.products import PRODUCTS
 from ..params import Settings, make_settings
 
@@ -111,7 +112,7 @@ def plan_jobs(sofs: Iterable[str | Path], output_root: str | Path) -> list[SetJo
         path = Path(sof).expanduser().resolve()
         name = path.stem
         if name in seen:
-            raise ValueError(f"{seen[name]} and {path} would both be reduced into {root / name}: "
+            raise ParameterError(f"{seen[name]} and {path} would both be reduced into {root / name}: "
                              "give the SOF files distinct names")
         seen[name] = path
         jobs.append(SetJob(name, path, root / name))

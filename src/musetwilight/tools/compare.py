@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import math
 import os
-import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 from astropy.io import fits

@@ -12,10 +12,10 @@ import resource
 import shutil
 import subprocess
 import time
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-import warnings
-from typing import Mapping
 
 import numpy as np
 from astropy.io import fits

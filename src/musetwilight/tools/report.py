@@ -24,7 +24,7 @@ import re
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +57,8 @@ def _figure_class():
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise ReportError("the QA report needs Matplotlib (a dependency of musetwilight): pip install matplotlib") from None
+        raise ReportError("the QA report needs Matplotlib (a dependency of musetwilight): "
+                          "pip install matplotlib") from None
     return Figure
 
 
@@ -518,7 +519,7 @@ def _qc_pivot(cards) -> tuple[list[str], list[list]]:
     """QC TWILIGHT keywords as a table: one row per IFU, one column per quantity."""
     columns: list[str] = []
     rows: dict[int, dict[str, object]] = {}
-    for product, key, value, _ in cards:
+    for _product, key, value, _ in cards:
         m = QC_RE.match(key)
         if not m:
             continue
@@ -548,7 +549,7 @@ th{background:#f0f0f0;text-align:left}td.num{text-align:right}td.text{text-align
 
 
 def _page(title: str, info: list[list], sections: list[tuple[str, str]]) -> str:
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     body = "".join(f"<h2>{html.escape(name)}</h2>\n{content}\n" for name, content in sections)
     return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
             f"<title>{html.escape(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"

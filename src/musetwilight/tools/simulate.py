@@ -31,8 +31,17 @@ import numpy as np
 from astropy.io import fits
 from numpy.polynomial import Polynomial
 
-from ..instrument import (MODES, NOTCH_RANGES, NUM_IFUS, NUM_SLICES, PORT_X_RIGHT, PORT_Y_TOP, SATURATION_LIMIT,
-                          Euro3D, is_nfm)
+from ..instrument import (
+    MODES,
+    NOTCH_RANGES,
+    NUM_IFUS,
+    NUM_SLICES,
+    PORT_X_RIGHT,
+    PORT_Y_TOP,
+    SATURATION_LIMIT,
+    Euro3D,
+    is_nfm,
+)
 
 log = logging.getLogger(__name__)
 
@@ -322,7 +331,9 @@ def notch_transmission(lam, mode: str):
     if mode not in NAD_RANGES:
         return np.ones(lam.shape, dtype=lam.dtype)
     lo, hi = NAD_RANGES[mode]
-    edge = lambda d: 0.5 * (1.0 + np.tanh(d / 6.0))  # logistic step of 3 A scale, no overflow
+    def edge(d):  # logistic step of 3 A scale, no overflow
+        return 0.5 * (1.0 + np.tanh(d / 6.0))
+
     inside = edge(lam - lo) * edge(hi - lam)
     return (1.0 - 0.98 * inside).astype(lam.dtype)
 
@@ -474,6 +485,13 @@ def simulate_dataset(out_dir, *, scale="mini", seed=0, nexp=3, ifus=None, illum=
 
     Deterministic in ``seed``.  ``ifus`` defaults to 1,2,3 (mini WFM), 1,23,24 (mini NFM)
     or all 24 (full); IFU 1 (ESO's flux reference) must be included.
+
+    Examples
+    --------
+    >>> from musetwilight.tools.simulate import simulate_dataset          # doctest: +SKIP
+    >>> data = simulate_dataset("set", scale="mini", seed=3, illum=True)
+    >>> data.sof.name, data.ifus
+    ('twilight.sof', [1, 2, 3])
     """
     if scale not in LAYOUTS:
         raise ValueError(f"scale must be one of {', '.join(SCALES)}, not {scale!r}")
@@ -693,7 +711,7 @@ class _Writer:
         return h
 
     def run(self) -> SimulatedSet:
-        o, lay, out = self.o, self.lay, self.out
+        o, out = self.o, self.out
         self._global_model()
         tags: dict[str, list[Path]] = {"SKYFLAT": [out / f"SKYFLAT_{k + 1:04d}.fits" for k in range(o.nexp)]}
         if o.illum:
@@ -739,7 +757,7 @@ class _Writer:
         return SimulatedSet(out, sof, truth_path, tags, list(o.ifus), o.scale, o.mode)
 
     def _write_ifu(self, ifu: int, tags) -> dict:
-        o, lay = self.o, self.lay
+        o = self.o
         rng = np.random.default_rng([o.seed, 4, ifu])
         maps = self.maps.pop(ifu, None) or pixel_maps(self.inst, ifu)
         response, structure, hot, dark_rate, defects = self._ifu_model(ifu)
@@ -902,15 +920,21 @@ class _Writer:
         xs, ys, st, val = [], [], [], []
         for d in defects["hot_columns"]:
             y = np.arange(d["y0"], d["y1"] + 1)
-            xs.append(np.full(y.size, d["x"])); ys.append(y)
-            st.append(np.full(y.size, DQ_HOT)); val.append(np.full(y.size, d["level_adu"]))
+            xs.append(np.full(y.size, d["x"]))
+            ys.append(y)
+            st.append(np.full(y.size, DQ_HOT))
+            val.append(np.full(y.size, d["level_adu"]))
         for d in defects["trap_columns"]:
             y = np.arange(d["y0"], d["y1"] + 1)
-            xs.append(np.full(y.size, d["x"])); ys.append(y)
-            st.append(np.full(y.size, DQ_TRAP)); val.append(np.full(y.size, d["depth_e"]))
+            xs.append(np.full(y.size, d["x"]))
+            ys.append(y)
+            st.append(np.full(y.size, DQ_TRAP))
+            val.append(np.full(y.size, d["depth_e"]))
         for d in defects["dark_pixels"]:
-            xs.append(np.array([d["x"]])); ys.append(np.array([d["y"]]))
-            st.append(np.array([DQ_DARK])); val.append(np.array([d["qe"]]))
+            xs.append(np.array([d["x"]]))
+            ys.append(np.array([d["y"]]))
+            st.append(np.array([DQ_DARK]))
+            val.append(np.array([d["qe"]]))
         x = lay.raw_x(np.concatenate(xs)).astype(np.int32)
         y = lay.raw_y(np.concatenate(ys)).astype(np.int32)
         hdu = _table_hdu([("xpos", "J", x, "pix"), ("ypos", "J", y, "pix"),
