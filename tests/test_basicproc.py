@@ -354,7 +354,7 @@ def ours_processed(synthetic, raw: Path, overscan: str, settings, dark=True, bad
 
 
 def assert_same_as_eso(ours: MuseImage, theirs: MuseImage, label: str) -> dict:
-    """Good pixels within 1e-5, identical DQ (muse_dark's own hot/dark flags aside)."""
+    """Good pixels bit-identical, identical DQ (muse_dark's own hot/dark flags aside)."""
     extra = theirs.dq & ~ours.dq
     assert np.all((extra & ~DARK_ONLY_BITS) == 0), f"{label}: DQ bits ESO has and we lack"
     assert np.all(ours.dq[extra != 0] != 0), f"{label}: muse_dark flagged a pixel we call good"
@@ -364,7 +364,7 @@ def assert_same_as_eso(ours: MuseImage, theirs: MuseImage, label: str) -> dict:
                    ngood=int(good.sum()))
     print(f"{label}: max rel diff data {numbers['data']:.3g} stat {numbers['stat']:.3g} "
           f"({numbers['ngood']} good pixels)")
-    assert numbers["data"] <= 1e-5 and numbers["stat"] <= 1e-5, (label, numbers)
+    assert numbers["data"] == 0 and numbers["stat"] == 0, (label, numbers)
     return numbers
 
 

@@ -22,17 +22,16 @@ reduced by musetwilight, and compared:
 
 from __future__ import annotations
 
-import decimal
 import gzip
 import hashlib
 import json
-import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import reference_digests as rd
 from astropy.io import fits
+from parity import TWILIGHT_RTOL, describe, same_card_value
 
 REFERENCE_DIR = Path(__file__).parent / "reference"
 MANIFEST = json.loads((REFERENCE_DIR / "manifest.json").read_text())
@@ -40,10 +39,7 @@ CASES = MANIFEST["cases"]
 REGENERATE = MANIFEST["regenerate"]
 PRODUCTS = ("DATACUBE_SKYFLAT.fits", "TWILIGHT_CUBE.fits")
 PIXTABLE_COLUMNS = ("xpos", "ypos", "lambda", "data", "dq", "stat", "origin")
-# TWILIGHT_CUBE is not bit-identical: ESO's per-plane and vignetting polynomial fits (CPL matrix code)
-# sum their normal equations in another float order than ours, which moves values near 1 by 1-4
-# float32 ulps.  Bound: max |ours - ESO| / |ESO| over all voxels/spaxels; measured <= 4.2e-7 (nfm).
-TWILIGHT_RTOL = 1e-6
+# (TWILIGHT_RTOL and why TWILIGHT_CUBE is not bit-identical: tests/parity.py)
 # header cards that must differ (time, checksums, our pipeline's name) or that only ESO writes
 VOLATILE = {"DATE", "CHECKSUM", "DATASUM", "DATAMD5", "COMMENT", "HISTORY", "ESO PRO REC1 DRS ID",
             "ESO PRO REC1 PIPE ID"}
@@ -104,25 +100,6 @@ def _simulate_options(case: dict) -> dict:
     return {k: v for k, v in case["simulate"].items() if not (k == "scale" and v == "mini")}
 
 
-_VALUE = re.compile(r"^\s*(?P<value>[-+]?(?:\d+\.?\d*|\.\d+)(?:[EeDd][-+]?\d+)?)\s*(?:/|$)")
-
-
-def _half_unit_written(card: fits.Card) -> float:
-    """Half a unit of the last digit ESO wrote for a float card (its precision)."""
-    match = _VALUE.match(card.image.split("=", 1)[1])
-    assert match, f"cannot read the written value of {card.image!r}"
-    exponent = decimal.Decimal(match["value"].replace("D", "E")).as_tuple().exponent
-    return 0.5 * 10.0 ** exponent
-
-
-def _same_card_value(eso: fits.Card, ours) -> bool:
-    value = eso.value
-    if isinstance(value, float) and not isinstance(ours, bool) and isinstance(ours, (int, float)):
-        # our value, rounded as ESO wrote its own, gives ESO's digits (halfway cases included)
-        return abs(float(ours) - value) <= _half_unit_written(eso) * (1 + 1e-9) + 1e-300
-    return type(ours) is type(value) and ours == value
-
-
 def _header_differences(eso: fits.Header, ours: fits.Header, skip=lambda key: False) -> list[str]:
     out = []
     for card in eso.cards:
@@ -131,24 +108,12 @@ def _header_differences(eso: fits.Header, ours: fits.Header, skip=lambda key: Fa
             continue
         if key not in ours:
             out.append(f"{key}: ESO {card.value!r}, ours missing")
-        elif not _same_card_value(card, ours[key]):
+        elif not same_card_value(card, ours[key]):
             out.append(f"{key}: ESO wrote {card.image.split('=', 1)[1].split(' /')[0].strip()}, ours {ours[key]!r}")
     for key in ours:
         if key not in eso and key not in VOLATILE and not key.startswith(OURS_ONLY_PREFIX) and not skip(key):
             out.append(f"{key}: only in ours ({ours[key]!r})")
     return out
-
-
-def _describe(a: np.ndarray, b: np.ndarray) -> str:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if a.shape != b.shape:
-        return f"shapes differ: ESO {a.shape}, ours {b.shape}"
-    nan = np.isnan(a) != np.isnan(b)
-    finite = np.isfinite(a) & np.isfinite(b)
-    diff = np.abs(a[finite] - b[finite])
-    rel = diff / np.maximum(np.abs(a[finite]), 1e-30)
-    return (f"{np.count_nonzero(diff)} of {a.size} values differ (max abs {diff.max(initial=0):.3g}, "
-            f"max rel {rel.max(initial=0):.3g}), NaN positions differ at {np.count_nonzero(nan)}")
 
 
 def _digest_summary(d: dict) -> str:
@@ -235,7 +200,7 @@ def test_datacube_skyflat_is_bit_identical(reduced):
     for ext in ("DATA", "STAT", "white"):
         a, b = eso[ext].data, ours[ext].data
         assert b.dtype.kind == "f" and b.dtype.itemsize == 4 and a.shape == b.shape, (ext, a.shape, b.shape, b.dtype)
-        assert np.array_equal(a, b, equal_nan=True), f"{reduced[0]} DATACUBE_SKYFLAT {ext}: {_describe(a, b)}"
+        assert np.array_equal(a, b, equal_nan=True), f"{reduced[0]} DATACUBE_SKYFLAT {ext}: {describe(a, b)}"
 
 
 def test_twilight_cube_equals_eso_to_float_rounding(reduced):
@@ -246,14 +211,14 @@ def test_twilight_cube_equals_eso_to_float_rounding(reduced):
         a, b = hdu.data, ours[hdu.name].data
         assert a.shape == b.shape and a.dtype.kind == b.dtype.kind, (hdu.name, a.shape, b.shape, b.dtype)
         if a.dtype.kind in "iu":
-            assert np.array_equal(a, b), f"{reduced[0]} TWILIGHT_CUBE {hdu.name}: {_describe(a, b)}"
+            assert np.array_equal(a, b), f"{reduced[0]} TWILIGHT_CUBE {hdu.name}: {describe(a, b)}"
             continue
-        assert np.array_equal(np.isnan(a), np.isnan(b)), f"{reduced[0]} {hdu.name}: {_describe(a, b)}"
+        assert np.array_equal(np.isnan(a), np.isnan(b)), f"{reduced[0]} {hdu.name}: {describe(a, b)}"
         finite = np.isfinite(a)
         a64, b64 = a[finite].astype(np.float64), b[finite].astype(np.float64)
         rel = float(np.max(np.abs(a64 - b64) / np.maximum(np.abs(a64), 1e-30), initial=0.0))
         worst[hdu.name] = (rel, float(np.max(np.abs(a64 - b64), initial=0.0)))
-        assert rel <= TWILIGHT_RTOL, f"{reduced[0]} TWILIGHT_CUBE {hdu.name}: {_describe(a, b)}"
+        assert rel <= TWILIGHT_RTOL, f"{reduced[0]} TWILIGHT_CUBE {hdu.name}: {describe(a, b)}"
     print(f"{reduced[0]}: TWILIGHT_CUBE max rel/abs diff "
           + ", ".join(f"{k} {r:.3g}/{d:.3g}" for k, (r, d) in worst.items()))
 

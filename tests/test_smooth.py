@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from astropy.io import fits
+from parity import TWILIGHT_RTOL
 
 from musetwilight import recipe
 from musetwilight.core import smooth
@@ -19,7 +20,7 @@ from musetwilight.io import formats, products
 from musetwilight.params import make_settings
 from musetwilight.tools.eso import esorex_path, run_esorex
 
-TOLERANCE = 1e-4  # maximum relative difference to ESO per extension
+TOLERANCE = TWILIGHT_RTOL  # maximum relative difference to ESO per extension (why: tests/parity.py)
 
 WCS = dict(CTYPE1="PIXEL", CTYPE2="PIXEL", CUNIT1="pixel", CUNIT2="pixel", CD1_1=1.0, CD1_2=0.0,
            CD2_1=0.0, CD2_2=1.0, CRPIX1=1.0, CRPIX2=1.0, CRVAL1=-20.0, CRVAL2=-18.0,

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from parity import TWILIGHT_RTOL
 
 from musetwilight import recipe
 from musetwilight.io.frames import write_sof
@@ -35,7 +36,8 @@ def test_scibasic_with_our_twilight_cube_equals_with_esos(simulated_set, eso_twi
     np.testing.assert_array_equal(with_ours.dq, with_eso.dq)
     good = np.isfinite(with_eso.data) & (with_eso.data != 0)
     rel = np.abs(with_ours.data[good] / with_eso.data[good] - 1)
-    assert np.median(rel) < 1e-5 and rel.max() < 1e-4
+    # our TWILIGHT_CUBE is within TWILIGHT_RTOL of ESO's (tests/parity.py), and so is what it divides
+    assert rel.max() <= 2 * TWILIGHT_RTOL, rel.max()
     # the correction was really applied: a cube of ones would leave the data unchanged
     assert "ESO DRS MUSE FLAT FLUX SKY" in with_ours.header
     assert with_ours.header["ESO DRS MUSE FLAT FLUX SKY"] == pytest.approx(

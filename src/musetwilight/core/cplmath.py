@@ -70,6 +70,15 @@ def running_stdev(values):
 
 
 @njit(cache=True, nogil=True)
+def column_mean(values):
+    """cpl_table_get_column_mean: the double sum in row order, divided by the count."""
+    total = 0.0
+    for i in range(values.size):
+        total += values[i]
+    return total / values.size
+
+
+@njit(cache=True, nogil=True)
 def ordered_dot(a, b):
     """sum(a * b) accumulated in index order (CPL's vector products)."""
     total = 0.0

@@ -315,17 +315,23 @@ def gaussian_kernel(fwhm: float) -> np.ndarray:
     return kernel / kernel.sum()
 
 
-def _normalize_and_fit(plane: np.ndarray, white_bad: np.ndarray, vign: np.ndarray | None,
-                       xorder: int, yorder: int, warnings: list[str]) -> np.ndarray:
-    """One cube plane: 5x7 masked median, normalise, polynomial fit, normalise."""
-    bad = white_bad | ~np.isfinite(plane) | (plane == 0)
+def plane_median(plane: np.ndarray, bad: np.ndarray, warnings: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """ESO's fixed masked median filter of a cube plane: 5 columns x 7 rows, windows shrinking at
+    the edges; returns the filtered plane and its mask (spaxels whose window held no good value).
+    A plane smaller than the window is left as it is (ESO: "Access beyond boundaries")."""
     ny, nx = plane.shape
     rx, ry = PLANE_MEDIAN_HALF
     if nx < 2 * rx + 1 or ny < 2 * ry + 1:
         _warn(warnings, "filtering cube plane failed: Access beyond boundaries")
-        filtered, fbad = plane.copy(), bad
-    else:
-        filtered, fbad = _median_filter(np.ascontiguousarray(plane, np.float32), bad, rx, ry)
+        return plane.copy(), bad
+    return _median_filter(np.ascontiguousarray(plane, np.float32), bad, rx, ry)
+
+
+def _normalize_and_fit(plane: np.ndarray, white_bad: np.ndarray, vign: np.ndarray | None,
+                       xorder: int, yorder: int, warnings: list[str]) -> np.ndarray:
+    """One cube plane: 5x7 masked median, normalise, polynomial fit, normalise."""
+    bad = white_bad | ~np.isfinite(plane) | (plane == 0)
+    filtered, fbad = plane_median(plane, bad, warnings)
     mean = _mean_good(filtered, fbad)
     filtered = _scale(filtered, 1.0 / mean if mean else np.inf)
     fitbad = fbad | vign if vign is not None else fbad
