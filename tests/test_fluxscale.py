@@ -138,7 +138,7 @@ def test_no_pixels_left_is_a_clear_error():
 def test_resampling_ifu_tables_equals_resampling_the_merged_table():
     """The streaming path (no merged table) gives bit-identical cubes to the merge-then-resample path."""
     from musetwilight.core.cube import make_grid
-    from musetwilight.core.resample import ResampleOptions, resample_cube, resample_tables, resample_tables_banded
+    from musetwilight.core.resample import ResampleOptions, TableSource, resample_cube, resample_tables
     from musetwilight.params import CrType, Resample
 
     rng = np.random.default_rng(9)
@@ -160,12 +160,16 @@ def test_resampling_ifu_tables_equals_resampling_the_merged_table():
         np.testing.assert_array_equal(streamed.stat, reference.stat)
         np.testing.assert_array_equal(streamed.pixel_dq, reference.pixel_dq)
         assert streamed.ncosmic == reference.ncosmic > 0
-        for planes in (1, 2, 4):  # bands of planes, tables given as loader functions
-            banded = resample_tables_banded([lambda t=tables[i]: t for i in (1, 2, 3)],
-                                            [info.divisor[i] for i in (1, 2, 3)], grid, planes, options)
-            np.testing.assert_array_equal(banded.data, reference.data)
-            np.testing.assert_array_equal(banded.stat, reference.stat)
-            assert banded.ncosmic == reference.ncosmic
+        total = sum(t.xpos.size for t in tables.values())
+        for tiles in (2, 3, grid.ny):  # tiles of cube rows, tables loaded by functions, with and without prefetch
+            sources = [TableSource(tables[i].xpos.size, (float(tables[i].ypos.min()), float(tables[i].ypos.max())),
+                                   lambda t=tables[i]: t) for i in (1, 2, 3)]
+            tiled = resample_tables(sources, [info.divisor[i] for i in (1, 2, 3)], grid, options,
+                                    rows_per_tile=total // tiles, prefetch=tiles != 3)
+            np.testing.assert_array_equal(tiled.data, reference.data)
+            np.testing.assert_array_equal(tiled.stat, reference.stat)
+            np.testing.assert_array_equal(tiled.dq, reference.dq)
+            assert tiled.ncosmic == reference.ncosmic
 
 
 def test_cpl_median_even_and_odd_in_the_data_precision():

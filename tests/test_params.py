@@ -185,9 +185,9 @@ def test_cli_values_reach_the_kernels_typed_without_reparsing(simulated_set, tmp
         seen["vignsmooth"] = (method, xpar, ypar)
         return vignetted(wdiv, bad, is_wfm, method, xpar, ypar, warnings)
 
-    def spy_crreject(offsets, data, stat, dq, nx, ny, nz, crtype, sigma, bufsize):
+    def spy_crreject(offsets, data, stat, dq, nx, ny, nz, crtype, sigma, *rest):
         seen["crreject"] = (crtype, sigma)
-        return crreject(offsets, data, stat, dq, nx, ny, nz, crtype, sigma, bufsize)
+        return crreject(offsets, data, stat, dq, nx, ny, nz, crtype, sigma, *rest)
 
     monkeypatch.setattr(basicproc, "vpoly_correct", spy_vpoly)
     monkeypatch.setattr(smooth, "_smooth_vignetted", spy_vignetted)

@@ -31,21 +31,21 @@ from .core import combine, fluxscale, illum, pixtable
 from .core.basicproc import Calibrations, process_exposures
 from .core.cube import CubeGrid, grid_from_limits, white_light
 from .core.pixtable import PixTable
-from .core.resample import ResampleOptions, resample_tables, resample_tables_banded
+from .core.resample import ResampleOptions, resample_tables
 from .core.smooth import TwilightResult, postprocess
 from .errors import InputError, MergeError, MuseTwilightError
 from .instrument import NUM_IFUS, is_nfm
 from .io import formats, products
 from .io.frames import FrameSet, Inputs, parse_sof
 from .io.preflight import preflight
-from .io.spill import SpilledTable
+from .io.spill import SpilledTable, table_limits
 from .params import Settings, make_settings
 
 log = logging.getLogger("musetwilight.recipe")
 
 SKIP_ENV = "MUSE_TWILIGHT_SKIP"
 SCALES_ENV = "MUSE_TWILIGHT_SCALES"
-PLANES_PER_BAND = 4  # wavelength planes resampled at a time in low-memory mode
+ROWS_PER_TILE = 16_000_000  # pixel-table rows resampled at a time in low-memory mode (~1.3 full IFUs)
 LOW_MEMORY_PIXELS = 4_000_000  # CCDs larger than this (full MUSE: 16.8 M) use low-memory mode
 
 
@@ -58,8 +58,8 @@ class RunOptions:
 
     ``skip_cube`` starts from an existing DATACUBE_SKYFLAT (ESO's MUSE_TWILIGHT_SKIP),
     ``scales`` are external per-IFU flux scales (MUSE_TWILIGHT_SCALES), ``workers`` the
-    IFUs reduced at once, ``low_memory`` keeps the IFU tables on disk and resamples in
-    bands of planes (None: for full-size CCDs), ``mapper(function, ifus)`` distributes
+    IFUs reduced at once, ``low_memory`` keeps the IFU tables on disk and resamples a tile
+    of cube rows at a time (None: for full-size CCDs), ``mapper(function, ifus)`` distributes
     the per-IFU stage (default: a thread pool), ``progress`` receives stage messages.
     """
 
@@ -256,12 +256,16 @@ def _reduce_ifu(ifu: int, inputs: Inputs, settings: Settings, geometry, mode: st
     combine.add_qc(master.header, qc)
     del exposures, processed
     master = combine.interpolate_bad_pixels(master, in_place=True)
-    table = pixtable.build_pixtable(master, trace, wavecal, geometry, ifu, mode)
+    # the table is built cut to lambdamin..lambdamax at once (ESO cuts after the ILLUM correction,
+    # a per-row factor: the same rows and values)
+    table = pixtable.build_pixtable(master, trace, wavecal, geometry, ifu, mode,
+                                    lambda_range=(settings.lambdamin, settings.lambdamax),
+                                    with_origin=illum_image is not None)
     if illum_image is not None:
-        illum_table = pixtable.build_pixtable(illum_image, trace, wavecal, geometry, ifu, mode, flag_notch=False)
+        illum_table = pixtable.build_pixtable(illum_image, trace, wavecal, geometry, ifu, mode, flag_notch=False,
+                                              lambda_range=illum.ILLUM_LAMBDA_RANGE)
         table = illum.apply_illum(table, illum.illum_correction(illum_table), ifu)
-    table = illum.restrict_wavelength(table, settings.lambdamin, settings.lambdamax)
-    table.origin = None  # not needed after the ILLUM correction: 4 bytes a row less to hold
+        table.origin = None  # not needed after the ILLUM correction: 4 bytes a row less to hold
     return IfuResult(ifu, table, master.header)
 
 
@@ -322,12 +326,11 @@ def load_skyflat(path: Path) -> Skyflat:
 
 
 def build_skyflat(reductions: IfuReductions, inputs: Inputs, settings: Settings, mode: str,
-                  options: RunOptions, banded: bool) -> Skyflat:
+                  options: RunOptions, tiled: bool) -> Skyflat:
     """Flux-scale the IFUs' tables and resample them into DATACUBE_SKYFLAT.
 
-    The tables go into the pixel grid one IFU at a time and are released as they go,
-    so the merged pixel table never exists in memory; ``banded`` resamples a band of
-    wavelength planes at a time (identical result, less memory).
+    The merged pixel table never exists in memory; ``tiled`` resamples a tile of cube rows
+    at a time from the tables that reach it (identical result, a bounded working set).
     """
     resample = ResampleOptions.from_settings(settings)
     options.stage(f"resampling {len(reductions.results)} IFUs into the cube ({resample.method}, "
@@ -341,10 +344,7 @@ def build_skyflat(reductions: IfuReductions, inputs: Inputs, settings: Settings,
     grid = _cube_grid([tables[ifu] for ifu in order], settings.dlambda)
     ordered = [tables.pop(ifu) for ifu in order]
     divisors = [flux.divisor[ifu] for ifu in order]
-    if banded:
-        cube = resample_tables_banded(ordered, divisors, grid, PLANES_PER_BAND, resample)
-    else:
-        cube = resample_tables(ordered, divisors, grid, resample)
+    cube = resample_tables(ordered, divisors, grid, resample, ROWS_PER_TILE if tiled else None)
     white = white_light(cube.data)
     headers = {ifu: r.header for ifu, r in reductions.results.items()}
     failed = sorted(i for i, s in reductions.skipped.items() if s.kind == "failed")
@@ -358,8 +358,7 @@ def build_skyflat(reductions: IfuReductions, inputs: Inputs, settings: Settings,
 
 def _cube_grid(tables: list, dlambda: float) -> CubeGrid:
     """The cube grid spanning all tables (ESO: the limits of the merged table)."""
-    limits = [(t.xpos.min(), t.xpos.max(), t.ypos.min(), t.ypos.max(), t.lambda_.min(), t.lambda_.max())
-              for t in tables]
+    limits = [table_limits(table) for table in tables]
     lo, hi = np.min(limits, axis=0), np.max(limits, axis=0)
     return grid_from_limits(lo[0], hi[1], lo[2], hi[3], lo[4], hi[5], dlambda)
 

@@ -275,6 +275,21 @@ def median(vals, n, work, two):
     of the two middle ones.  ``two`` is 2 in the arithmetic's precision: np.float32(2)
     for CPL's float images and columns, 2.0 for double vectors.  ``work`` needs n + 100
     slots."""
+    if n == 3:  # the usual stack of three exposures: branch-free middle of three (no NaN)
+        a, b, c = vals[0], vals[1], vals[2]
+        if a == a and b == b and c == c:
+            return max(min(a, b), min(max(a, b), c))
+    if n <= 16:  # a few values (e.g. one pixel of a stack of exposures): insertion sort
+        for a in range(n):
+            v = vals[a]
+            b = a - 1
+            while b >= 0 and work[b] > v:
+                work[b + 1] = work[b]
+                b -= 1
+            work[b + 1] = v
+        if n % 2 == 1:
+            return work[(n - 1) // 2]
+        return work[n // 2 - 1] + (work[n // 2] - work[n // 2 - 1]) / two
     if n % 2 == 1:
         return middle_pair(vals, n, (n - 1) // 2, work)[0]
     a, b = middle_pair(vals, n, n // 2 - 1, work)

@@ -13,7 +13,7 @@ as in the pixel-table header.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from astropy.io import fits
@@ -54,6 +54,10 @@ class CubeGrid:
     def shape(self) -> tuple[int, int, int]:
         """NumPy shape of the cube, ``(nz, ny, nx)``."""
         return (self.nz, self.ny, self.nx)
+
+    def rows(self, first: int, last: int) -> CubeGrid:
+        """The grid of the cube rows first..last (its CRVAL2 at row ``first``)."""
+        return replace(self, ny=last - first + 1, crval2=self.crval2 + first)
 
     def wavelengths(self) -> np.ndarray:
         """Centre wavelength of each plane (Angstrom)."""

@@ -28,6 +28,8 @@ def _select(table, keep: np.ndarray):
     """A copy of a pixel table restricted to the rows where ``keep`` is true."""
     columns = {f.name: getattr(table, f.name)[keep] for f in fields(table)
                if isinstance(getattr(table, f.name), np.ndarray)}
+    if any(f.name == "limits" for f in fields(table)):
+        columns["limits"] = None
     return replace(table, **columns)
 
 

@@ -10,6 +10,7 @@ are copied in cell order so that the kernels read contiguous memory.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 from numba import njit, prange
@@ -52,76 +53,47 @@ def lround_nb(value):
     return np.int64(truncated)
 
 
+def build_pixgrid(grid: CubeGrid, xpos, ypos, lambda_, data, stat, dq) -> PixGrid:
+    """Sort the pixel-table rows into the cells of ``grid``."""
+    table = SimpleNamespace(xpos=xpos, ypos=ypos, lambda_=lambda_, data=data, stat=stat, dq=dq)
+    return build_pixgrid_from_tables(grid, [(table, 1.0)])
+
+
 @njit(cache=True, nogil=True, parallel=True)
-def _cell_of_rows(xpos, ypos, lbda, crval1, crval2, crval3, cd3, nx, ny, nz, cells):
+def _tile_cells(xpos, ypos, lbda, crval1, crval2, crval3, cd3, nx, ny, nz, first, last, cells):
+    """Cells of the rows in the grid rows first..last (numbered within them), -1 for the others.
+
+    The grid cell is found as in the whole grid (rows outside it clamped to the edge cells)."""
+    nyt = last - first + 1
     for row in prange(len(xpos)):
-        # pixel coordinates of a linear CD = diag(1, 1) grid with CRPIX = 1
         i = lround_nb((np.float64(xpos[row]) - crval1) + 1.0) - 1
         j = lround_nb((np.float64(ypos[row]) - crval2) + 1.0) - 1
         l = lround_nb((np.float64(lbda[row]) - crval3) / cd3 + 1.0) - 1
         i = min(max(i, 0), nx - 1)
         j = min(max(j, 0), ny - 1)
         l = min(max(l, 0), nz - 1)
-        cells[row] = i + nx * (j + ny * l)
+        cells[row] = i + nx * ((j - first) + nyt * l) if first <= j <= last else -1
 
 
 @njit(cache=True, nogil=True)
-def _counting_sort(cells, ncell, xpos, ypos, lbda, data, stat, dq, order):
-    n = len(cells)
-    offsets = np.zeros(ncell + 1, np.int64)
-    for row in range(n):
-        offsets[cells[row] + 1] += 1
-    for c in range(ncell):
-        offsets[c + 1] += offsets[c]
-    fill = offsets[:-1].copy()
-    sx = np.empty(n, np.float32)
-    sy = np.empty(n, np.float32)
-    sl = np.empty(n, np.float32)
-    sd = np.empty(n, np.float32)
-    ss = np.empty(n, np.float32)
-    sq = np.empty(n, np.uint32)
-    for row in range(n):
+def _count_cells(cells, counts):
+    for row in range(len(cells)):
         c = cells[row]
-        k = fill[c]
-        fill[c] = k + 1
-        order[k] = row
-        sx[k] = xpos[row]
-        sy[k] = ypos[row]
-        sl[k] = lbda[row]
-        sd[k] = data[row]
-        ss[k] = stat[row]
-        sq[k] = dq[row]
-    return offsets, sx, sy, sl, sd, ss, sq
-
-
-def build_pixgrid(grid: CubeGrid, xpos, ypos, lambda_, data, stat, dq) -> PixGrid:
-    """Sort the pixel-table rows into the cells of ``grid``."""
-    xpos = np.ascontiguousarray(xpos, np.float32)
-    ypos = np.ascontiguousarray(ypos, np.float32)
-    lambda_ = np.ascontiguousarray(lambda_, np.float32)
-    ncell = grid.nx * grid.ny * grid.nz
-    # 32-bit cell and row indices where they fit: the grid costs 32 bytes a row
-    small = np.int32 if max(ncell, len(xpos)) < 2**31 else np.int64
-    cells = np.empty(len(xpos), small)
-    _cell_of_rows(xpos, ypos, lambda_, float(grid.crval1), float(grid.crval2), float(grid.crval3),
-                  float(grid.cd3), grid.nx, grid.ny, grid.nz, cells)
-    order = np.empty(len(xpos), small)
-    offsets, sx, sy, sl, sd, ss, sq = _counting_sort(
-        cells, ncell, xpos, ypos, lambda_, np.ascontiguousarray(data, np.float32),
-        np.ascontiguousarray(stat, np.float32), np.ascontiguousarray(dq).astype(np.uint32, copy=False),
-        order)
-    del cells
-    return PixGrid(grid.nx, grid.ny, grid.nz, offsets, order, sx, sy, sl, sd, ss, sq)
+        if c >= 0:
+            counts[c] += 1
 
 
 @njit(cache=True, nogil=True)
 def _scatter_rows(cells, fill, first_row, xpos, ypos, lbda, data, stat, dq, divisor,
                   sx, sy, sl, sd, ss, sq, order):
-    """Append one table's rows to their cells (stable), dividing data by ``divisor`` (stat by its square)."""
+    """Append one table's rows to their cells (stable; cells < 0 skipped), dividing data by
+    ``divisor`` (stat by its square)."""
     scale = divisor != 1.0
     divisor2 = divisor * divisor
     for row in range(len(cells)):
         c = cells[row]
+        if c < 0:
+            continue
         k = fill[c]
         fill[c] = k + 1
         order[k] = first_row + row
@@ -137,69 +109,41 @@ def _scatter_rows(cells, fill, first_row, xpos, ypos, lbda, data, stat, dq, divi
         sq[k] = dq[row]
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def _plane_of_rows(lbda, crval3, cd3, nz, planes):
-    for row in prange(len(lbda)):
-        l = lround_nb((np.float64(lbda[row]) - crval3) / cd3 + 1.0) - 1
-        planes[row] = min(max(l, 0), nz - 1)
+def build_pixgrid_from_tables(grid: CubeGrid, parts: list, first: int = 0, last: int | None = None) -> PixGrid:
+    """Sort the rows of several pixel tables, in list order, into the cells of the grid rows
+    ``first..last`` (default: all) of ``grid``.
 
-
-def plane_of_rows(grid: CubeGrid, lambda_: np.ndarray) -> np.ndarray:
-    """The wavelength plane (cell index along lambda) of every row, as the grid assigns it."""
-    planes = np.empty(len(lambda_), np.int32)
-    _plane_of_rows(np.ascontiguousarray(lambda_, np.float32), float(grid.crval3), float(grid.cd3),
-                   grid.nz, planes)
-    return planes
-
-
-def build_pixgrid_from_tables(grid: CubeGrid, tables: list, divisors) -> PixGrid:
-    """Sort the rows of several pixel tables, in list order, into the cells of ``grid``.
-
-    Equivalent to :func:`build_pixgrid` on the concatenated tables after dividing
-    table ``k`` by ``divisors[k]`` (the per-IFU flux scaling), but without ever
-    holding the merged table: each entry of ``tables`` (an object with xpos, ypos,
-    lambda_, data, stat, dq, or a function returning one, called once per pass) is set
-    to None once its rows are copied, so its memory is released while the sorted
-    columns fill up.
+    ``parts`` are ``(table, divisor)`` pairs (a table has xpos, ypos, lambda_, data, stat,
+    dq); the result equals :func:`build_pixgrid` on the concatenated tables after dividing
+    each by its divisor (the per-IFU flux scaling), restricted to those grid rows, without
+    ever holding the merged table.
     """
-    def get(index):
-        entry = tables[index]
-        return entry() if callable(entry) else entry
-
-    ncell = grid.nx * grid.ny * grid.nz
-    counts = np.zeros(ncell, np.int64)
-    limits = (float(grid.crval1), float(grid.crval2), float(grid.crval3), float(grid.cd3),
-              grid.nx, grid.ny, grid.nz)
+    last = grid.ny - 1 if last is None else last
+    nyt = last - first + 1
+    ncell = grid.nx * nyt * grid.nz
     small = np.int32 if ncell < 2**31 else np.int64
-
-    def cells_of(table):
-        cells = np.empty(len(table.xpos), small)
-        _cell_of_rows(np.ascontiguousarray(table.xpos, np.float32), np.ascontiguousarray(table.ypos, np.float32),
-                      np.ascontiguousarray(table.lambda_, np.float32), *limits, cells)
-        return cells
-
-    total = 0
-    for index in range(len(tables)):
-        table = get(index)
-        total += len(table.xpos)
-        counts += np.bincount(cells_of(table), minlength=ncell)
-        del table
+    limits = (float(grid.crval1), float(grid.crval2), float(grid.crval3), float(grid.cd3),
+              grid.nx, grid.ny, grid.nz, first, last)
+    columns = []
+    counts = np.zeros(ncell, np.int64)
+    for table, divisor in parts:
+        arrays = [np.ascontiguousarray(getattr(table, name), np.float32)
+                  for name in ("xpos", "ypos", "lambda_", "data", "stat")]
+        arrays.append(np.ascontiguousarray(table.dq).astype(np.uint32, copy=False))
+        cells = np.empty(len(arrays[0]), small)
+        _tile_cells(arrays[0], arrays[1], arrays[2], *limits, cells)
+        _count_cells(cells, counts)
+        columns.append((cells, arrays, divisor))
     offsets = np.zeros(ncell + 1, np.int64)
     np.cumsum(counts, out=offsets[1:])
     del counts
+    total = int(offsets[-1])
     fill = offsets[:-1].copy()
     sx, sy, sl, sd, ss = (np.empty(total, np.float32) for _ in range(5))
     sq = np.empty(total, np.uint32)
     order = np.empty(total, np.int32 if total < 2**31 else np.int64)
     first_row = 0
-    for index in range(len(tables)):
-        table = get(index)
-        tables[index] = None
-        _scatter_rows(cells_of(table), fill, first_row, np.ascontiguousarray(table.xpos, np.float32),
-                      np.ascontiguousarray(table.ypos, np.float32), np.ascontiguousarray(table.lambda_, np.float32),
-                      np.ascontiguousarray(table.data, np.float32), np.ascontiguousarray(table.stat, np.float32),
-                      np.ascontiguousarray(table.dq).astype(np.uint32, copy=False), float(divisors[index]),
-                      sx, sy, sl, sd, ss, sq, order)
-        first_row += len(table.xpos)
-        del table
-    return PixGrid(grid.nx, grid.ny, grid.nz, offsets, order, sx, sy, sl, sd, ss, sq)
+    for cells, (x, y, lam, data, stat, dq), divisor in columns:
+        _scatter_rows(cells, fill, first_row, x, y, lam, data, stat, dq, float(divisor), sx, sy, sl, sd, ss, sq, order)
+        first_row += len(cells)
+    return PixGrid(grid.nx, nyt, grid.nz, offsets, order, sx, sy, sl, sd, ss, sq)

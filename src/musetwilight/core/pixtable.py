@@ -90,8 +90,9 @@ class PixTable:
     data: np.ndarray  # float32
     stat: np.ndarray  # float32
     dq: np.ndarray  # uint32 Euro3D bits
-    origin: np.ndarray  # uint32 bit field, see decode_origin
+    origin: np.ndarray | None  # uint32 bit field (see tools.eso.decode_origin); None when not needed
     header: fits.Header
+    limits: tuple[float, float, float, float, float, float] | None = None  # x, y, lambda min/max of the rows
 
     @property
     def nrow(self) -> int:
@@ -103,7 +104,7 @@ class PixTable:
 
     @property
     def nbytes(self) -> int:
-        return sum(self.column(name).nbytes for name in COLUMNS)
+        return sum(self.column(name).nbytes for name in COLUMNS if self.column(name) is not None)
 
 
 # --------------------------------------------------------------------------
@@ -249,9 +250,12 @@ def slice_edges(left: np.ndarray, right: np.ndarray, nx: int, ny: int,
 
 @njit(cache=True, nogil=True)
 def _fill_slice(xl, xr, wave, gx, gy, cosa, sina, width, ifu, slice_no, offset,
-                img_data, img_dq, img_stat, use_geometry, simple_a, simple_b,
+                img_data, img_dq, img_stat, use_geometry, simple_a, simple_b, lmin, lmax, with_origin,
                 xpos, ypos, lam, data, dq, stat, origin, start):
-    """Write the rows of one slice from table row ``start``; return the next free row."""
+    """Write the rows of one slice from table row ``start``; return the next free row.
+
+    Only rows with lmin <= lambda <= lmax (float32 comparison, as ESO's wavelength cut) are
+    written; the origin bits only ``with_origin``."""
     nxw = wave.shape[0]
     nyw = wave.shape[1]
     cx = np.empty(nxw)
@@ -278,6 +282,9 @@ def _fill_slice(xl, xr, wave, gx, gy, cosa, sina, width, ifu, slice_no, offset,
                 lval = lval * i + cx[ix]
             if not (lval >= LAMBDA_MIN_VALID and lval <= LAMBDA_MAX_VALID):
                 continue
+            lam32 = np.float32(lval)
+            if not (lam32 >= lmin and lam32 <= lmax):
+                continue
             dxf = np.float32((xc - i) / w * width)
             dxd = np.float64(dxf)
             if use_geometry:
@@ -287,12 +294,13 @@ def _fill_slice(xl, xr, wave, gx, gy, cosa, sina, width, ifu, slice_no, offset,
                 # ESO: float dx + float (islice * 82.2f), then + double 82.2f / 2
                 xpos[k] = np.float32(np.float64(dxf + simple_a) + simple_b)
                 ypos[k] = np.float32(0.0)
-            lam[k] = np.float32(lval)
+            lam[k] = lam32
             data[k] = img_data[j - 1, i - 1]
             dq[k] = np.uint32(img_dq[j - 1, i - 1])
             stat[k] = img_stat[j - 1, i - 1]
-            xbits = (np.uint32((i - offset) & 0xFF)) << np.uint32(SHIFT_X)
-            origin[k] = xbits | base
+            if with_origin:
+                xbits = (np.uint32((i - offset) & 0xFF)) << np.uint32(SHIFT_X)
+                origin[k] = xbits | base
             k += 1
     return k
 
@@ -314,7 +322,8 @@ def _compact(array: np.ndarray, n: int) -> np.ndarray:
 
 def build_pixtable(image: Any, trace: Any, wavecal: Any, geometry: Any | None,
                    ifu: int | None = None, mode: str | None = None,
-                   flag_notch: bool = True) -> PixTable:
+                   flag_notch: bool = True, lambda_range: tuple[float, float] | None = None,
+                   with_origin: bool = True) -> PixTable:
     """Build the pixel table of one IFU from its processed CCD image.
 
     Parameters
@@ -333,6 +342,11 @@ def build_pixtable(image: Any, trace: Any, wavecal: Any, geometry: Any | None,
     mode
         ``ESO INS MODE``; default from the image header.  AO modes get the NaD
         notch range flagged when ``flag_notch`` is true.
+    lambda_range
+        Keep only the rows of this wavelength range (the recipe's cut, inclusive, compared
+        in float32 as ESO's muse_pixtable_restrict_wavelength), instead of cutting later.
+    with_origin
+        Whether the table needs its origin column (only the ILLUM correction reads it).
     """
     header = image.header
     if ifu is None:
@@ -382,7 +396,8 @@ def build_pixtable(image: Any, trace: Any, wavecal: Any, geometry: Any | None,
     columns = {name: np.empty(nmax, dtype=np.float32) for name in ("xpos", "ypos", "lambda",
                                                                    "data", "stat")}
     columns["dq"] = np.empty(nmax, dtype=np.uint32)
-    columns["origin"] = np.empty(nmax, dtype=np.uint32)
+    columns["origin"] = np.empty(nmax if with_origin else 0, dtype=np.uint32)
+    lmin, lmax = (np.float32(v) for v in (lambda_range or (-np.inf, np.inf)))
     data = np.ascontiguousarray(image.data, dtype=np.float32)
     dqimg = as_uint32(image.dq)
     stat = np.ascontiguousarray(image.stat, dtype=np.float32)
@@ -400,14 +415,15 @@ def build_pixtable(image: Any, trace: Any, wavecal: Any, geometry: Any | None,
         simple_b = float(np.float64(HI_LIKELY_SLICE_WIDTH) / 2.0)
         k = _fill_slice(xl, xr, np.ascontiguousarray(wave[islice]), float(gx), float(gy),
                         float(cosa), float(sina), float(width), ifu, islice + 1, offset,
-                        data, dqimg, stat, geo is not None, simple_a, simple_b,
+                        data, dqimg, stat, geo is not None, simple_a, simple_b, lmin, lmax, with_origin,
                         columns["xpos"], columns["ypos"], columns["lambda"], columns["data"],
                         columns["dq"], columns["stat"], columns["origin"], k)
     for name in COLUMNS:
-        columns[name] = _compact(columns[name], k)
+        if name != "origin" or with_origin:
+            columns[name] = _compact(columns[name], k)
 
     table = PixTable(columns["xpos"], columns["ypos"], columns["lambda"], columns["data"],
-                     columns["stat"], columns["dq"], columns["origin"], out_header)
+                     columns["stat"], columns["dq"], columns["origin"] if with_origin else None, out_header)
     compute_limits(table)
     if mode is None:
         mode = str(header.get("ESO INS MODE", "WFM-NOAO-N"))
@@ -444,17 +460,17 @@ def compute_limits(table: PixTable) -> None:
     header = table.header
     for key in [k for k in header.keys() if k.startswith(KEY_LIMITS)]:
         del header[key]
+    table.limits = None
     if table.nrow == 0:
         return
-    ifus = (table.origin >> np.uint32(SHIFT_IFU)) & np.uint32(0x1F)
-    slices = table.origin & np.uint32(0x3F)
-    values = [
-        ("X LOW", float(table.xpos.min())), ("X HIGH", float(table.xpos.max())),
-        ("Y LOW", float(table.ypos.min())), ("Y HIGH", float(table.ypos.max())),
-        ("LAMBDA LOW", float(table.lambda_.min())), ("LAMBDA HIGH", float(table.lambda_.max())),
-        ("IFU LOW", int(ifus.min())), ("IFU HIGH", int(ifus.max())),
-        ("SLICE LOW", int(slices.min())), ("SLICE HIGH", int(slices.max())),
-    ]
+    table.limits = (float(table.xpos.min()), float(table.xpos.max()), float(table.ypos.min()),
+                    float(table.ypos.max()), float(table.lambda_.min()), float(table.lambda_.max()))
+    values = list(zip(("X LOW", "X HIGH", "Y LOW", "Y HIGH", "LAMBDA LOW", "LAMBDA HIGH"), table.limits))
+    if table.origin is not None:
+        ifus = (table.origin >> np.uint32(SHIFT_IFU)) & np.uint32(0x1F)
+        slices = table.origin & np.uint32(0x3F)
+        values += [("IFU LOW", int(ifus.min())), ("IFU HIGH", int(ifus.max())),
+                   ("SLICE LOW", int(slices.min())), ("SLICE HIGH", int(slices.max()))]
     for name, value in values:
         header["HIERARCH " + KEY_LIMITS + name] = value
 

@@ -31,8 +31,10 @@ of the neighbouring cell planes into its spaxels, which visits exactly the
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
+from typing import Any
 
 import numpy as np
 from numba import njit, prange
@@ -40,8 +42,8 @@ from numba import njit, prange
 from ..instrument import SPECTRAL_SAMPLING, Euro3D
 from ..params import CrType, Resample, Settings
 from .cplmath import median
-from .cube import CubeGrid, make_grid
-from .pixgrid import PixGrid, build_pixgrid, build_pixgrid_from_tables, plane_of_rows
+from .cube import CubeGrid, lround, make_grid
+from .pixgrid import PixGrid, build_pixgrid, build_pixgrid_from_tables
 
 EURO3D_COSMICRAY = Euro3D.COSMIC_RAY  # module constants: the Numba kernels read them
 EURO3D_MISSDATA = Euro3D.MISSING_DATA
@@ -99,19 +101,65 @@ def _mad_at_least(vals, n, median, bound):
 
 
 @njit(cache=True, nogil=True)
+def _surely_below_threshold(vals, n, vmax, sigma, work):
+    """True if no value up to ``vmax`` can exceed median + sigma x MAD of vals[:n], decided by
+    counting instead of the median and MAD selections (False: undecided, compute them).
+
+    With c <= median <= c2 (proved by at most (n-1)//2 values below c and above c2, which
+    bounds CPL's median of odd and even counts alike), no value is flagged when the MAD is at
+    least b = (vmax - c) / sigma (with rounding margins); the MAD is at least b when at most
+    (n-1)//2 deviations from the median are below b, and those values all lie in
+    (c - b, c2 + b).  c and c2 bracket the median of a strided sample of 31 values by half
+    that sample's MAD.
+    """
+    k = min(n, 31)
+    stride = n // k
+    for a in range(k):  # insertion sort of the sample
+        v = vals[a * stride]
+        b = a - 1
+        while b >= 0 and work[b] > v:
+            work[b + 1] = work[b]
+            b -= 1
+        work[b + 1] = v
+    centre = work[k // 2]
+    for a in range(k):
+        v = abs(work[a] - centre)
+        b = k + a - 1
+        while b >= k and work[b] > v:
+            work[b + 1] = work[b]
+            b -= 1
+        work[b + 1] = v
+    half = 0.5 * work[k + k // 2]
+    c, c2 = centre - half, centre + half
+    margin = 4 * 2.220446049250313e-16 * (abs(vmax) + abs(c))
+    bound = max((vmax - c + margin) / sigma * (1 + 1e-12), 0.0) * (1 + 1e-9) + 1e-300
+    lo, hi = c - bound, c2 + bound
+    below = above = inside = 0
+    for m in range(n):
+        v = vals[m]
+        if v != v:
+            return False
+        below += v < c
+        above += v > c2
+        inside += (v > lo) & (v < hi)
+    limit = (n - 1) // 2
+    return below <= limit and above <= limit and inside <= limit
+
+
+@njit(cache=True, nogil=True)
 def _usable_for_stats(dq):
     return dq == 0 or dq == EURO3D_COSMICRAY
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _crreject(offsets, data, stat, dq, nx, ny, nz, crtype, sigma, bufsize):
-    """Cosmic-ray flags (1 = rejected) of the sorted rows."""
+def _crreject(offsets, data, stat, dq, nx, ny, nz, crtype, sigma, bufsize, jlo, jhi):
+    """Cosmic-ray flags (1 = rejected) of the sorted rows in the cells of rows jlo..jhi."""
     flags = np.zeros(len(data), np.uint8)
     nxy = nx * ny
     for l in prange(nz):
         vals = np.empty(bufsize, np.float64)
         work = np.empty(bufsize + 100, np.float64)
-        for j in range(ny):
+        for j in range(jlo, jhi + 1):
             for i in range(nx):
                 c = i + nx * j + nxy * l
                 if offsets[c] == offsets[c + 1]:
@@ -155,10 +203,12 @@ def _crreject(offsets, data, stat, dq, nx, ny, nz, crtype, sigma, bufsize):
                     level = mean
                     dev = math.sqrt(var / (npix - 1))
                 else:  # median and median absolute deviation
-                    level = median(vals, npix, work, 2.0)
                     vmax = -np.inf
                     for p in range(offsets[c], offsets[c + 1]):
                         vmax = max(vmax, np.float64(data[p]))
+                    if _surely_below_threshold(vals, npix, vmax, sigma, work):
+                        continue
+                    level = median(vals, npix, work, 2.0)
                     if vmax <= level:
                         continue
                     # the MAD is only needed exactly when it could flag vmax
@@ -182,13 +232,14 @@ def _crreject(offsets, data, stat, dq, nx, ny, nz, crtype, sigma, bufsize):
 
 @njit(cache=True, nogil=True, parallel=True)
 def _nearest(offsets, xpos, ypos, lbda, data, stat, dq, nx, ny, nz,
-             crval1, crval2, crval3, cd3):
+             crval1, crval2, crval3, cd3, jlo, jhi):
+    """The closest row of each voxel's own cell, for the voxel rows jlo..jhi."""
     out_data = np.zeros((nz, ny, nx), np.float32)
     out_stat = np.zeros((nz, ny, nx), np.float32)
-    out_dq = np.empty((nz, ny, nx), np.uint32)
+    out_dq = np.full((nz, ny, nx), EURO3D_MISSDATA, np.uint32)
     for l in prange(nz):
         lam = l * cd3 + crval3
-        for j in range(ny):
+        for j in range(jlo, jhi + 1):
             y = crval2 + j
             for i in range(nx):
                 x = crval1 + i
@@ -233,27 +284,29 @@ def _drizzle_term(din, dout, d):
 
 @njit(cache=True, nogil=True, parallel=True)
 def _weighted(offsets, xpos, ypos, lbda, data, stat, dq, nx, ny, nz,
-              crval1, crval2, crval3, cd3, method, ld, renka_rc, xin, yin, zin):
+              crval1, crval2, crval3, cd3, method, ld, renka_rc, xin, yin, zin, jlo, jhi):
+    """Weighted means of the good rows around each voxel, for the voxel rows jlo..jhi."""
     out_data = np.zeros((nz, ny, nx), np.float32)
     out_stat = np.zeros((nz, ny, nx), np.float32)
-    out_dq = np.empty((nz, ny, nx), np.uint32)
+    out_dq = np.full((nz, ny, nx), EURO3D_MISSDATA, np.uint32)
     nxy = nx * ny
     xout, yout, zout = 1.0, 1.0, abs(cd3)
     volume = xin * yin * zin
+    cfirst, clast = max(jlo - ld, 0) * nx, (min(jhi + ld, ny - 1) + 1) * nx  # the cells that reach them
     for l in prange(nz):
         lam = l * cd3 + crval3
         sumw = np.zeros(nxy, np.float64)
         sumd = np.zeros(nxy, np.float64)
         sums = np.zeros(nxy, np.float64)
         for l2 in range(max(l - ld, 0), min(l + ld, nz - 1) + 1):
-            for c in range(l2 * nxy, (l2 + 1) * nxy):
+            for c in range(l2 * nxy + cfirst, l2 * nxy + clast):
                 start, stop = offsets[c], offsets[c + 1]
                 if start == stop:
                     continue
                 ic = c % nx
                 jc = (c // nx) % ny
                 i1, i2 = max(ic - ld, 0), min(ic + ld, nx - 1)
-                j1, j2 = max(jc - ld, 0), min(jc + ld, ny - 1)
+                j1, j2 = max(jc - ld, jlo), min(jc + ld, jhi)
                 for p in range(start, stop):
                     if dq[p] != 0:
                         continue
@@ -333,7 +386,7 @@ def _weighted(offsets, xpos, ypos, lbda, data, stat, dq, nx, ny, nz,
                             sumw[k] += w
                             sumd[k] += dp * w
                             sums[k] += sp * w * w
-        for j in range(ny):
+        for j in range(jlo, jhi + 1):
             for i in range(nx):
                 k = i + nx * j
                 w = sumw[k]
@@ -341,8 +394,6 @@ def _weighted(offsets, xpos, ypos, lbda, data, stat, dq, nx, ny, nz,
                     out_data[l, j, i] = sumd[k] / w
                     out_stat[l, j, i] = sums[k] / (w * w)
                     out_dq[l, j, i] = 0
-                else:
-                    out_dq[l, j, i] = EURO3D_MISSDATA
     return out_data, out_stat, out_dq
 
 
@@ -350,32 +401,37 @@ def _weighted(offsets, xpos, ypos, lbda, data, stat, dq, nx, ny, nz,
 # driver
 
 
-def reject_cosmics(pix: PixGrid, crtype: CrType = CrType.MEDIAN, crsigma: float = 50.0) -> int:
-    """Flag cosmic rays in ``pix.dq`` (sorted rows) in place; return how many rows
-    carry the cosmic-ray bit afterwards.  ``crsigma <= 0`` does nothing."""
+def reject_cosmics(pix: PixGrid, crtype: CrType = CrType.MEDIAN, crsigma: float = 50.0,
+                   rows: tuple[int, int] | None = None) -> int:
+    """Flag cosmic rays in ``pix.dq`` (sorted rows) in place, for the cells of the grid rows
+    ``rows`` (first, last; default all); return how many rows carry the cosmic-ray bit
+    afterwards.  ``crsigma <= 0`` does nothing."""
+    jlo, jhi = rows if rows is not None else (0, pix.ny - 1)
     if crsigma > 0:
         bufsize = max(19 * pix.max_count, 1)
         flags = _crreject(pix.offsets, pix.data, pix.stat, pix.dq, pix.nx, pix.ny, pix.nz,
-                          crtype.code, float(crsigma), bufsize)
+                          crtype.code, float(crsigma), bufsize, jlo, jhi)
         pix.dq[flags.view(bool)] |= EURO3D_COSMICRAY
     return int(np.count_nonzero(pix.dq & EURO3D_COSMICRAY))
 
 
-def resample_pixgrid(pix: PixGrid, grid: CubeGrid, options: ResampleOptions):
-    """Resample the (cosmic-ray flagged) sorted rows onto ``grid``.
+def resample_pixgrid(pix: PixGrid, grid: CubeGrid, options: ResampleOptions, rows: tuple[int, int] | None = None):
+    """Resample the (cosmic-ray flagged) sorted rows onto ``grid``, for the voxel rows ``rows``.
 
-    Returns float32 data and variance cubes (0 where empty) and the uint32 DQ
-    cube (0 good, MISSDATA empty; nearest: the DQ of the row taken)."""
+    Returns float32 data and variance cubes (0 where empty) and the uint32 DQ cube (0 good,
+    MISSDATA empty; nearest: the DQ of the row taken); ``grid`` is the pixel grid's own
+    (for a tile: the tile's rows, its CRVAL2 shifted to its first row)."""
+    jlo, jhi = rows if rows is not None else (0, pix.ny - 1)
     args = (pix.offsets, pix.xpos, pix.ypos, pix.lbda, pix.data, pix.stat, pix.dq,
             grid.nx, grid.ny, grid.nz, float(grid.crval1), float(grid.crval2),
             float(grid.crval3), float(grid.cd3))
     if options.method is Resample.NEAREST:
-        return _nearest(*args)
+        return _nearest(*args, jlo, jhi)
     ld = options.ld if options.ld > 0 else 1
     renka_rc = options.rc * math.sqrt(grid.cd1 ** 2 + grid.cd2 ** 2 + (grid.cd3 * _ZNORM) ** 2)
     pfx, pfy, pfl = options.pixfrac
     xin, yin, zin = pfx / 1.0, pfy / 1.0, pfl / _ZNORM
-    return _weighted(*args, options.method.code, ld, renka_rc, xin, yin, zin)
+    return _weighted(*args, options.method.code, ld, renka_rc, xin, yin, zin, jlo, jhi)
 
 
 def resample_cube(xpos, ypos, lambda_, data, stat, dq, grid: CubeGrid | None = None,
@@ -386,85 +442,133 @@ def resample_cube(xpos, ypos, lambda_, data, stat, dq, grid: CubeGrid | None = N
     The columns are the pixel table's (float32 xpos, ypos, lambda, data, stat;
     uint32 dq).  Without ``grid`` the grid comes from :func:`make_grid` with
     ``dlambda``.  Empty voxels (and for ``nearest`` voxels whose row is flagged)
-    are NaN in data and stat.
+    are NaN in data and stat; ``pixel_dq`` gives the rows' DQ with the cosmic-ray bits.
     """
     if grid is None:
         grid = make_grid(xpos, ypos, lambda_, dlambda)
     pix = build_pixgrid(grid, xpos, ypos, lambda_, data, stat, dq)
-    return _resample(pix, grid, options)
-
-
-def resample_tables(tables: list, divisors, grid: CubeGrid, options: ResampleOptions) -> ResampledCube:
-    """:func:`resample_cube` of the concatenation of ``tables`` (each divided by its divisor).
-
-    The tables are consumed (entries set to None) while the pixel grid is built, so
-    the merged table never exists in memory.
-    """
-    pix = build_pixgrid_from_tables(grid, tables, divisors)
-    return _resample(pix, grid, options)
-
-
-@dataclass
-class _Rows:
-    """A subset of a pixel table's resampling columns."""
-
-    xpos: np.ndarray
-    ypos: np.ndarray
-    lambda_: np.ndarray
-    data: np.ndarray
-    stat: np.ndarray
-    dq: np.ndarray
-
-
-def _band_rows(source, grid: CubeGrid, first: int, last: int) -> _Rows:
-    """The rows of ``source`` (a table or a function returning one) in planes first..last."""
-    table = source() if callable(source) else source
-    planes = plane_of_rows(grid, table.lambda_)
-    keep = (planes >= first) & (planes <= last)
-    return _Rows(*(np.asarray(getattr(table, name))[keep]
-                   for name in ("xpos", "ypos", "lambda_", "data", "stat", "dq")))
-
-
-def resample_tables_banded(sources: list, divisors, grid: CubeGrid, planes_per_band: int,
-                           options: ResampleOptions) -> ResampledCube:
-    """:func:`resample_tables` a band of wavelength planes at a time, to bound memory.
-
-    A voxel depends on the rows of the neighbouring planes (the kernels' +-1 cell) and
-    their cosmic-ray flags on the planes next to those (+-1 more), so each band of planes
-    z0..z1-1 is resampled from the rows of planes z0-ld-1..z1+ld: the result is identical to
-    resampling everything at once.  ``sources`` are tables or functions returning one
-    (e.g. reading it from disk), called once per band and pass.  ``pixel_dq`` is not
-    collected (None); ``ncosmic`` counts each row once.
-    """
-    margin = max(options.ld, 1) + 1
-    data = np.empty(grid.shape, np.float32)
-    stat = np.empty(grid.shape, np.float32)
-    dq = np.empty(grid.shape, np.uint32)
-    ncosmic = 0
-    nxy = grid.nx * grid.ny
-    for z0 in range(0, grid.nz, max(1, planes_per_band)):
-        z1 = min(z0 + max(1, planes_per_band), grid.nz)
-        first, last = max(z0 - margin, 0), min(z1 - 1 + margin, grid.nz - 1)
-        band = [partial(_band_rows, source, grid, first, last) for source in sources]
-        pix = build_pixgrid_from_tables(grid, band, divisors)
-        reject_cosmics(pix, options.crtype, options.crsigma)
-        core = slice(pix.offsets[z0 * nxy], pix.offsets[z1 * nxy])
-        ncosmic += int(np.count_nonzero(pix.dq[core] & EURO3D_COSMICRAY))
-        band_data, band_stat, band_dq = resample_pixgrid(pix, grid, options)
-        del pix
-        data[z0:z1], stat[z0:z1], dq[z0:z1] = band_data[z0:z1], band_stat[z0:z1], band_dq[z0:z1]
-    bad = dq != 0
-    data[bad] = np.nan
-    stat[bad] = np.nan
-    return ResampledCube(grid, data, stat, dq, None, ncosmic)
-
-
-def _resample(pix: PixGrid, grid: CubeGrid, options: ResampleOptions) -> ResampledCube:
     ncosmic = reject_cosmics(pix, options.crtype, options.crsigma)
     cube_data, cube_stat, cube_dq = resample_pixgrid(pix, grid, options)
-    bad = cube_dq != 0
-    cube_data[bad] = np.nan
-    cube_stat[bad] = np.nan
+    _blank(cube_data, cube_stat, cube_dq)
     pixel_dq = np.empty(len(pix.order), np.uint32)
     pixel_dq[pix.order] = pix.dq
     return ResampledCube(grid, cube_data, cube_stat, cube_dq, pixel_dq, ncosmic)
+
+
+def _blank(data: np.ndarray, stat: np.ndarray, dq: np.ndarray) -> None:
+    bad = dq != 0
+    data[bad] = np.nan
+    stat[bad] = np.nan
+
+
+@dataclass
+class TableSource:
+    """A pixel table for the tiled resampling: its size, the range of its ypos, and a
+    function returning its columns (xpos, ypos, lambda_, data, stat, dq), e.g. read from disk."""
+
+    nrow: int
+    ylimits: tuple[float, float]
+    load: Callable[[], Any]
+
+    @classmethod
+    def of(cls, table: Any) -> TableSource:
+        """A source for a table in memory, or for an object that loads one (``nrow``, ``ylimits``, ``load()``)."""
+        if hasattr(table, "load"):
+            return cls(table.nrow, table.ylimits, table.load)
+        ypos = np.asarray(table.ypos)
+        limits = (float(ypos.min()), float(ypos.max())) if ypos.size else (0.0, 0.0)
+        return cls(len(ypos), limits, lambda: table)
+
+    def cell_rows(self, grid: CubeGrid) -> tuple[int, int]:
+        """The first and last grid row its rows fall into (clamped to the grid, as the cells are)."""
+        rows = [min(max(lround((np.float64(np.float32(y)) - grid.crval2) + 1.0) - 1, 0), grid.ny - 1)
+                for y in self.ylimits]
+        return rows[0], rows[1]
+
+
+def tile_rows(sources: list[TableSource], grid: CubeGrid, rows_per_tile: int | None) -> list[tuple[int, int]]:
+    """Consecutive ranges of cube rows (first, end) holding about ``rows_per_tile`` table rows
+    each (one range for None)."""
+    if rows_per_tile is None:
+        return [(0, grid.ny)]
+    total = sum(source.nrow for source in sources)
+    height = max(1, int(rows_per_tile * grid.ny // max(total, 1)))
+    return [(y0, min(y0 + height, grid.ny)) for y0 in range(0, grid.ny, height)]
+
+
+def resample_tables(tables: list, divisors, grid: CubeGrid, options: ResampleOptions,
+                    rows_per_tile: int | None = None, prefetch: bool = True) -> ResampledCube:
+    """:func:`resample_cube` of the concatenation of ``tables`` (each divided by its divisor),
+    a tile of cube rows at a time, without ever holding the merged table.
+
+    A voxel depends on the rows of the cells next to it (the kernels' +-1 cell) and on their
+    cosmic-ray flags, which depend on the cells next to those: each tile of rows y0..y1-1 is
+    resampled from the table rows of the cells in rows y0-2..y1+1, the flags computed for rows
+    y0-1..y1, so the result is identical to resampling everything at once (the rows of a
+    cell keep their order).  ``tables`` are pixel tables in memory or objects that load one
+    (:class:`TableSource`); each is loaded when the first tile needs it (the next one read in
+    the background while a tile is computed, with ``prefetch``) and released after the last.
+    The entries of ``tables`` are set to None.  ``pixel_dq`` is returned for a single tile
+    only; ``ncosmic`` counts each flagged row once.
+    """
+    sources = [TableSource.of(table) for table in tables]
+    for index in range(len(tables)):
+        tables[index] = None
+    cell_rows = [source.cell_rows(grid) for source in sources]
+    tiles = tile_rows(sources, grid, rows_per_tile)
+    data = np.empty(grid.shape, np.float32)
+    stat = np.empty(grid.shape, np.float32)
+    dq = np.empty(grid.shape, np.uint32)
+    ncosmic, pixel_dq = 0, None
+
+    def reach(number: int) -> tuple[int, int]:
+        y0, y1 = tiles[number]
+        return max(y0 - 2, 0), min(y1 + 1, grid.ny - 1)
+
+    def wanted(number: int) -> list[int]:
+        first, last = reach(number)
+        return [k for k, (jlo, jhi) in enumerate(cell_rows) if jlo <= last and jhi >= first]
+
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        loaded: dict[int, Future] = {}
+
+        def fetch(k: int) -> None:
+            if k not in loaded:
+                loaded[k] = reader.submit(sources[k].load)
+
+        for number, (y0, y1) in enumerate(tiles):
+            needed = wanted(number)
+            for k in needed:
+                fetch(k)
+            if prefetch and number + 1 < len(tiles):
+                for k in wanted(number + 1):
+                    fetch(k)
+            first, last = reach(number)
+            pix = build_pixgrid_from_tables(grid, [(loaded[k].result(), divisors[k]) for k in needed], first, last)
+            core = (y0 - first, y1 - 1 - first)
+            flagged = (max(y0 - 1, 0) - first, min(y1, grid.ny - 1) - first)
+            reject_cosmics(pix, options.crtype, options.crsigma, flagged)
+            ncosmic += _cosmics_in_rows(pix.offsets, pix.dq, pix.nx, pix.ny, pix.nz, core[0], core[1])
+            cube = resample_pixgrid(pix, grid.rows(first, last), options, core)
+            for out, tile in zip((data, stat, dq), cube):
+                out[:, y0:y1] = tile[:, core[0]:core[1] + 1]
+            if len(tiles) == 1:
+                pixel_dq = np.empty(len(pix.order), np.uint32)
+                pixel_dq[pix.order] = pix.dq
+            del pix, cube
+            later = wanted(number + 1) if number + 1 < len(tiles) else []
+            for k in [k for k in loaded if k not in later]:
+                loaded.pop(k)
+    _blank(data, stat, dq)
+    return ResampledCube(grid, data, stat, dq, pixel_dq, ncosmic)
+
+
+@njit(cache=True, nogil=True)
+def _cosmics_in_rows(offsets, dq, nx, ny, nz, jlo, jhi):
+    """Rows carrying the cosmic-ray bit in the cells of grid rows jlo..jhi (all planes)."""
+    count = 0
+    for l in range(nz):
+        for p in range(offsets[(jlo + ny * l) * nx], offsets[(jhi + 1 + ny * l) * nx]):
+            if dq[p] & EURO3D_COSMICRAY:
+                count += 1
+    return count
