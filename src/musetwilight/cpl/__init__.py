@@ -39,6 +39,7 @@ from ..io.frames import RULES_BY_TAG, make_frameset
 from ..io.products import PRODUCT_TAGS
 from . import esorex as esorex
 
+_log = logging.getLogger("musetwilight.cpl")
 RECIPES = ("muse_twilight",)
 ESO_VERSION = (20807, "2.8.7")  # the ESO muse_twilight this implements (python-cpl's Recipe.version)
 RAW_TAGS = ["SKYFLAT", "ILLUM"]
@@ -188,8 +189,9 @@ class FrameList:
     def __init__(self, source: Mapping[str, Any] | None = None):
         object.__setattr__(self, "_slots", {tag: FrameSlot(tag) for tag in CALIB_TAGS})
         for tag, frames in (source or {}).items():
-            if tag in self._slots:
-                self._slots[tag].frames = frames
+            if tag not in self._slots:
+                raise KeyError(tag)  # as python-cpl, also for a raw tag
+            self._slots[tag].frames = frames
 
     def __iter__(self) -> Iterator[FrameSlot]:
         return iter(self._slots.values())
@@ -443,8 +445,9 @@ class Recipe:
         capture = _Capture(records, forward)
         package_logger = logging.getLogger("musetwilight")
         package_logger.addHandler(capture)
-        previous_level = package_logger.level
+        previous_level, previous_propagate = package_logger.level, package_logger.propagate
         package_logger.setLevel(logging.DEBUG)
+        package_logger.propagate = False  # the records reach the root logger as cpl.muse_twilight.<function> only
         usage_before = resource.getrusage(resource.RUSAGE_SELF)
         start = time.perf_counter()
         inputs_dir = Path(tempfile.mkdtemp(dir=run_dir, prefix="inputs-"))
@@ -453,6 +456,9 @@ class Recipe:
             for frame_tag, frames in list(raw.items()) + list(calib.items()):
                 for index, frame in enumerate(frames if isinstance(frames, (list, tuple)) else [frames]):
                     entries.append((_as_path(frame, inputs_dir, f"{frame_tag}_{index}"), frame_tag))
+            _log.debug("%d input frames:", len(entries))
+            for path, frame_tag in entries:
+                _log.debug("  %s\t%s", path, frame_tag)
             result = recipe.run(make_frameset(entries), settings, run_dir, environ=environ,
                                 workers=Recipe._maxthreads)
         except (MuseTwilightError, OSError) as err:
@@ -461,6 +467,7 @@ class Recipe:
         finally:
             package_logger.removeHandler(capture)
             package_logger.setLevel(previous_level)
+            package_logger.propagate = previous_propagate
             shutil.rmtree(inputs_dir, ignore_errors=True)
         usage = resource.getrusage(resource.RUSAGE_SELF)
         stat = Stat(usage.ru_utime - usage_before.ru_utime, usage.ru_stime - usage_before.ru_stime,
