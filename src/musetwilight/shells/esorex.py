@@ -689,6 +689,9 @@ def run_recipe(caller: Mapping[str, Any], values: Mapping[str, Any], sofs: Seque
         messages.error(f"Problem occurred loading frameset from the SOF file '{missing[0]}'.\nIf you want to ignore "
                        "errors of missing files in the sof, set '--check-sof-exist=false'.")
         return EXIT_FILE_NOT_FOUND
+    if caller["create-config"] not in ("FALSE", "false"):
+        create_config(caller["create-config"], {**_recipe_defaults(), **_texts(values)}, True, environ, messages)
+        return 0
     messages.info(f"musetwilight {__version__}: {RECIPE} of the MUSE Instrument Pipeline v2.8.7 in Python",
                   domain=RECIPE, tid=False)
     messages.recipe_started = True
@@ -710,9 +713,6 @@ def run_recipe(caller: Mapping[str, Any], values: Mapping[str, Any], sofs: Seque
                 messages.error(f"Problem occurred loading frameset from the SOF file '{sofs[0]}'.\nIf you want to "
                                "ignore errors of missing files in the sof, set '--check-sof-exist=false'.")
                 return EXIT_FILE_NOT_FOUND
-        if caller["create-config"] not in ("FALSE", "false"):
-            create_config(caller["create-config"], {**_recipe_defaults(), **values}, True, environ, messages)
-            return 0
         start = time.perf_counter()
         try:
             settings = make_settings(values)
@@ -751,6 +751,11 @@ def run_recipe(caller: Mapping[str, Any], values: Mapping[str, Any], sofs: Seque
     if caller["time"]:
         _timing(frames, elapsed, messages)
     return 0
+
+
+def _texts(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Typed parameter values (from rc files) as the plain values EsoRex shows."""
+    return {k: v if isinstance(v, (bool, int, float)) else str(v) for k, v in values.items()}
 
 
 def _recipe_defaults() -> dict[str, Any]:
@@ -887,8 +892,7 @@ def _without_recipe(caller: Mapping[str, Any], environ: Mapping[str, str], messa
 def _with_recipe(line: CommandLine, caller: Mapping[str, Any], environ: Mapping[str, str],
                  messages: Messages) -> int:
     values, sofs = recipe_settings(line.rest, caller, environ, messages)
-    current = {**_recipe_defaults(), **{k: v if isinstance(v, (bool, int, float)) else str(v)
-                                         for k, v in values.items()}}
+    current = {**_recipe_defaults(), **_texts(values)}
     if caller["help"]:
         messages.stdout.write(recipe_help_text(current, caller["show-hidden"]))
         return 0
