@@ -297,7 +297,8 @@ def test_python_cpl_script_with_cpl_esorex(simulated_set, tmp_path):
     eso, ours = results["eso"], results["ours"]
     for key in ("tags", "return_code", "path", "log_level", "versions", "version"):
         assert ours[key] == eso[key], key
-    assert ours["files"] == {k: v.replace(str(tmp_path / "eso"), str(tmp_path / "ours")) for k, v in eso["files"].items()}
+    eso_files = {tag: path.replace(str(tmp_path / "eso"), str(tmp_path / "ours")) for tag, path in eso["files"].items()}
+    assert ours["files"] == eso_files
     assert ours["warnings"] > 0 and eso["warnings"] > 0
     _assert_parity(tmp_path / "eso" / "out", tmp_path / "ours" / "out")
     for side in results:

@@ -219,3 +219,9 @@ def test_product_signatures_names_and_products_sof_as_esorex(flags, simulated_se
         if (eso / listing).exists():
             assert (ours / listing).read_text() == (eso / listing).read_text().replace(
                 str(eso), str(ours)).replace(str(eso).replace("/", "\\/"), str(ours).replace("/", "\\/"))
+
+
+def test_readme_lists_every_esorex_option():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for option in esorex.OPTIONS:
+        assert f"| `--{option.name}` | {option.env or '-'} | {option.here} |" in readme, option.name
