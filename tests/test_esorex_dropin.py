@@ -225,3 +225,17 @@ def test_readme_lists_every_esorex_option():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     for option in esorex.OPTIONS:
         assert f"| `--{option.name}` | {option.env or '-'} | {option.here} |" in readme, option.name
+
+
+@pytest.mark.eso
+@pytest.mark.parametrize("argv", [["--help", "muse_twilight"], ["--help", "--show-hidden", "muse_twilight"],
+                                  ["--params", "--no-checksum", "muse_twilight", "--lambdamin=5432.1"]])
+def test_help_and_params_texts_as_esorex(argv, tmp_path):
+    """The texts are EsoRex's (its plugin-directory warning aside)."""
+    texts = {}
+    for side, exe in (("eso", REAL_ESOREX), ("ours", str(dropin_bin(tmp_path / "bin") / "esorex"))):
+        done = subprocess.run([exe, *argv], capture_output=True, text=True, cwd=tmp_path,
+                              env=env_with_path(tmp_path / "bin", HOME=str(tmp_path)))
+        assert done.returncode == 0
+        texts[side] = [line for line in done.stdout.splitlines() if "Unable to open directory" not in line]
+    assert texts["ours"] == texts["eso"]

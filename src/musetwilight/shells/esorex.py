@@ -503,11 +503,15 @@ def _recipe_rc(path: Path, messages: Messages) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- texts
 
-_WRAP = textwrap.TextWrapper(width=80, initial_indent="", subsequent_indent=" " * 26, break_on_hyphens=False)
-
-
 def _entry(name: str, text: str) -> str:
-    return _WRAP.fill(f"  --{name:<20}: {text}")
+    """One option of a help text, wrapped as EsoRex does: 80 columns on the first line, 79 after."""
+    lines, current = [], f"  --{name:<20}:"
+    for word in text.split():
+        if len(current) + 1 + len(word) > (80 if not lines else 79) and current.strip():
+            lines.append(current)
+            current = " " * 25
+        current += " " + word
+    return "\n".join([*lines, current])
 
 
 def _sentence(text: str) -> str:
@@ -537,7 +541,7 @@ def recipe_help_text(values: Mapping[str, Any], show_hidden: bool) -> str:
         if parameter.expert and not show_hidden:
             continue
         allowed = f" <{' | '.join(parameter.alternatives)}>" if parameter.choices else ""
-        lines.append(_entry(parameter.name, f"{parameter.help}{allowed} [{shown(values[parameter.name])}]"))
+        lines.append(_entry(parameter.name, f"{_sentence(parameter.help)}{allowed} [{shown(values[parameter.name])}]"))
     lines += ["", "For help on the options of esorex itself, please use the command 'esorex --help'",
               "(that is, without specifying any recipe name). For more information about the",
               f"recipe, one can also use the command 'esorex --man-page {RECIPE}'."]
@@ -883,7 +887,8 @@ def _without_recipe(caller: Mapping[str, Any], environ: Mapping[str, str], messa
     elif caller["recipes"]:
         from .manpage import SYNOPSIS
 
-        out.write("List of Available Recipes :\n\n" + _entry(RECIPE, SYNOPSIS)[2:].replace("--", "", 1) + "\n\n")
+        out.write("List of Available Recipes :\n\n" + textwrap.fill(
+            f"  {RECIPE}  : {SYNOPSIS}", width=80, subsequent_indent=" " * (len(RECIPE) + 6)) + "\n\n")
     else:
         out.write(f"Libraries used: {LIBRARIES}\n\n")
     return 0
