@@ -275,8 +275,12 @@ def test_python_cpl_script_with_cpl_esorex(simulated_set, tmp_path):
     """A python-cpl script set up through cpl.esorex (init from an esorex.rc, load_sof, load_rc,
     the log file), run by Debian's python-cpl with ESO's recipe and by musetwilight.cpl; only the
     import line differs."""
-    if subprocess.run(["/usr/bin/python3", "-c", "import cpl"], capture_output=True).returncode:
-        pytest.fail("Debian's python3-cpl is not installed (apt-get install python3-cpl)")
+    if not Path("/usr/bin/python3").exists() or subprocess.run(["/usr/bin/python3", "-c", "import cpl"],
+                                                                capture_output=True).returncode:
+        reason = "Debian's python3-cpl is not installed (apt-get install python3-cpl)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
     sim = simulated_set(seed=2)
     results = {}
     for side, python, header in (("eso", "/usr/bin/python3", "import cpl\n"),

@@ -120,8 +120,8 @@ def test_config_layering_and_create_config(tmp_path):
     assert text.startswith(f"# File: {target}\n#\n# Note: This configuration file has been automatically\n")
     assert "\n# --combine\n# Type of combination to use. <average | median | minmax | sigclip>\n" \
            "muse.muse_twilight.combine=sigclip\n" in text
-    assert "muse.muse_twilight.lambdamin=5.5e+03\n" in text and "muse.muse_twilight.scale=false\n" in text
-    assert text.endswith("#\n# End of file\n") and text.count("muse.muse_twilight.") == 24
+    assert "muse.muse_twilight.lambdamin=5.5e+03\n" in text and "muse.muse_twilight.scale=FALSE\n" in text
+    assert text.endswith("=22\n\n#\n# End of file\n") and text.count("muse.muse_twilight.") == 24
     status, _, _ = run([f"--create-config={tmp_path / 'c.json'}", "muse_twilight"], cwd=tmp_path)
     entries = json.loads((tmp_path / "c.json").read_text())
     assert [e["display_name"] for e in entries][:2] == ["overscan", "ovscreject"] and len(entries) == 24
@@ -239,3 +239,20 @@ def test_help_and_params_texts_as_esorex(argv, tmp_path):
         assert done.returncode == 0
         texts[side] = [line for line in done.stdout.splitlines() if "Unable to open directory" not in line]
     assert texts["ours"] == texts["eso"]
+
+
+@pytest.mark.eso
+def test_create_config_files_as_esorex(tmp_path):
+    """--create-config=x.rc and x.json for muse_twilight: EsoRex's files (name and date lines aside)."""
+    files = {}
+    for side, exe in (("eso", REAL_ESOREX), ("ours", str(dropin_bin(tmp_path / "bin") / "esorex"))):
+        for suffix in ("rc", "json"):
+            target = tmp_path / f"{side}.{suffix}"
+            done = subprocess.run([exe, f"--create-config={target}", "muse_twilight", "--lambdamin=5432.1",
+                                   "--scale"], capture_output=True, text=True, cwd=tmp_path,
+                                  env=env_with_path(tmp_path / "bin", HOME=str(tmp_path)))
+            assert done.returncode == 0 and f"Creating configuration file '{target}'" in done.stdout
+            files[side, suffix] = [line for line in target.read_text().splitlines(keepends=True)
+                                   if not line.startswith(("# File: ", "# Date: "))]
+    assert files["ours", "rc"] == files["eso", "rc"]
+    assert files["ours", "json"] == files["eso", "json"]

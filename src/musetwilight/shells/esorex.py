@@ -503,15 +503,20 @@ def _recipe_rc(path: Path, messages: Messages) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- texts
 
-def _entry(name: str, text: str) -> str:
-    """One option of a help text, wrapped as EsoRex does: 80 columns on the first line, 79 after."""
-    lines, current = [], f"  --{name:<20}:"
-    for word in text.split():
-        if len(current) + 1 + len(word) > (80 if not lines else 79) and current.strip():
+def _wrap(first: str, indent: str, text: str, later: int = 79) -> str:
+    """Words wrapped as EsoRex wraps them: 80 columns on the first line, ``later`` on the others."""
+    lines, current = [], first
+    for word in text.split(" "):  # a double space stays, as in EsoRex's texts
+        if len(current) + 1 + len(word) > (80 if not lines else later) and current.strip():
             lines.append(current)
-            current = " " * 25
+            current = indent
         current += " " + word
     return "\n".join([*lines, current])
+
+
+def _entry(name: str, text: str) -> str:
+    """One option of a help text."""
+    return _wrap(f"  --{name:<20}:", " " * 25, text)
 
 
 def _sentence(text: str) -> str:
@@ -564,9 +569,9 @@ def config_file_text(path: str, entries: Sequence[tuple[str, str, str]]) -> str:
             f"# Date: {datetime.now().strftime('%d-%b-%Y %H:%M:%S')}", "#", "#", ""]
     blocks = []
     for name, text, line in entries:
-        comment = textwrap.fill(text, width=78, initial_indent="# ", subsequent_indent="# ")
+        comment = _wrap("#", "#", text, later=78)
         blocks.append(f"# --{name}\n{comment}\n{line}\n")
-    return "\n".join(head) + "\n" + "\n".join(blocks) + "#\n# End of file\n"
+    return "\n".join(head) + "\n" + "\n".join(blocks) + "\n#\n# End of file\n"
 
 
 def recipe_config_entries(values: Mapping[str, Any]) -> list[tuple[str, str, str]]:
@@ -575,7 +580,7 @@ def recipe_config_entries(values: Mapping[str, Any]) -> list[tuple[str, str, str
         allowed = f" <{' | '.join(parameter.alternatives)}>" if parameter.choices else ""
         value = shown(values[parameter.name])
         entries.append((parameter.name, _sentence(parameter.help) + allowed,
-                        f"{parameter.fullname}={value.lower() if parameter.type is bool else value}"))
+                        f"{parameter.fullname}={value}"))
     return entries
 
 
@@ -589,7 +594,7 @@ def config_json(values: Mapping[str, Any], recipe: bool) -> str:
         choices = item.alternatives if recipe else item.choices  # type: ignore[union-attr]
         fields = [("name", json.dumps(item.fullname)),
                   ("value", "true" if value is True else "false" if value is False else
-                   repr(value) if isinstance(value, float) and not value.is_integer() else
+                   f"{value:.17g}" if isinstance(value, float) and not value.is_integer() else
                    str(int(value)) if isinstance(value, (int, float)) else json.dumps(str(value))),
                   ("valtype", json.dumps(valtype)), ("partype", json.dumps("enum" if choices else "value"))]
         if choices:
@@ -597,7 +602,8 @@ def config_json(values: Mapping[str, Any], recipe: bool) -> str:
         fields += [("display_name", json.dumps(item.name)), ("description", json.dumps(item.help))]
         if recipe:
             fields.append(("recipe", json.dumps(RECIPE)))
-        objects.append("  {\n" + ",\n".join(f'    "{k}": {v}' for k, v in fields) + "\n  }")
+        objects.append("  {\n" + ",\n".join(f'    "{k}": {v.replace("/", chr(92) + "/")}' for k, v in fields)
+                       + "\n  }")
     return "[\n" + ",\n".join(objects) + "\n]\n"
 
 
@@ -632,8 +638,11 @@ def create_config(target: str, values: Mapping[str, Any], recipe: bool, environ:
             if value == "":
                 messages.warning(f"No sensible default available for '--{option.name}'. The entry will be inserted "
                                  "into the configuration file, but will be commented out.", stamp=False)
-                line = "# " + line
-            entries.append((option.name, option.help, line))
+                line = "#" + line
+            text = option.help + (f" This option may also be set using the environment variable {option.env}."
+                                  if option.env else "")
+            text += f" <{' | '.join(option.choices)}>" if option.choices else ""
+            entries.append((option.name, text, line))
     path.write_text(config_file_text(target, entries))
 
 
