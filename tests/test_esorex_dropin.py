@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -256,3 +257,15 @@ def test_create_config_files_as_esorex(tmp_path):
                                    if not line.startswith(("# File: ", "# Date: "))]
     assert files["ours", "rc"] == files["eso", "rc"]
     assert files["ours", "json"] == files["eso", "json"]
+
+
+@pytest.mark.skipif(shutil.which("taskset") is None, reason="taskset (util-linux) is not installed")
+def test_taskset_affinity_limits_the_workers(simulated_set, tmp_path):
+    """``taskset -c 0 esorex ...`` (as likwid-pin pins): one worker, as ESO's OpenMP team of one."""
+    sim = simulated_set()
+    bin_dir = dropin_bin(tmp_path / "bin")
+    done = subprocess.run(["taskset", "-c", "0", "esorex", "muse_twilight", str(sim.sof)], capture_output=True,
+                          text=True, cwd=tmp_path, env=env_with_path(bin_dir))
+    assert done.returncode == 0, done.stderr[-2000:]
+    log = (tmp_path / "esorex.log").read_text()
+    assert "2 products created" in log and "[tid=001]" not in log

@@ -193,8 +193,13 @@ class Messages:
         self._lock = threading.Lock()
 
     def tid(self, thread: int | None = None) -> str:
+        """``[tid=NNN] `` as OpenMP numbers its team: the main thread and the first worker are 000."""
+        ident = threading.get_ident() if thread is None else thread
         with self._lock:
-            number = self._tids.setdefault(threading.get_ident() if thread is None else thread, len(self._tids))
+            if ident == threading.main_thread().ident:
+                number = 0
+            else:
+                number = self._tids.setdefault(ident, len(self._tids))
         return f"[tid={number:03d}] "
 
     def emit(self, level: int, text: str, domain: str = "esorex", component: str = "", stamp: bool = True,
