@@ -109,7 +109,7 @@ def test_call_with_hdulists_and_output_dir(mini, tmp_path, caplog):
     assert res.TWILIGHT_CUBE[0].header["ESO PRO REC1 PARAM18 VALUE"] == "1"
     assert res.tags == {"DATACUBE_SKYFLAT", "TWILIGHT_CUBE"}
     assert any("Calibrations could not be loaded for IFU" in m for m in res.log.warning)
-    assert any(r.name == "cpl.muse_twilight" for r in caplog.records)
+    assert any(r.name.startswith("cpl.muse_twilight.") for r in caplog.records)  # python-cpl: .<function>
     assert res.stat.user_time > 0
     out = tmp_path / "products"
     res2 = recipe(frames["SKYFLAT"], output_dir=str(out))

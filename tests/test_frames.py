@@ -1,5 +1,7 @@
 """SOF parsing and tag validation."""
 
+from pathlib import Path
+
 import pytest
 
 from musetwilight.io.frames import InputError, make_frameset, parse_sof, validate_frameset, write_sof
@@ -16,15 +18,42 @@ def _touch_set(tmp_path, tags):
     return entries
 
 
-def test_parse_sof_comments_and_relative_paths(tmp_path):
+def test_parse_sof_comments_and_relative_paths(tmp_path, monkeypatch):
+    """As EsoRex: relative paths against the current directory (not the SOF's folder), '#'
+    only at the start of a line, the group column and further words ignored."""
     (tmp_path / "raw").mkdir()
-    sof = tmp_path / "set.sof"
-    sof.write_text("# twilight set\nraw/a.fits SKYFLAT  # first\n\n/abs/b.fits   MASTER_BIAS\n")
+    sof = tmp_path / "sets" / "set.sof"
+    sof.parent.mkdir()
+    sof.write_text("# twilight set\n  # indented comment\nraw/a.fits SKYFLAT  # first\n\n"
+                   "/abs/b.fits   MASTER_BIAS CALIB extra words\n\tc.fits\tMASTER_FLAT\n")
+    monkeypatch.chdir(tmp_path)
     frames = parse_sof(sof)
-    assert [f.tag for f in frames] == ["SKYFLAT", "MASTER_BIAS"]
-    assert frames.frames[0].path == tmp_path / "raw" / "a.fits"
+    assert [f.tag for f in frames] == ["SKYFLAT", "MASTER_BIAS", "MASTER_FLAT"]
+    assert frames.frames[0].path == Path("raw/a.fits")
+    assert frames.frames[0].path.resolve() == tmp_path / "raw" / "a.fits"
     assert str(frames.frames[1].path) == "/abs/b.fits"
     assert frames.frames[0].group == "raw" and frames.frames[1].group == "calib"
+
+
+def test_parse_sof_variables_several_files_and_ignored_tags(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("MYSET", "/data/set")
+    monkeypatch.delenv("UNSET_VAR", raising=False)
+    one, two = tmp_path / "raw.sof", tmp_path / "cal.sof"
+    one.write_text("$MYSET/a.fits SKYFLAT\n${MYSET}/b.fits SKYFLAT\n$UNSET_VAR/c.fits SKYFLAT\n"
+                   "~/d.fits SKYFLAT\n")
+    two.write_text("/x/e.fits STD_FLUX_TABLE\n/x/f.fits\n/x/g.fits MASTER_BIAS\n")
+    frames = parse_sof([one, two], unknown_tags="ignore")
+    assert [str(f.path) for f in frames] == ["/data/set/a.fits", "/data/set/b.fits", "/c.fits", "~/d.fits",
+                                             "/x/g.fits"]
+    assert "cal.sof, line 1: frame /x/e.fits with tag 'STD_FLUX_TABLE' ignored" in caplog.text
+    assert "cal.sof, line 2: frame /x/f.fits without a tag ignored" in caplog.text
+    one.write_text("$(echo /x)/a.fits SKYFLAT\n")
+    with pytest.raises(InputError, match=r"raw.sof, line 1: command substitution"):
+        parse_sof(one)
+    fits_file = tmp_path / "a.fits"
+    fits_file.write_bytes(b"SIMPLE  =                    T" + b" " * 50)
+    with pytest.raises(InputError, match="is a FITS file, not a set-of-frames file"):
+        parse_sof(fits_file)
 
 
 def test_unknown_tag_names_line_and_file(tmp_path):

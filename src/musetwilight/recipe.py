@@ -40,6 +40,7 @@ from .io.frames import FrameSet, Inputs, parse_sof
 from .io.preflight import preflight
 from .io.spill import SpilledTable, table_limits
 from .params import Settings, make_settings
+from .threads import default_workers
 
 log = logging.getLogger("musetwilight.recipe")
 
@@ -58,9 +59,10 @@ class RunOptions:
 
     ``skip_cube`` starts from an existing DATACUBE_SKYFLAT (ESO's MUSE_TWILIGHT_SKIP),
     ``scales`` are external per-IFU flux scales (MUSE_TWILIGHT_SCALES), ``workers`` the
-    IFUs reduced at once, ``low_memory`` keeps the IFU tables on disk and resamples a tile
-    of cube rows at a time (None: for full-size CCDs), ``mapper(function, ifus)`` distributes
-    the per-IFU stage (default: a thread pool), ``progress`` receives stage messages.
+    IFUs reduced at once (default: OMP_NUM_THREADS, else the CPU affinity, as ESO's OpenMP),
+    ``low_memory`` keeps the IFU tables on disk and resamples a tile of cube rows at a time
+    (None: for full-size CCDs), ``mapper(function, ifus)`` distributes the per-IFU stage
+    (default: a thread pool), ``progress`` receives stage messages.
     """
 
     skip_cube: Path | None = None
@@ -79,7 +81,7 @@ class RunOptions:
         if scales is None:
             scales = fluxscale.parse_scales(environ.get(SCALES_ENV))
         return cls(Path(skip) if skip else None, tuple(scales) if scales is not None else None,
-                   workers or min(NUM_IFUS, os.cpu_count() or 1), **rest)
+                   workers or default_workers(environ), **rest)
 
     def stage(self, message: str) -> None:
         (self.progress or log.info)(message)

@@ -12,6 +12,9 @@ Code written for python-cpl switches backends by changing only the import::
 
 Inputs are file names or ``astropy.io.fits.HDUList`` objects (or lists of them);
 results are HDULists, or file names when ``output_dir`` is given, as in python-cpl.
+``cpl.esorex`` (SOF and rc files, terminal and file logging), ``Recipe.path``,
+``Recipe.list()``, versions, ``threaded`` calls and ``env`` work as in python-cpl 0.7.4;
+every failure of a call, a bad parameter value included, raises :class:`CplError`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import os
 import resource
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -33,8 +37,11 @@ from .. import params as _params
 from ..errors import MuseTwilightError
 from ..io.frames import RULES_BY_TAG, make_frameset
 from ..io.products import PRODUCT_TAGS
+from . import esorex as esorex
 
+_log = logging.getLogger("musetwilight.cpl")
 RECIPES = ("muse_twilight",)
+ESO_VERSION = (20807, "2.8.7")  # the ESO muse_twilight this implements (python-cpl's Recipe.version)
 RAW_TAGS = ["SKYFLAT", "ILLUM"]
 CALIB_TAGS = [rule.tag for rule in RULES_BY_TAG.values() if rule.group == "calib"]
 
@@ -182,8 +189,9 @@ class FrameList:
     def __init__(self, source: Mapping[str, Any] | None = None):
         object.__setattr__(self, "_slots", {tag: FrameSlot(tag) for tag in CALIB_TAGS})
         for tag, frames in (source or {}).items():
-            if tag in self._slots:
-                self._slots[tag].frames = frames
+            if tag not in self._slots:
+                raise KeyError(tag)  # as python-cpl, also for a raw tag
+            self._slots[tag].frames = frames
 
     def __iter__(self) -> Iterator[FrameSlot]:
         return iter(self._slots.values())
@@ -235,7 +243,8 @@ class _Capture(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
         if self.forward.isEnabledFor(record.levelno):
-            self.forward.handle(logging.makeLogRecord({**record.__dict__, "name": self.forward.name}))
+            name = f"{self.forward.name}.{record.funcName}"
+            self.forward.handle(logging.makeLogRecord({**record.__dict__, "name": name}))
 
 
 class Stat:
@@ -293,27 +302,57 @@ class Recipe:
     'TWILIGHT_CUBE'
     """
 
-    path: list[str] = []
+    path: str | list[str] = ["/usr/lib/x86_64-linux-gnu/cpl/plugins", "/usr/lib/cpl/plugins"]
     temp_dir = tempfile.gettempdir()
+    memory_mode = 0
+    _maxthreads: int | None = None
 
-    def __init__(self, name: str, filename: str | None = None, version: str | None = None,
+    def __init__(self, name: str, filename: str | None = None, version: str | int | None = None,
                  threaded: bool = False):
         if name not in RECIPES:
             raise OSError(f"Recipe {name!r} not found: musetwilight provides {', '.join(RECIPES)}")
+        if version is not None and version not in ESO_VERSION:
+            raise OSError(f"wrong version {ESO_VERSION} (requested {version}) for {name}")
         self.__name__ = name
         self.name = name
         self.filename = filename
         self.threaded = threaded
         self.mtrace = False
+        self.memory_dump = 0
         self._tag = "SKYFLAT"
         self.output_dir: str | None = None
         self.env: dict[str, str] = {}
         self._param = ParameterList()
         self._calib = FrameList()
-        self.memory_mode = 0
 
-    version = property(lambda self: (0, __version__))
-    __version__ = property(lambda self: __version__)
+    @staticmethod
+    def list() -> list[tuple[str, list[str]]]:
+        """The recipes available and their versions, as python-cpl lists them."""
+        return [(name, [ESO_VERSION[1]]) for name in RECIPES]
+
+    @staticmethod
+    def get_recipefilename(name: str, version: str | int | None = None) -> str | None:
+        """Where the recipe is implemented (None for a recipe musetwilight does not provide)."""
+        from .. import recipe
+
+        if name not in RECIPES or (version is not None and version not in ESO_VERSION):
+            return None
+        return recipe.__file__
+
+    @staticmethod
+    def get_libs() -> list[str]:
+        """python-cpl's recipe libraries: none (the recipe is Python)."""
+        return []
+
+    @staticmethod
+    def set_maxthreads(n: int) -> None:
+        """Most IFUs reduced at once by later calls (python-cpl: the recipe's threads)."""
+        Recipe._maxthreads = max(1, int(n))
+
+    __file__ = property(lambda self: self.get_recipefilename(self.__name__))
+    cpl_version = property(lambda self: f"musetwilight {__version__}")
+    version = property(lambda self: ESO_VERSION)
+    __version__ = property(lambda self: ESO_VERSION[1])
     __author__ = "musetwilight developers"
     __email__ = ""
     __copyright__ = "BSD-3-Clause"
@@ -373,16 +412,25 @@ class Recipe:
     def __repr__(self) -> str:
         return f"Recipe({self.__name__!r}, version={__version__!r})"
 
-    def __call__(self, *data: Any, **ndata: Any) -> Result:
-        """Run the recipe (python-cpl's keywords: raw, tag, param, calib, output_dir, env, loglevel, logname)."""
+    def __call__(self, *data: Any, **ndata: Any) -> Result | ThreadedResult:
+        """Run the recipe (python-cpl's keywords: raw, tag, param, calib, output_dir, env, loglevel,
+        logname, threaded); ``threaded`` returns at once a result whose attributes wait for the run."""
+        if ndata.pop("threaded", self.threaded):
+            return ThreadedResult(lambda: self._run(data, ndata))
+        return self._run(data, ndata)
+
+    def _run(self, data: tuple, ndata: dict) -> Result:
         from .. import recipe
 
         tag = ndata.get("tag", self.tag)
         raw = _raw_frames(data, ndata.get("raw"), tag)
         if not raw:
-            raise ValueError("No raw frames specified.")
+            raise CplValueError("No raw frames specified.")
         calib = self.calib.as_dict(ndata.get("calib"))
-        settings = _params.make_settings(self.param.values(ndata.get("param")))
+        try:
+            settings = _params.make_settings(self.param.values(ndata.get("param")))
+        except MuseTwilightError as err:
+            raise CplValueError(str(err)) from None
         output_dir = ndata.get("output_dir", self.output_dir)
         run_dir = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(dir=self.temp_dir,
                                                                              prefix=self.__name__ + "-"))
@@ -397,8 +445,9 @@ class Recipe:
         capture = _Capture(records, forward)
         package_logger = logging.getLogger("musetwilight")
         package_logger.addHandler(capture)
-        previous_level = package_logger.level
+        previous_level, previous_propagate = package_logger.level, package_logger.propagate
         package_logger.setLevel(logging.DEBUG)
+        package_logger.propagate = False  # the records reach the root logger as cpl.muse_twilight.<function> only
         usage_before = resource.getrusage(resource.RUSAGE_SELF)
         start = time.perf_counter()
         inputs_dir = Path(tempfile.mkdtemp(dir=run_dir, prefix="inputs-"))
@@ -407,13 +456,18 @@ class Recipe:
             for frame_tag, frames in list(raw.items()) + list(calib.items()):
                 for index, frame in enumerate(frames if isinstance(frames, (list, tuple)) else [frames]):
                     entries.append((_as_path(frame, inputs_dir, f"{frame_tag}_{index}"), frame_tag))
-            result = recipe.run(make_frameset(entries), settings, run_dir, environ=environ)
+            _log.debug("%d input frames:", len(entries))
+            for path, frame_tag in entries:
+                _log.debug("  %s\t%s", path, frame_tag)
+            result = recipe.run(make_frameset(entries), settings, run_dir, environ=environ,
+                                workers=Recipe._maxthreads)
         except (MuseTwilightError, OSError) as err:
             forward.error("%s", err)
             raise CplError(str(err), records) from err
         finally:
             package_logger.removeHandler(capture)
             package_logger.setLevel(previous_level)
+            package_logger.propagate = previous_propagate
             shutil.rmtree(inputs_dir, ignore_errors=True)
         usage = resource.getrusage(resource.RUSAGE_SELF)
         stat = Stat(usage.ru_utime - usage_before.ru_utime, usage.ru_stime - usage_before.ru_stime,
@@ -428,6 +482,35 @@ class Recipe:
         if not output_dir:
             shutil.rmtree(run_dir, ignore_errors=True)
         return Result(run_dir, products, records, stat)
+
+
+class ThreadedResult:
+    """A call running in a thread (python-cpl's ``threaded=True``): any attribute, item or
+    ``join()`` waits for it and gives its Result's, or raises its error."""
+
+    def __init__(self, work):
+        self._outcome: list = []
+        self._thread = threading.Thread(target=self._work, args=(work,), daemon=True)
+        self._thread.start()
+
+    def _work(self, work) -> None:
+        try:
+            self._outcome.append(work())
+        except BaseException as err:  # noqa: BLE001 -- handed to the waiting caller
+            self._outcome.append(err)
+
+    def join(self) -> Result:
+        self._thread.join()
+        outcome = self._outcome[0]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.join(), name)
+
+    def __getitem__(self, tag: str) -> Any:
+        return self.join()[tag]
 
 
 def _raw_frames(data: tuple, raw: Any, tag: str) -> dict[str, list]:

@@ -14,6 +14,9 @@ the rules of the ESO MUSE pipeline 2.8.7 (``muse_utils.c``, ``muse_image.c``,
   TWILIGHT_CUBE files match every IFU.
 * Files are opened memory-mapped and lazily: reading one IFU of a raw exposure
   reads the headers up to that IFU's extension and that extension's data only.
+* Archive files are read as ESO (CFITSIO) reads them: tile-compressed images
+  (``.fits.fz``, fpack / astropy ``CompImageHDU``, RICE or GZIP tiles) give the same
+  values as the uncompressed file, and a gzipped file (``.fits.gz``) is read whole.
 
 Tables are returned as :class:`astropy.table.Table` with plain (unmasked),
 native-byte-order NumPy columns in file order; ``table.meta`` holds ``path``,
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gzip
 import logging
 import os
 import re
@@ -120,15 +124,42 @@ _BLOCK = 2880
 _COUNT_KEYS = {b"NAXIS   ": "NAXIS", b"TFIELDS ": "TFIELDS"}
 
 
+def is_gzipped(path: str | os.PathLike) -> bool:
+    """Whether the file is gzip-compressed (magic bytes 1f 8b, whatever its name)."""
+    with open(path, "rb") as handle:
+        return handle.read(2) == b"\x1f\x8b"
+
+
+@functools.lru_cache(maxsize=64)
+def _gunzipped_size(path: str, mtime_ns: int, size: int) -> int:
+    with gzip.open(path, "rb") as handle:
+        total = 0
+        while chunk := handle.read(1 << 24):
+            total += len(chunk)
+    return total
+
+
+def file_size(path: str | os.PathLike) -> int:
+    """Size of the FITS stream in bytes: of the decompressed stream for a gzipped file."""
+    stat = os.stat(path)
+    if not is_gzipped(path):
+        return stat.st_size
+    try:
+        return _gunzipped_size(str(path), stat.st_mtime_ns, stat.st_size)
+    except (OSError, EOFError, gzip.BadGzipFile) as err:
+        raise InputError(f"{path}: corrupt gzipped FITS file ({err})") from None
+
+
 def _check_header_counts(path: Path) -> None:
     """Reject NAXIS or TFIELDS outside 0..999 (the FITS limit) before astropy parses a header:
     astropy loops over that many keywords, so a corrupt count of 10^9 would hang the run.
 
-    Walks the headers in the raw bytes (skipping data units); anything it cannot follow
-    is left to astropy, which reports it.
+    Walks the headers in the raw bytes (of the decompressed stream for a gzipped file,
+    skipping data units); anything it cannot follow is left to astropy, which reports it.
     """
-    with open(path, "rb") as handle:
-        size = os.fstat(handle.fileno()).st_size
+    gzipped = is_gzipped(path)
+    size = file_size(path)
+    with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as handle:
         position, index = 0, 0
         while position + _BLOCK <= size:
             handle.seek(position)
@@ -167,6 +198,16 @@ def _check_header_counts(path: Path) -> None:
             index += 1
 
 
+def stored_header(hdu: fits.hdu.base._BaseHDU) -> fits.Header:
+    """The header as stored in the file: a tile-compressed image's binary-table header
+    (``ZBITPIX``, ``ZNAXISn``, the heap in ``PCOUNT``), else the HDU's own header."""
+    if isinstance(hdu, fits.CompImageHDU):
+        table = getattr(hdu, "_bintable", None)
+        if table is not None:
+            return table.header
+    return hdu.header
+
+
 def _hdu(hdul: fits.HDUList, index: int, path: Path | str) -> fits.hdu.base._BaseHDU:
     """HDU ``index``; a header that cannot be read (truncated file) is an InputError."""
     try:
@@ -200,11 +241,11 @@ def _check_complete(hdul: fits.HDUList, last: int, path: Path | str) -> None:
     if not info or not info.get("filename"):
         return
     end = info["datLoc"] + info["datSpan"]
-    size = os.path.getsize(info["filename"])
+    size = file_size(info["filename"])
     if size > end:
         raise InputError(f"{path}: truncated or corrupt FITS file: {size - end} bytes after HDU {last} "
                          "do not form a complete HDU")
-    needed = info["datLoc"] + data_bytes(_hdu(hdul, last, path).header)
+    needed = info["datLoc"] + data_bytes(stored_header(_hdu(hdul, last, path)))
     if size < needed:
         raise InputError(f"{path}: truncated FITS file: HDU {last} needs {needed} bytes, "
                          f"the file has only {size}")

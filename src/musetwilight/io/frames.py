@@ -1,18 +1,26 @@
 """Set-of-frames (SOF) parsing and classification of input frames by tag.
 
-An SOF file has one ``path TAG`` line per input file (EsoRex convention);
-``#`` starts a comment, relative paths are relative to the SOF's directory.
+An SOF file has one ``path TAG [GROUP]`` line per input file, read as EsoRex 3.13 reads
+it: lines whose first non-blank character is ``#`` and blank lines are skipped, fields
+are separated by blanks, words after the third are ignored, and the group column is
+ignored (muse_twilight classifies frames by tag).  Relative paths are relative to the
+current directory (not the SOF's folder), a path starting with ``$`` has its
+``$NAME``/``${NAME}`` variables expanded (unset ones to nothing), ``~`` is not expanded.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -85,28 +93,58 @@ class FrameSet:
         return [f for f in self.frames if f.group == "calib"]
 
 
-def parse_sof(path: str | os.PathLike) -> FrameSet:
-    """Read an SOF file into a FrameSet (tags checked, files not yet opened)."""
-    sof = Path(path)
+SOF_LINE_LIMIT = 1023  # EsoRex reads at most this many characters of a line (fgets)
+_VARIABLE = re.compile(r"\$(?:\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)\}|(?P<plain>[A-Za-z_][A-Za-z0-9_]*))")
+
+
+def expand_sof_path(text: str, where: str, environ: Mapping[str, str] | None = None) -> str:
+    """A SOF path as EsoRex's ``wordexp`` sees it: variables expanded when it starts with ``$``."""
+    if not text.startswith("$"):
+        return text
+    if "$(" in text or "`" in text:
+        raise InputError(f"{where}: command substitution in {text!r} is not supported")
+    env = os.environ if environ is None else environ
+    return _VARIABLE.sub(lambda m: env.get(m["braced"] or m["plain"], ""), text)
+
+
+def parse_sof(paths: str | os.PathLike | Sequence[str | os.PathLike], unknown_tags: str = "error") -> FrameSet:
+    """Read one or several SOF files (concatenated, in order) into a FrameSet.
+
+    ``unknown_tags="error"`` makes a tag muse_twilight does not know (or a line without a
+    tag) an InputError naming the line; ``"ignore"`` drops such frames with a warning, as
+    EsoRex and ESO's recipe do.  Files are not opened yet.
+    """
+    sofs = [Path(paths)] if isinstance(paths, (str, os.PathLike)) else [Path(p) for p in paths]
+    entries = []
+    for sof in sofs:
+        entries.extend(_sof_entries(sof, unknown_tags))
+    if not entries:
+        raise InputError(f"{', '.join(map(str, sofs))}: the set-of-frames file lists no files")
+    return make_frameset(entries)
+
+
+def _sof_entries(sof: Path, unknown_tags: str) -> list[tuple[Path, str, str]]:
     try:
-        text = sof.read_text()
+        data = sof.read_bytes()
     except OSError as err:
         raise InputError(f"{sof}: cannot read the set-of-frames file ({err.strerror})") from None
+    if data.startswith(b"SIMPLE  ="):
+        raise InputError(f"{sof}: is a FITS file, not a set-of-frames file (one 'path TAG' line per input)")
     entries = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        content = line.split("#", 1)[0].strip()
-        if not content:
+    for number, line in enumerate(data.decode("utf-8", "replace").splitlines(), start=1):
+        words = line[:SOF_LINE_LIMIT].split()
+        if not words or words[0].startswith("#"):
             continue
-        words = content.split()
-        if len(words) < 2:
-            raise InputError(f"{sof}, line {number}: expected 'path TAG', found {content!r}")
-        file_path = Path(os.path.expandvars(os.path.expanduser(words[0])))
-        if not file_path.is_absolute():
-            file_path = sof.parent / file_path
-        entries.append((file_path, words[1], f"{sof}, line {number}"))
-    if not entries:
-        raise InputError(f"{sof}: the set-of-frames file lists no files")
-    return make_frameset(entries)
+        where = f"{sof}, line {number}"
+        tag = words[1] if len(words) > 1 else ""
+        if tag not in RULES_BY_TAG and unknown_tags == "ignore":
+            log.warning("%s: frame %s %s ignored (muse_twilight does not use it)", where, words[0],
+                        f"with tag {tag!r}" if tag else "without a tag")
+            continue
+        if not tag:
+            raise InputError(f"{where}: expected 'path TAG', found {line.strip()!r}")
+        entries.append((Path(expand_sof_path(words[0], where)), tag, where))
+    return entries
 
 
 def make_frameset(entries: Iterable[tuple[str | os.PathLike, str] | tuple[str | os.PathLike, str, str]]) -> FrameSet:

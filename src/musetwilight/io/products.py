@@ -4,12 +4,14 @@ Products carry the keywords that ESO's Data Flow System writes (``ESO PRO CATG``
 ``ESO PRO REC1 RAWi/CALi/PARAMi ...``, ``PIPEFILE``, ``DATAMD5``) so that tools which
 read ESO products (python-cpl's ``cpl.dfs.ProcessingInfo``, archive ingestion) read
 ours too.  Both products of a run are written all-or-nothing: each to a temporary
-file first, then all renamed.
+file first, then all renamed; :class:`WriteOptions` carries EsoRex's product options
+(checksums, DATAMD5, name prefix, read-only, products SOF).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import tempfile
@@ -278,34 +280,93 @@ def data_md5(hdul: fits.HDUList) -> str:
     return digest.hexdigest()
 
 
-def sign_product(hdul: fits.HDUList, path: Path | str) -> None:
-    """Fill PIPEFILE and DATAMD5 of a product about to be written to ``path``."""
-    hdul[0].header["PIPEFILE"] = (Path(path).name, "Filename of data product")
-    hdul[0].header["DATAMD5"] = (data_md5(hdul), "MD5 checksum")
+NOT_COMPUTED = "Not computed"  # DATAMD5 placeholder ESO's recipe writes, left when nothing is signed
 
 
-def write_products(products: Mapping[str, fits.HDUList], output_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write all products (tag -> HDUList) or none, as ``<tag>.fits`` in ``output_dir``.
+@dataclass(frozen=True)
+class WriteOptions:
+    """How the products are written (EsoRex's product options).
 
-    Each goes to a temporary file in ``output_dir`` first, then all are renamed.  On any
-    failure (full disk, interruption) the temporary files are removed and no product of
-    this run is left in ``output_dir``; existing files there stay untouched.
+    ``checksum``: CHECKSUM/DATASUM in every HDU (``--no-checksum``: none anywhere).
+    ``datamd5``: DATAMD5 (MD5 of the data units) in the primary header (``--no-datamd5``
+    removes it; with both off ESO leaves the recipe's placeholder 'Not computed').
+    ``prefix``: None keeps the recipe's names (``DATACUBE_SKYFLAT.fits``); a prefix numbers
+    them in product order, ``<prefix>_0000.fits`` ... (``--suppress-prefix=FALSE
+    --output-prefix``); PIPEFILE keeps the recipe's name either way, as in ESO.
+    ``readonly``: mode 0444 once written (``--output-readonly``; a later run still replaces
+    them).  ``products_sof``: a file listing the products once all are written, EsoRex's
+    ``--products-sof`` (JSON when it ends with ``.json``), each under ``listed_dir/name``
+    (only the name when ``listed_dir`` is None).
+    """
+
+    checksum: bool = True
+    datamd5: bool = True
+    prefix: str | None = None
+    readonly: bool = False
+    products_sof: Path | None = None
+    listed_dir: str | None = None
+
+
+def product_file_names(tags: Iterable[str], prefix: str | None = None) -> dict[str, str]:
+    """The file name of each product: ``<tag>.fits``, or EsoRex's ``<prefix>_%04d.fits``."""
+    names = {}
+    for index, tag in enumerate(tags):
+        name = f"{tag}.fits"
+        names[tag] = name if prefix is None else f"{prefix}_{index:04d}{name[name.rindex('.'):]}"
+    return names
+
+
+def sign_product(hdul: fits.HDUList, tag: str, options: WriteOptions = WriteOptions()) -> None:
+    """Fill PIPEFILE (the recipe's file name) and DATAMD5 of a product about to be written."""
+    header = hdul[0].header
+    header["PIPEFILE"] = (f"{tag}.fits", "Filename of data product")
+    if options.datamd5:
+        header["DATAMD5"] = (data_md5(hdul), "MD5 checksum")
+    elif options.checksum:
+        header.remove("DATAMD5", ignore_missing=True)
+    else:
+        header["DATAMD5"] = (NOT_COMPUTED, "MD5 checksum")
+    if not options.checksum:
+        for hdu in hdul:
+            for key in ("CHECKSUM", "DATASUM"):
+                hdu.header.remove(key, ignore_missing=True)
+
+
+def products_sof_text(listed: Sequence[tuple[str, str]], json_layout: bool) -> str:
+    """EsoRex's products SOF: ``path     TAG`` lines without a final newline, or its JSON
+    (2-space indentation, ``/`` escaped as ``\\/``, final newline)."""
+    if not json_layout:
+        return "\n".join(f"{path}     {tag}" for path, tag in listed)
+    entries = [f'  {{\n    "name": {json.dumps(path)},\n    "category": {json.dumps(tag)}\n  }}'
+               for path, tag in listed]
+    return ("[\n" + ",\n".join(entries) + "\n]\n").replace("/", "\\/")
+
+
+def write_products(products: Mapping[str, fits.HDUList], output_dir: str | os.PathLike,
+                   options: WriteOptions = WriteOptions()) -> dict[str, Path]:
+    """Write all products (tag -> HDUList) or none into ``output_dir``; return tag -> path.
+
+    Each goes to a temporary file in ``output_dir`` first, then all are renamed (over
+    existing files), then made read-only and listed as ``options`` ask.  On any failure
+    (full disk, interruption) the temporary files are removed and no product of this run
+    is left in ``output_dir``; existing files there stay untouched.
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if not os.access(out, os.W_OK):
         raise PermissionError(f"{out}: output directory is not writable")
+    names = product_file_names(products, options.prefix)
     pending: list[tuple[str, str, Path]] = []
     try:
-        for name, hdul in products.items():
-            path = out / f"{name}.fits"
-            sign_product(hdul, path)
+        for tag, hdul in products.items():
+            path = out / names[tag]
+            sign_product(hdul, tag, options)
             handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=out)
             os.close(handle)
-            pending.append((name, tmp_name, path))
+            pending.append((tag, tmp_name, path))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", fits.verify.VerifyWarning)
-                hdul.writeto(tmp_name, overwrite=True, checksum=True, output_verify="exception")
+                hdul.writeto(tmp_name, overwrite=True, checksum=options.checksum, output_verify="exception")
             mask = os.umask(0)
             os.umask(mask)
             os.chmod(tmp_name, 0o666 & ~mask)
@@ -318,7 +379,15 @@ def write_products(products: Mapping[str, fits.HDUList], output_dir: str | os.Pa
             except OSError:
                 pass
         raise
-    return {name: path for name, _, path in pending}
+    if options.readonly:
+        for _, _, path in pending:
+            os.chmod(path, 0o444)
+    if options.products_sof is not None:
+        listed = [(names[tag] if options.listed_dir is None else f"{options.listed_dir}/{names[tag]}", tag)
+                  for tag, _, _ in pending]
+        Path(options.products_sof).write_text(
+            products_sof_text(listed, str(options.products_sof).endswith(".json")))
+    return {tag: path for tag, _, path in pending}
 
 
 # --------------------------------------------------------------------------- the products' headers

@@ -115,6 +115,10 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vignetting", action="store_true", help="vignetted corner and VIGNETTING_MASK")
     parser.add_argument("--saturate", action="store_true", help="saturate the brightest pixels of exposure 1")
     parser.add_argument("--mode", choices=MODES, default="WFM-NOAO-N", help="instrument mode")
+    parser.add_argument("--archive", action="store_true",
+                        help="raw frames named and keyworded as ESO's archive files (MUSE.<DATE-OBS>.fits, TPL ...)")
+    parser.add_argument("--fpack", action="store_true",
+                        help="raw frames tile-compressed (.fits.fz), as the archive delivers them (implies --archive)")
 
 
 def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
@@ -274,7 +278,8 @@ def simulate_from_args(args: argparse.Namespace) -> int:
 
     result = simulate_dataset(args.out, scale=args.scale, seed=args.seed, nexp=args.nexp, ifus=args.ifus,
                               illum=args.illum, dark=args.dark, badpix=args.badpix,
-                              vignetting=args.vignetting, mode=args.mode, saturate=args.saturate)
+                              vignetting=args.vignetting, mode=args.mode, saturate=args.saturate,
+                              archive=args.archive, fpack=args.fpack)
     print(f"simulated {result.scale} set ({result.mode}, IFUs {','.join(map(str, result.ifus))}) "
           f"in {result.out_dir}")
     print(f"SOF: {result.sof}")

@@ -34,15 +34,16 @@ DESCRIPTION = (
 )
 
 
-def render(show_hidden: bool = False, width: int = 80) -> str:
-    """The whole manual page as text."""
+def render(show_hidden: bool = False, width: int = 80,
+           synopsis: str = "musetwilight run [--<parameter>=<value> ...] [--output-dir DIR] sof") -> str:
+    """The whole manual page as text (``synopsis``: the command line it shows)."""
     wrap = textwrap.TextWrapper(width=width, initial_indent="  ", subsequent_indent="  ")
     lines = [
         "NAME",
         f"  muse_twilight -- {SYNOPSIS}",
         "",
         "SYNOPSIS",
-        "  musetwilight run [--<parameter>=<value> ...] [--output-dir DIR] sof",
+        f"  {synopsis}",
         "",
         "DESCRIPTION",
         wrap.fill(DESCRIPTION),

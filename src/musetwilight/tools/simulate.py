@@ -452,6 +452,8 @@ class _Options:
     vignetting: bool
     mode: str
     saturate: bool
+    archive: bool = False
+    fpack: bool = False
 
 
 def _cube_grid(inst: Instrument, ifus: list[int], lmin=5000.0, lmax=9000.0, maps=None) -> dict:
@@ -480,11 +482,16 @@ def _cube_grid_fast(inst: Instrument, ifus: list[int]) -> dict:
 
 
 def simulate_dataset(out_dir, *, scale="mini", seed=0, nexp=3, ifus=None, illum=False, dark=False,
-                     badpix=False, vignetting=False, mode="WFM-NOAO-N", saturate=False) -> SimulatedSet:
+                     badpix=False, vignetting=False, mode="WFM-NOAO-N", saturate=False, archive=False,
+                     fpack=False) -> SimulatedSet:
     """Write a simulated MUSE twilight set into ``out_dir`` and return where everything is.
 
     Deterministic in ``seed``.  ``ifus`` defaults to 1,2,3 (mini WFM), 1,23,24 (mini NFM)
-    or all 24 (full); IFU 1 (ESO's flux reference) must be included.
+    or all 24 (full); IFU 1 (ESO's flux reference) must be included.  ``archive`` names
+    the raw frames as ESO's archive does (``MUSE.<DATE-OBS>.fits``) and adds the keywords
+    its files carry (ARCFILE, ORIGFILE, ESO TPL START/NEXP/EXPNO, ESO DPR ...); ``fpack``
+    stores them tile-compressed (``.fits.fz``, RICE), as the archive delivers them.  The
+    data are the same either way.
 
     Examples
     --------
@@ -503,7 +510,8 @@ def simulate_dataset(out_dir, *, scale="mini", seed=0, nexp=3, ifus=None, illum=
                                         else DEFAULT_IFUS[(scale, is_nfm(mode))])))
     if not ifus or min(ifus) < 1 or max(ifus) > NIFUS:
         raise ValueError(f"IFU numbers must be within 1..{NIFUS}: {ifus}")
-    opts = _Options(scale, int(seed), int(nexp), ifus, illum, dark, badpix, vignetting, mode, saturate)
+    opts = _Options(scale, int(seed), int(nexp), ifus, illum, dark, badpix, vignetting, mode, saturate,
+                    bool(archive or fpack), bool(fpack))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return _Writer(out, opts).run()
@@ -702,6 +710,24 @@ class _Writer:
         h["HIERARCH ESO INS DROT POSANG"] = (0.0, "Position angle on sky (deg)")
         return h
 
+    def _raw_name(self, k: int, tag: str) -> str:
+        """The raw file name: the archive's ``MUSE.<DATE-OBS>.fits`` or ``SKYFLAT_000k.fits``."""
+        if self.o.archive:
+            return f"MUSE.{self._raw_primary(k, tag)['DATE-OBS']}.fits"
+        return f"SKYFLAT_{k + 1:04d}.fits" if tag == "SKYFLAT" else "ILLUM_0001.fits"
+
+    def _archive_cards(self, k: int, tag: str) -> list[tuple[str, object, str]]:
+        """What archive raw files carry beyond the simulated set's keywords: file names and the
+        template's start, number of exposures and exposure number (one template per tag)."""
+        h = self._raw_primary(k, tag)
+        first = self._raw_primary(0 if tag == "SKYFLAT" else k, tag)["DATE-OBS"][:19]
+        nexp, expno = (self.o.nexp, k + 1) if tag == "SKYFLAT" else (1, 1)
+        return [("ARCFILE", f"MUSE.{h['DATE-OBS']}.fits", "Archive File Name"),
+                ("ORIGFILE", f"MUSE_{tag}_{k + 1:04d}.fits", "Original File Name"),
+                ("HIERARCH ESO TPL START", first, "TPL start time"),
+                ("HIERARCH ESO TPL NEXP", nexp, "Number of exposures within template"),
+                ("HIERARCH ESO TPL EXPNO", expno, "Exposure number within template")]
+
     # ---- calibrations headers -------------------------------------------------------------
     def _bias_primary(self) -> fits.Header:
         h = _pro_header(self.o.mode, "MASTER_BIAS", "MASTER_BIAS", "muse_bias")
@@ -713,9 +739,9 @@ class _Writer:
     def run(self) -> SimulatedSet:
         o, out = self.o, self.out
         self._global_model()
-        tags: dict[str, list[Path]] = {"SKYFLAT": [out / f"SKYFLAT_{k + 1:04d}.fits" for k in range(o.nexp)]}
+        tags: dict[str, list[Path]] = {"SKYFLAT": [out / self._raw_name(k, "SKYFLAT") for k in range(o.nexp)]}
         if o.illum:
-            tags["ILLUM"] = [out / "ILLUM_0001.fits"]
+            tags["ILLUM"] = [out / self._raw_name(o.nexp, "ILLUM")]
         for name in ("MASTER_BIAS", "MASTER_FLAT", "TRACE_TABLE", "WAVECAL_TABLE", "GEOMETRY_TABLE"):
             tags[name] = [out / f"{name}.fits"]
         if o.dark:
@@ -724,10 +750,13 @@ class _Writer:
             tags["BADPIX_TABLE"] = [out / "BADPIX_TABLE.fits"]
         if o.vignetting:
             tags["VIGNETTING_MASK"] = [out / "VIGNETTING_MASK.fits"]
-        for k, path in enumerate(tags["SKYFLAT"]):
-            _write_primary(path, self._raw_primary(k, "SKYFLAT"))
-        if o.illum:
-            _write_primary(tags["ILLUM"][0], self._raw_primary(o.nexp, "ILLUM"))
+        raws = [(path, k, "SKYFLAT") for k, path in enumerate(tags["SKYFLAT"])]
+        raws += [(tags["ILLUM"][0], o.nexp, "ILLUM")] if o.illum else []
+        for path, k, tag in raws:
+            header = self._raw_primary(k, tag)
+            for key, value, comment in self._archive_cards(k, tag) if o.archive else ():
+                header[key] = (value, comment)
+            _write_primary(path, header)
         _write_primary(tags["MASTER_BIAS"][0], self._bias_primary())
         fh = _pro_header(o.mode, "MASTER_FLAT", "MASTER_FLAT", "muse_flat")
         _write_primary(tags["MASTER_FLAT"][0], fh)
@@ -748,6 +777,10 @@ class _Writer:
         self._write_geometry(tags["GEOMETRY_TABLE"][0])
         if o.vignetting:
             self._write_vignetting_mask(tags["VIGNETTING_MASK"][0])
+        if o.fpack:
+            for tag in ("SKYFLAT", "ILLUM"):
+                if tag in tags:
+                    tags[tag] = [_fpack(path) for path in tags[tag]]
         sof = out / "twilight.sof"
         order = ["SKYFLAT", "ILLUM", "MASTER_BIAS", "MASTER_DARK", "MASTER_FLAT", "TRACE_TABLE",
                  "WAVECAL_TABLE", "GEOMETRY_TABLE", "BADPIX_TABLE", "VIGNETTING_MASK"]
@@ -1034,6 +1067,18 @@ class _Writer:
                                "map": self.field.vignetting(xpos, ypos).round(6).tolist()},
                 "cube_grid": g,
                 "ifus": {str(k): v for k, v in ifu_truth.items()}}
+
+
+def _fpack(path: Path) -> Path:
+    """Tile-compress a raw file's image extensions (RICE, lossless for its integers) into
+    ``<name>.fz``, as fpack and ESO's archive do, and remove the uncompressed file."""
+    target = path.with_name(path.name + ".fz")
+    with fits.open(path) as hdul:
+        hdus = [fits.PrimaryHDU(header=hdul[0].header)]
+        hdus += [fits.CompImageHDU(data=hdu.data, header=hdu.header, compression_type="RICE_1") for hdu in hdul[1:]]
+        fits.HDUList(hdus).writeto(target, overwrite=True)
+    path.unlink()
+    return target
 
 
 def _photon_noise(rng, mean: np.ndarray) -> np.ndarray:
