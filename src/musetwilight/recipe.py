@@ -346,7 +346,8 @@ def build_skyflat(reductions: IfuReductions, inputs: Inputs, settings: Settings,
     grid = _cube_grid([tables[ifu] for ifu in order], settings.dlambda)
     ordered = [tables.pop(ifu) for ifu in order]
     divisors = [flux.divisor[ifu] for ifu in order]
-    cube = resample_tables(ordered, divisors, grid, resample, ROWS_PER_TILE if tiled else None)
+    cube = resample_tables(ordered, divisors, grid, resample, ROWS_PER_TILE if tiled else None,
+                           threads=options.workers)
     white = white_light(cube.data)
     headers = {ifu: r.header for ifu, r in reductions.results.items()}
     failed = sorted(i for i, s in reductions.skipped.items() if s.kind == "failed")

@@ -253,7 +253,7 @@ def middle_pair(vals, n, k, work):
             work[nmid] = v
             nmid += (v >= lo) & (v <= hi)
         if nlow <= k and k + 1 < nlow + nmid:
-            first = kth_smallest(work, nmid, k - nlow)
+            first = kth_smallest(work, np.int64(nmid), np.int64(k - nlow))
             second = work[k - nlow + 1] if k - nlow + 1 < nmid else first  # in the data's precision
             for m in range(k - nlow + 2, nmid):
                 if work[m] < second:
@@ -273,8 +273,8 @@ def middle_pair(vals, n, k, work):
 def median(vals, n, work, two):
     """CPL's median of vals[:n] (unchanged): the middle value, or ``a + (b - a) / two``
     of the two middle ones.  ``two`` is 2 in the arithmetic's precision: np.float32(2)
-    for CPL's float images and columns, 2.0 for double vectors.  ``work`` needs n + 100
-    slots."""
+    for CPL's float images and columns, 2.0 for double vectors.  ``work`` (of the type of
+    vals, n + 100 slots) holds the selection."""
     if n == 3:  # the usual stack of three exposures: branch-free middle of three (no NaN)
         a, b, c = vals[0], vals[1], vals[2]
         if a == a and b == b and c == c:
@@ -296,10 +296,27 @@ def median(vals, n, work, two):
     return a + (b - a) / two
 
 
+@njit(cache=True, nogil=True)
+def median_float(vals, n, work):
+    """CPL's median of float32 data held in a float64 buffer vals[:n]: the middle pair selected
+    in double (the same values), the midpoint a + (b - a) / 2 in single precision."""
+    if n % 2 == 1:
+        return np.float32(median(vals, n, work, 2.0))
+    a, b = middle_pair(vals, n, n // 2 - 1, work)
+    low, high = np.float32(a), np.float32(b)
+    return low + (high - low) / np.float32(2.0)
+
+
 def median_of(values: np.ndarray) -> float:
-    """CPL's median of a NumPy array in its own precision (float32 for CPL float data)."""
-    values = np.ascontiguousarray(values).ravel()
-    if values.size == 0:
+    """CPL's median of a NumPy array in its own precision (float32 for CPL float data): the
+    middle value, or ``a + (b - a) / 2`` of the middle pair computed in that precision."""
+    values = np.ravel(values)
+    n = values.size
+    if n == 0:
         return float("nan")
+    if n % 2:
+        return float(np.partition(values, n // 2)[n // 2])
+    part = np.partition(values, (n // 2 - 1, n // 2))
+    low, high = part[n // 2 - 1], part[n // 2]
     two = values.dtype.type(2) if values.dtype.kind == "f" else 2.0
-    return float(median(values, values.size, np.empty(values.size + 100, values.dtype), two))
+    return float(low + (high - low) / two)

@@ -128,15 +128,15 @@ def _dcr(data, dq, xbox, ybox, npass, thres):
             while j <= ny - ybox + 1:
                 imax = max(imax, i + xbox)
                 jmax = max(jmax, j + ybox)
-                npx += _dcr_box(data, dq, i, i + xbox, j, j + ybox, thres)
+                npx += _dcr_box(data, dq, np.int64(i), np.int64(i + xbox), np.int64(j), np.int64(j + ybox), thres)
                 j += max(ybox // 2, 1)
             if jmax < ny:
-                npx += _dcr_box(data, dq, i, i + xbox, ny - ybox + 1, ny, thres)
+                npx += _dcr_box(data, dq, np.int64(i), np.int64(i + xbox), np.int64(ny - ybox + 1), np.int64(ny), thres)
             i += max(xbox // 2, 1)
         if imax < nx:
             j = 1
             while j <= ny - ybox + 1:
-                npx += _dcr_box(data, dq, nx - xbox + 1, nx, j, j + ybox, thres)
+                npx += _dcr_box(data, dq, np.int64(nx - xbox + 1), np.int64(nx), np.int64(j), np.int64(j + ybox), thres)
                 j += max(ybox // 2, 1)
         if imax < nx and jmax < ny:
             # ESO uses the x box size for the y start of this corner box

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from .cube import CubeGrid
 
@@ -59,13 +59,13 @@ def build_pixgrid(grid: CubeGrid, xpos, ypos, lambda_, data, stat, dq) -> PixGri
     return build_pixgrid_from_tables(grid, [(table, 1.0)])
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _tile_cells(xpos, ypos, lbda, crval1, crval2, crval3, cd3, nx, ny, nz, first, last, cells):
     """Cells of the rows in the grid rows first..last (numbered within them), -1 for the others.
 
     The grid cell is found as in the whole grid (rows outside it clamped to the edge cells)."""
     nyt = last - first + 1
-    for row in prange(len(xpos)):
+    for row in range(len(xpos)):
         i = lround_nb((np.float64(xpos[row]) - crval1) + 1.0) - 1
         j = lround_nb((np.float64(ypos[row]) - crval2) + 1.0) - 1
         l = lround_nb((np.float64(lbda[row]) - crval3) / cd3 + 1.0) - 1

@@ -23,7 +23,7 @@ Distances for the weights are in pixels spatially and in units of the 1.25 A
 MUSE sampling spectrally; drizzle uses the unscaled offsets with input sizes
 pixfrac x (1 pix, 1 pix, 1.25 A) and output sizes (1, 1, dlambda).
 
-The kernels loop over output planes in parallel; each plane scatters the rows
+The kernels loop over output planes (shared among threads); each plane scatters the rows
 of the neighbouring cell planes into its spaxels, which visits exactly the
 (voxel, row) pairs of ESO's gather loop.
 """
@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from ..instrument import SPECTRAL_SAMPLING, Euro3D
 from ..params import CrType, Resample, Settings
@@ -151,12 +151,12 @@ def _usable_for_stats(dq):
     return dq == 0 or dq == EURO3D_COSMICRAY
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def _crreject(offsets, data, stat, dq, nx, ny, nz, crtype, sigma, bufsize, jlo, jhi):
-    """Cosmic-ray flags (1 = rejected) of the sorted rows in the cells of rows jlo..jhi."""
-    flags = np.zeros(len(data), np.uint8)
+@njit(cache=True, nogil=True, error_model="numpy")  # C semantics: x / 0 is inf or NaN
+def _crreject(offsets, data, stat, dq, nx, ny, nz, crtype, sigma, bufsize, jlo, jhi, lstart, lstep, flags):
+    """Set the cosmic-ray flags (1 = rejected) of the sorted rows in the cells of rows jlo..jhi
+    of the planes lstart, lstart + lstep, ... (one thread's share)."""
     nxy = nx * ny
-    for l in prange(nz):
+    for l in range(lstart, nz, lstep):
         vals = np.empty(bufsize, np.float64)
         work = np.empty(bufsize + 100, np.float64)
         for j in range(jlo, jhi + 1):
@@ -206,38 +206,35 @@ def _crreject(offsets, data, stat, dq, nx, ny, nz, crtype, sigma, bufsize, jlo, 
                     vmax = -np.inf
                     for p in range(offsets[c], offsets[c + 1]):
                         vmax = max(vmax, np.float64(data[p]))
-                    if _surely_below_threshold(vals, npix, vmax, sigma, work):
+                    if _surely_below_threshold(vals, np.int64(npix), vmax, sigma, work):
                         continue
-                    level = median(vals, npix, work, 2.0)
+                    level = median(vals, np.int64(npix), work, 2.0)
                     if vmax <= level:
                         continue
                     # the MAD is only needed exactly when it could flag vmax
                     margin = 4 * 2.220446049250313e-16 * (abs(vmax) + abs(level))
                     bound = (vmax - level + margin) / sigma * (1 + 1e-12)
-                    if _mad_at_least(vals, npix, level, bound):
+                    if _mad_at_least(vals, np.int64(npix), level, bound):
                         continue
                     for m in range(npix):
                         vals[m] = abs(vals[m] - level)
-                    dev = median(vals, npix, work, 2.0)
+                    dev = median(vals, np.int64(npix), work, 2.0)
                 limit = level + sigma * dev
                 for p in range(offsets[c], offsets[c + 1]):
                     if data[p] > limit:
                         flags[p] = 1
-    return flags
 
 
 # ---------------------------------------------------------------------------
 # resampling kernels
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True, error_model="numpy")  # C semantics: x / 0 is inf or NaN
 def _nearest(offsets, xpos, ypos, lbda, data, stat, dq, nx, ny, nz,
-             crval1, crval2, crval3, cd3, jlo, jhi):
-    """The closest row of each voxel's own cell, for the voxel rows jlo..jhi."""
-    out_data = np.zeros((nz, ny, nx), np.float32)
-    out_stat = np.zeros((nz, ny, nx), np.float32)
-    out_dq = np.full((nz, ny, nx), EURO3D_MISSDATA, np.uint32)
-    for l in prange(nz):
+             crval1, crval2, crval3, cd3, jlo, jhi, lstart, lstep, out_data, out_stat, out_dq):
+    """The closest row of each voxel's own cell, for the voxel rows jlo..jhi of the planes
+    lstart, lstart + lstep, ... (outputs preset to 0, 0 and MISSDATA)."""
+    for l in range(lstart, nz, lstep):
         lam = l * cd3 + crval3
         for j in range(jlo, jhi + 1):
             y = crval2 + j
@@ -282,18 +279,17 @@ def _drizzle_term(din, dout, d):
     return t
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True, error_model="numpy")  # C semantics: x / 0 is inf or NaN
 def _weighted(offsets, xpos, ypos, lbda, data, stat, dq, nx, ny, nz,
-              crval1, crval2, crval3, cd3, method, ld, renka_rc, xin, yin, zin, jlo, jhi):
-    """Weighted means of the good rows around each voxel, for the voxel rows jlo..jhi."""
-    out_data = np.zeros((nz, ny, nx), np.float32)
-    out_stat = np.zeros((nz, ny, nx), np.float32)
-    out_dq = np.full((nz, ny, nx), EURO3D_MISSDATA, np.uint32)
+              crval1, crval2, crval3, cd3, method, ld, renka_rc, xin, yin, zin, jlo, jhi, lstart, lstep,
+              out_data, out_stat, out_dq):
+    """Weighted means of the good rows around each voxel, for the voxel rows jlo..jhi of the
+    planes lstart, lstart + lstep, ... (outputs preset to 0, 0 and MISSDATA)."""
     nxy = nx * ny
     xout, yout, zout = 1.0, 1.0, abs(cd3)
     volume = xin * yin * zin
     cfirst, clast = max(jlo - ld, 0) * nx, (min(jhi + ld, ny - 1) + 1) * nx  # the cells that reach them
-    for l in prange(nz):
+    for l in range(lstart, nz, lstep):
         lam = l * cd3 + crval3
         sumw = np.zeros(nxy, np.float64)
         sumd = np.zeros(nxy, np.float64)
@@ -394,48 +390,69 @@ def _weighted(offsets, xpos, ypos, lbda, data, stat, dq, nx, ny, nz,
                     out_data[l, j, i] = sumd[k] / w
                     out_stat[l, j, i] = sums[k] / (w * w)
                     out_dq[l, j, i] = 0
-    return out_data, out_stat, out_dq
 
 
 # ---------------------------------------------------------------------------
 # driver
 
 
+def _on_threads(kernel: Callable[..., None], inputs: tuple, outputs: tuple, nz: int, threads: int) -> None:
+    """``kernel(*inputs, lstart, lstep, *outputs)`` on ``threads`` threads, each taking every
+    threads-th plane (the kernels release the GIL; the planes are independent, so the
+    result does not depend on the number of threads)."""
+    threads = max(1, min(threads, nz))
+    if threads == 1:
+        kernel(*inputs, 0, 1, *outputs)
+        return
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        shares = [pool.submit(kernel, *inputs, start, threads, *outputs) for start in range(threads)]
+        for share in shares:
+            share.result()
+
+
 def reject_cosmics(pix: PixGrid, crtype: CrType = CrType.MEDIAN, crsigma: float = 50.0,
-                   rows: tuple[int, int] | None = None) -> int:
+                   rows: tuple[int, int] | None = None, threads: int = 1) -> int:
     """Flag cosmic rays in ``pix.dq`` (sorted rows) in place, for the cells of the grid rows
     ``rows`` (first, last; default all); return how many rows carry the cosmic-ray bit
     afterwards.  ``crsigma <= 0`` does nothing."""
     jlo, jhi = rows if rows is not None else (0, pix.ny - 1)
     if crsigma > 0:
         bufsize = max(19 * pix.max_count, 1)
-        flags = _crreject(pix.offsets, pix.data, pix.stat, pix.dq, pix.nx, pix.ny, pix.nz,
-                          crtype.code, float(crsigma), bufsize, jlo, jhi)
+        flags = np.zeros(len(pix.data), np.uint8)
+        _on_threads(_crreject, (pix.offsets, pix.data, pix.stat, pix.dq, pix.nx, pix.ny, pix.nz, crtype.code,
+                                float(crsigma), bufsize, jlo, jhi), (flags,), pix.nz, threads)
         pix.dq[flags.view(bool)] |= EURO3D_COSMICRAY
     return int(np.count_nonzero(pix.dq & EURO3D_COSMICRAY))
 
 
-def resample_pixgrid(pix: PixGrid, grid: CubeGrid, options: ResampleOptions, rows: tuple[int, int] | None = None):
+def resample_pixgrid(pix: PixGrid, grid: CubeGrid, options: ResampleOptions, rows: tuple[int, int] | None = None,
+                     threads: int = 1):
     """Resample the (cosmic-ray flagged) sorted rows onto ``grid``, for the voxel rows ``rows``.
 
     Returns float32 data and variance cubes (0 where empty) and the uint32 DQ cube (0 good,
     MISSDATA empty; nearest: the DQ of the row taken); ``grid`` is the pixel grid's own
     (for a tile: the tile's rows, its CRVAL2 shifted to its first row)."""
     jlo, jhi = rows if rows is not None else (0, pix.ny - 1)
+    outputs = (np.zeros(grid.shape, np.float32), np.zeros(grid.shape, np.float32),
+               np.full(grid.shape, EURO3D_MISSDATA, np.uint32))
     args = (pix.offsets, pix.xpos, pix.ypos, pix.lbda, pix.data, pix.stat, pix.dq,
             grid.nx, grid.ny, grid.nz, float(grid.crval1), float(grid.crval2),
             float(grid.crval3), float(grid.cd3))
     if options.method is Resample.NEAREST:
-        return _nearest(*args, jlo, jhi)
+        _on_threads(_nearest, (*args, jlo, jhi), outputs, grid.nz, threads)
+        return outputs
     ld = options.ld if options.ld > 0 else 1
     renka_rc = options.rc * math.sqrt(grid.cd1 ** 2 + grid.cd2 ** 2 + (grid.cd3 * _ZNORM) ** 2)
     pfx, pfy, pfl = options.pixfrac
     xin, yin, zin = pfx / 1.0, pfy / 1.0, pfl / _ZNORM
-    return _weighted(*args, options.method.code, ld, renka_rc, xin, yin, zin, jlo, jhi)
+    _on_threads(_weighted, (*args, options.method.code, ld, renka_rc, xin, yin, zin, jlo, jhi), outputs,
+                grid.nz, threads)
+    return outputs
 
 
 def resample_cube(xpos, ypos, lambda_, data, stat, dq, grid: CubeGrid | None = None,
-                  options: ResampleOptions = ResampleOptions(), dlambda: float = 250.0) -> ResampledCube:
+                  options: ResampleOptions = ResampleOptions(), dlambda: float = 250.0,
+                  threads: int = 1) -> ResampledCube:
     """Reconstruct the cube of a merged pixel table in pixel units (ESO's
     muse_resampling_cube with muse_twilight's settings).
 
@@ -447,8 +464,8 @@ def resample_cube(xpos, ypos, lambda_, data, stat, dq, grid: CubeGrid | None = N
     if grid is None:
         grid = make_grid(xpos, ypos, lambda_, dlambda)
     pix = build_pixgrid(grid, xpos, ypos, lambda_, data, stat, dq)
-    ncosmic = reject_cosmics(pix, options.crtype, options.crsigma)
-    cube_data, cube_stat, cube_dq = resample_pixgrid(pix, grid, options)
+    ncosmic = reject_cosmics(pix, options.crtype, options.crsigma, threads=threads)
+    cube_data, cube_stat, cube_dq = resample_pixgrid(pix, grid, options, threads=threads)
     _blank(cube_data, cube_stat, cube_dq)
     pixel_dq = np.empty(len(pix.order), np.uint32)
     pixel_dq[pix.order] = pix.dq
@@ -497,7 +514,7 @@ def tile_rows(sources: list[TableSource], grid: CubeGrid, rows_per_tile: int | N
 
 
 def resample_tables(tables: list, divisors, grid: CubeGrid, options: ResampleOptions,
-                    rows_per_tile: int | None = None, prefetch: bool = True) -> ResampledCube:
+                    rows_per_tile: int | None = None, prefetch: bool = True, threads: int = 1) -> ResampledCube:
     """:func:`resample_cube` of the concatenation of ``tables`` (each divided by its divisor),
     a tile of cube rows at a time, without ever holding the merged table.
 
@@ -509,7 +526,7 @@ def resample_tables(tables: list, divisors, grid: CubeGrid, options: ResampleOpt
     (:class:`TableSource`); each is loaded when the first tile needs it (the next one read in
     the background while a tile is computed, with ``prefetch``) and released after the last.
     The entries of ``tables`` are set to None.  ``pixel_dq`` is returned for a single tile
-    only; ``ncosmic`` counts each flagged row once.
+    only; ``ncosmic`` counts each flagged row once.  ``threads`` share the planes of each tile.
     """
     sources = [TableSource.of(table) for table in tables]
     for index in range(len(tables)):
@@ -547,9 +564,9 @@ def resample_tables(tables: list, divisors, grid: CubeGrid, options: ResampleOpt
             pix = build_pixgrid_from_tables(grid, [(loaded[k].result(), divisors[k]) for k in needed], first, last)
             core = (y0 - first, y1 - 1 - first)
             flagged = (max(y0 - 1, 0) - first, min(y1, grid.ny - 1) - first)
-            reject_cosmics(pix, options.crtype, options.crsigma, flagged)
+            reject_cosmics(pix, options.crtype, options.crsigma, flagged, threads)
             ncosmic += _cosmics_in_rows(pix.offsets, pix.dq, pix.nx, pix.ny, pix.nz, core[0], core[1])
-            cube = resample_pixgrid(pix, grid.rows(first, last), options, core)
+            cube = resample_pixgrid(pix, grid.rows(first, last), options, core, threads)
             for out, tile in zip((data, stat, dq), cube):
                 out[:, y0:y1] = tile[:, core[0]:core[1] + 1]
             if len(tiles) == 1:

@@ -32,7 +32,7 @@ from numba import njit
 from ..errors import FitError, InputError
 from ..instrument import is_nfm
 from ..params import Settings, VignSmooth
-from .cplmath import median, polyfit_2d, running_mean
+from .cplmath import median_float, polyfit_2d, running_mean
 from .cube import white_light
 
 log = logging.getLogger(__name__)
@@ -93,9 +93,8 @@ def _median_filter(data, bad, rx, ry):
     ny, nx = data.shape
     out = np.zeros((ny, nx), np.float32)
     outbad = np.zeros((ny, nx), np.bool_)
-    window = np.empty((2 * rx + 1) * (2 * ry + 1), np.float32)
-    work = np.empty(window.size + 100, np.float32)
-    two = np.float32(2.0)
+    window = np.empty((2 * rx + 1) * (2 * ry + 1), np.float64)
+    work = np.empty(window.size + 100, np.float64)
     for y in range(ny):
         y1 = max(0, y - ry)
         y2 = min(ny - 1, y + ry)
@@ -111,7 +110,7 @@ def _median_filter(data, bad, rx, ry):
             if k == 0:
                 outbad[y, x] = True
             else:
-                out[y, x] = median(window, k, work, two)
+                out[y, x] = median_float(window, np.int64(k), work)
     return out, outbad
 
 
