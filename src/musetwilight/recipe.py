@@ -39,6 +39,7 @@ from .io import formats, products
 from .io.frames import FrameSet, Inputs, parse_sof
 from .io.preflight import preflight
 from .io.spill import SpilledTable, table_limits
+from .measure import StageClock
 from .params import Settings, make_settings
 from .threads import default_workers
 
@@ -95,7 +96,8 @@ class RunResult:
     twilight_cube: fits.HDUList
     paths: dict[str, Path] = field(default_factory=dict)
     skipped_ifus: dict[int, IfuSkip] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # wall seconds per stage, total, peak memory
+    stages: dict[str, dict[str, float]] = field(default_factory=dict)  # wall, CPU and peak memory per stage
 
     def ifus(self, kind: Literal["absent", "failed"]) -> list[int]:
         """The skipped IFUs of one kind, sorted."""
@@ -127,26 +129,29 @@ def run(frames: FrameSet | str | os.PathLike, settings: Settings | Mapping | Non
     """
     settings = settings if isinstance(settings, Settings) else make_settings(settings or {})
     opts = RunOptions.resolve(environ, **options)
-    start, timings = time.perf_counter(), {}
-    inputs = read_inputs(frames, settings)
-    mode = instrument_mode(inputs.skyflats[0])
+    clock, start = StageClock(), time.perf_counter()
+    with clock.stage("inputs"):
+        inputs = read_inputs(frames, settings)
+        mode = instrument_mode(inputs.skyflats[0])
     if opts.skip_cube:
         skyflat, reductions = load_skyflat(opts.skip_cube), IfuReductions()
     else:
         with scratch_space(opts.low_memory, inputs) as spill_dir:
-            reductions = reduce_ifus(inputs, settings, mode, opts, spill_dir)
-            timings["ifus"] = time.perf_counter() - start
-            skyflat = build_skyflat(reductions, inputs, settings, mode, opts, spill_dir is not None)
-        timings["resample"] = time.perf_counter() - start - timings["ifus"]
-    smoothing_start = time.perf_counter()
-    twilight = smooth_skyflat(skyflat, inputs, settings, mode, opts)
-    timings["smooth"] = time.perf_counter() - smoothing_start
-    result = RunResult(skyflat.hdulist, twilight_cube(skyflat, twilight, inputs, settings, mode),
-                       skipped_ifus=reductions.skipped, timings=timings)
+            with clock.stage("ifus"):
+                reductions = reduce_ifus(inputs, settings, mode, opts, spill_dir)
+            with clock.stage("resample"):
+                skyflat = build_skyflat(reductions, inputs, settings, mode, opts, spill_dir is not None)
+    with clock.stage("smooth"):
+        twilight = smooth_skyflat(skyflat, inputs, settings, mode, opts)
+        result = RunResult(skyflat.hdulist, twilight_cube(skyflat, twilight, inputs, settings, mode),
+                           skipped_ifus=reductions.skipped)
     if output_dir is not None:
         opts.stage(f"writing the products into {output_dir}")
-        result.paths = products.write_products(result.hdulists(), output_dir)
-    timings["total"] = time.perf_counter() - start
+        with clock.stage("write"):
+            result.paths = products.write_products(result.hdulists(), output_dir)
+    result.stages = clock.as_dict()
+    result.timings = {**clock.wall, "total": time.perf_counter() - start,
+                      "peak_rss_mb": max(clock.peak_rss_mb.values())}
     return result
 
 

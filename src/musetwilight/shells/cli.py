@@ -243,7 +243,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         print(f"QA report: {_write_report(args.report, result)}")
     print(f"total time: {result.timings['total']:.1f} s")
     if args.timings_json:
-        args.timings_json.write_text(json.dumps(result.timings, indent=1))
+        args.timings_json.write_text(json.dumps({"timings": result.timings, "stages": result.stages}, indent=1))
     return 0
 
 
