@@ -47,7 +47,7 @@ log = logging.getLogger("musetwilight.recipe")
 
 SKIP_ENV = "MUSE_TWILIGHT_SKIP"
 SCALES_ENV = "MUSE_TWILIGHT_SCALES"
-ROWS_PER_TILE = 16_000_000  # pixel-table rows resampled at a time in low-memory mode (~1.3 full IFUs)
+ROWS_PER_TILE = 8_000_000  # pixel-table rows resampled at a time in low-memory mode (about 2/3 of a full IFU)
 LOW_MEMORY_PIXELS = 4_000_000  # CCDs larger than this (full MUSE: 16.8 M) use low-memory mode
 
 
@@ -253,7 +253,7 @@ def _reduce_ifu(ifu: int, inputs: Inputs, settings: Settings, geometry, mode: st
                                 flat=partial(formats.read_muse_image, inputs.flat, ifu),
                                 dark=partial(formats.read_muse_image, inputs.dark, ifu) if inputs.dark else None,
                                 badpix=badpix)
-    processed = process_exposures([formats.read_raw_ifu(path, ifu) for path, _ in raw], settings, calibrations,
+    processed = process_exposures([partial(formats.read_raw_ifu, path, ifu) for path, _ in raw], settings, calibrations,
                                   illum=[tag == "ILLUM" for _, tag in raw])
     exposures = processed.images[:len(inputs.skyflats)]
     illum_image = processed.images[len(inputs.skyflats)] if inputs.illum else None

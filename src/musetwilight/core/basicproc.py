@@ -277,7 +277,8 @@ def _raw_stage(raw: RawImage, settings: Settings, badpix: list[Any]) -> _Exposur
         if (key.startswith("NAXIS") or key in ("DATASUM", "DATAMIN", "DATAMAX", "DATAMD5")
                 or (key.startswith("ESO DET OUT") and ("PRSC" in key or "OVSC" in key))):
             del header[key]
-    return _Exposure(raw, source, layout, gain, header, tdata, tdq, stats, settings.overscan.method)
+    header_only = RawImage(np.empty((0, 0), raw.data.dtype), raw.header, raw.path, raw.ifu)  # pixels released
+    return _Exposure(header_only, source, layout, gain, header, tdata, tdq, stats, settings.overscan.method)
 
 
 def _bias_stage(e: _Exposure, bias: MuseImage, settings: Settings) -> None:
@@ -388,9 +389,12 @@ def check_finite(image: MuseImage, catg: str) -> None:
                          f"are NaN or inf (first at x={x + 1}, y={y + 1})")
 
 
-def process_exposures(raws: Sequence[RawImage], settings: Settings, calibrations: Calibrations,
-                      illum: Sequence[bool] | None = None) -> ProcessedExposures:
+def process_exposures(raws: Sequence[RawImage | Callable[[], RawImage]], settings: Settings,
+                      calibrations: Calibrations, illum: Sequence[bool] | None = None) -> ProcessedExposures:
     """Basic-process one IFU of several raw exposures step by step, as ESO's muse_basicproc_load.
+
+    ``raws`` are images or functions reading them; a function is called when its exposure
+    is processed, so that only one untrimmed raw CCD is in memory at a time.
 
     ``illum[k]`` marks ILLUM exposures (exempt from the MASTER_FLAT mode check).  The
     headers get ESO's records (DRS MUSE OVSCi ..., BUNIT, FLAT FLUX LAMP) and the
@@ -398,7 +402,7 @@ def process_exposures(raws: Sequence[RawImage], settings: Settings, calibrations
     (OverscanError) where ESO stops processing the IFU.
     """
     illum = list(illum) if illum is not None else [False] * len(raws)
-    work = [_raw_stage(raw, settings, calibrations.badpix) for raw in raws]
+    work = [_raw_stage(raw() if callable(raw) else raw, settings, calibrations.badpix) for raw in raws]
     image = _load(calibrations.bias, "MASTER_BIAS")
     if not _bias_parameters_match(image.header, settings):
         log.warning("overscan parameters differ between MASTER_BIAS and recipe parameters!")

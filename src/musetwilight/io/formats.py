@@ -36,6 +36,7 @@ import contextlib
 import functools
 import gzip
 import logging
+import mmap
 import os
 import re
 import warnings
@@ -100,7 +101,9 @@ def reader(function: _Reader) -> _Reader:
 
 @contextlib.contextmanager
 def open_fits(path: str | os.PathLike) -> Iterator[fits.HDUList]:
-    """Open a FITS file memory-mapped and lazily; failures become InputError naming the file.
+    """Open a FITS file lazily (each HDU's data read when used, into memory of its own rather
+    than a file mapping that would stay resident until the file is closed); failures become
+    InputError naming the file.
 
     Image data come unscaled (``do_not_scale_image_data``): use :func:`image_values`.
     """
@@ -111,7 +114,7 @@ def open_fits(path: str | os.PathLike) -> Iterator[fits.HDUList]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", fits.verify.VerifyWarning)
-            hdul = fits.open(file_path, memmap=True, do_not_scale_image_data=True, mode="readonly")
+            hdul = fits.open(file_path, memmap=False, do_not_scale_image_data=True, mode="readonly")
     except (OSError, ValueError, TypeError, IndexError) as err:
         raise InputError(f"{file_path}: not a readable FITS file ({err})") from None
     try:
@@ -384,13 +387,31 @@ def check_keyword_types(header: fits.Header, path: Path | str, where: str = "",
 
 # --------------------------------------------------------------------------- image data
 
+def _detach(hdu: fits.hdu.base._BaseHDU, values: np.ndarray) -> bool:
+    """Whether ``values`` (the HDU's data) may be changed in place: a writeable buffer of its
+    own, not a file mapping, which the HDU is made to forget (a later access re-reads it)."""
+    base: object = values
+    while isinstance(base, np.ndarray):
+        if isinstance(base, np.memmap) or not base.flags.writeable:
+            return False
+        base = base.base
+    if isinstance(base, mmap.mmap):
+        return False
+    try:
+        del hdu.data
+    except (AttributeError, TypeError):
+        return False
+    return True
+
+
 def image_values(hdu: fits.hdu.base._BaseHDU, path: Path | str = "") -> np.ndarray:
     """The scaled values of an image HDU opened by :func:`open_fits`, as a native array.
 
     BITPIX 16/32/64 with BSCALE 1 and BZERO 2**(bits-1) give uint16/uint32/uint64 (the
     FITS unsigned convention, exactly); other integer data keep their type; any other
     scaling gives float64 (float32 for 8/16-bit data); floats stay floats.  Only this
-    HDU's data are read from the file.
+    HDU's data are read from the file; where they are a private buffer they are converted
+    in place (no second full-size copy) and the HDU forgets them.
     """
     name = hdu.header.get("EXTNAME", "primary")
     try:
@@ -406,10 +427,19 @@ def image_values(hdu: fits.hdu.base._BaseHDU, path: Path | str = "") -> np.ndarr
     bscale = hdu.header.get("BSCALE", 1)
     bzero = hdu.header.get("BZERO", 0)
     native = raw.dtype.newbyteorder("=")
+    exact_types = (bscale == 1 and bzero == 0) or (
+        raw.dtype.kind == "i" and bscale == 1 and bzero == 2 ** (8 * raw.dtype.itemsize - 1))
+    if exact_types:
+        if _detach(hdu, raw):
+            if not raw.dtype.isnative:
+                raw.byteswap(inplace=True)
+            raw = raw.view(native)
+        else:
+            raw = np.array(raw, dtype=native)
     if bscale == 1 and bzero == 0:
-        return np.array(raw, dtype=native)
+        return raw
     if raw.dtype.kind == "i" and bscale == 1 and bzero == 2 ** (8 * raw.dtype.itemsize - 1):
-        unsigned = raw.astype(native).view(native.str.replace("i", "u"))  # one native copy
+        unsigned = raw.view(native.str.replace("i", "u"))
         unsigned ^= unsigned.dtype.type(1 << (8 * raw.dtype.itemsize - 1))  # + BZERO, exactly
         return unsigned
     if raw.dtype.kind == "u" and raw.dtype.itemsize == 1 and bscale == 1 and bzero == -128:
