@@ -9,7 +9,9 @@ file first, then all renamed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import re
 import tempfile
@@ -27,11 +29,13 @@ from ..core.fluxscale import MergedFlux
 from ..core.smooth import TwilightResult
 from ..headers import hierarch, is_wcs_key, set_card, set_hdu_class
 from ..params import PARAMETERS, RECIPE
+from . import outdir, space
 from .frames import Inputs
 
 PIPE_ID = f"musetwilight/{__version__}"
 DRS_ID = f"musetwilight-{__version__}"
 PRO_DID = "PRO-1.16"
+RECORD_NAME = ".musetwilight-products.json"  # the record of a complete set, written after the products
 
 
 @dataclass(frozen=True)
@@ -284,41 +288,131 @@ def sign_product(hdul: fits.HDUList, path: Path | str) -> None:
     hdul[0].header["DATAMD5"] = (data_md5(hdul), "MD5 checksum")
 
 
-def write_products(products: Mapping[str, fits.HDUList], output_dir: str | os.PathLike) -> dict[str, Path]:
+def write_products(products: Mapping[str, fits.HDUList], output_dir: str | os.PathLike,
+                   lock: outdir.OutputLock | None = None) -> dict[str, Path]:
     """Write all products (tag -> HDUList) or none, as ``<tag>.fits`` in ``output_dir``.
 
-    Each goes to a temporary file in ``output_dir`` first, then all are renamed.  On any
-    failure (full disk, interruption) the temporary files are removed and no product of
-    this run is left in ``output_dir``; existing files there stay untouched.
+    The directory is held by ``lock`` (taken here when not given; another run holding it
+    makes this fail at once with BusyError).  Each product goes to a temporary file in
+    ``output_dir`` first; then the record of the previous complete set (RECORD_NAME) is
+    removed, all are renamed and a new record lists them (:func:`complete_set`).  On any
+    failure (a full disk: SpaceError; an interruption) the temporary files are removed and
+    no product of this run is left in ``output_dir``; existing files there stay untouched.
     """
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if not os.access(out, os.W_OK):
-        raise PermissionError(f"{out}: output directory is not writable")
+    own_lock = lock is None
+    held = outdir.claim(output_dir) if lock is None else lock
+    out = held.directory
     pending: list[tuple[str, str, Path]] = []
     try:
         for name, hdul in products.items():
             path = out / f"{name}.fits"
             sign_product(hdul, path)
-            handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=out)
+            handle, tmp_name = tempfile.mkstemp(prefix=outdir.temporary_name(path), suffix=outdir.TEMPORARY_SUFFIX,
+                                                dir=out)
             os.close(handle)
             pending.append((name, tmp_name, path))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", fits.verify.VerifyWarning)
                 hdul.writeto(tmp_name, overwrite=True, checksum=True, output_verify="exception")
+            _sync(tmp_name)
             mask = os.umask(0)
             os.umask(mask)
             os.chmod(tmp_name, 0o666 & ~mask)
+        record = {"pipeline": PIPE_ID, "pid": os.getpid(), "written": datetime.now(UTC).isoformat(timespec="seconds"),
+                  "products": {name: {"file": path.name, "bytes": os.path.getsize(tmp_name),
+                                      "datamd5": products[name][0].header["DATAMD5"]}
+                               for name, tmp_name, path in pending}}
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(out / RECORD_NAME)
         for _, tmp_name, path in pending:
             os.replace(tmp_name, path)
-    except BaseException:
+        _write_record(out, record)
+    except BaseException as err:
         for _, tmp_name, _ in pending:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(tmp_name)
-            except OSError:
-                pass
+        if isinstance(err, OSError) and space.is_out_of_space(err):
+            raise space.out_of_space_error(out, "the products", err) from err
         raise
+    finally:
+        if own_lock:
+            held.release()
     return {name: path for name, _, path in pending}
+
+
+def _sync(path: str | os.PathLike) -> None:
+    """Flush a file to disk (a product renamed into place must not be lost in a crash)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_record(out: Path, record: dict) -> None:
+    handle, tmp_name = tempfile.mkstemp(prefix=RECORD_NAME + ".", suffix=outdir.TEMPORARY_SUFFIX, dir=out)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            json.dump(record, stream, indent=1)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp_name, out / RECORD_NAME)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise
+    _sync(out)
+
+
+def verify_product(path: str | os.PathLike) -> str | None:
+    """Why a product file is not intact (None when it is): readable, CHECKSUM and DATASUM of
+    every HDU right, DATAMD5 equal to its data's."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with fits.open(path, checksum=True, memmap=False) as hdul:
+                for hdu in hdul:
+                    _ = hdu.data
+                md5 = data_md5(hdul)
+                stored = hdul[0].header.get("DATAMD5")
+    except (OSError, ValueError, TypeError) as err:
+        return f"{path}: not readable ({err})"
+    failed = [str(w.message) for w in caught if "Checksum verification failed" in str(w.message)
+              or "Datasum verification failed" in str(w.message)]
+    if failed:
+        return f"{path}: {failed[0]}"
+    if stored != md5:
+        return f"{path}: DATAMD5 {stored} differs from the data's {md5}"
+    return None
+
+
+def complete_set(directory: str | os.PathLike, tags: Iterable[str] = PRODUCT_TAGS,
+                 verify: bool = True) -> dict[str, Path] | None:
+    """The products of one complete run in ``directory`` (tag -> path), or None.
+
+    Complete: the record written after the last renaming lists every tag, each file has the
+    recorded size and DATAMD5, and (``verify``) passes :func:`verify_product`.
+    """
+    out = Path(directory)
+    try:
+        listed = json.loads((out / RECORD_NAME).read_text())["products"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    found = {}
+    for tag in tags:
+        entry = listed.get(tag) if isinstance(listed, dict) else None
+        if not entry:
+            return None
+        path = out / entry["file"]
+        try:
+            if path.stat().st_size != entry["bytes"] or fits.getval(path, "DATAMD5", 0) != entry["datamd5"]:
+                return None
+        except (OSError, KeyError):
+            return None
+        if verify and verify_product(path) is not None:
+            return None
+        found[tag] = path
+    return found
 
 
 # --------------------------------------------------------------------------- the products' headers

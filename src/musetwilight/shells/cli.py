@@ -90,6 +90,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", choices=tuple(LOG_LEVELS), default=None,
                         help="level of messages written to the log file [info]")
     parser.add_argument("--workers", type=_positive_int, default=None, help="IFUs reduced in parallel [cores]")
+    add_scratch_argument(parser)
     parser.add_argument("--skip-cube", type=Path, default=None,
                         help="start from this DATACUBE_SKYFLAT (as ESO's MUSE_TWILIGHT_SKIP)")
     parser.add_argument("--scales", default=None,
@@ -98,6 +99,13 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write the QA report (HTML page and PNG plots) into DIR")
     parser.add_argument("--timings-json", type=Path, default=None, help="write the per-stage timings to this JSON file")
     parser.add_argument("sof", nargs="?", type=Path, help="set-of-frames file: one 'path TAG' line per input")
+
+
+def add_scratch_argument(parser: argparse.ArgumentParser) -> None:
+    from ..io.space import SCRATCH_ENV
+
+    parser.add_argument("--scratch-dir", type=Path, default=None, metavar="DIR",
+                        help=f"where full-size runs keep the IFU tables (about 8 GB) [${SCRATCH_ENV}, else $TMPDIR]")
 
 
 def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -154,6 +162,7 @@ def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="skip sets whose output directory already holds both products")
     parser.add_argument("--summary-json", type=Path, metavar="FILE", help="also write the summary as JSON")
+    add_scratch_argument(parser)
     add_recipe_parameters(parser, "recipe parameters (as esorex muse_twilight, the same for every set)")
 
 
@@ -229,7 +238,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         logging.getLogger().addHandler(handler)
     progress = Progress()
     result = recipe.run(args.sof, settings, args.output_dir, skip_cube=args.skip_cube,
-                        scales=parse_scales(args.scales), workers=args.workers, progress=progress)
+                        scales=parse_scales(args.scales), workers=args.workers, progress=progress,
+                        scratch_dir=args.scratch_dir)
     progress.done()
     for name, path in result.paths.items():
         print(f"{name}: {path}")
@@ -305,7 +315,8 @@ def batch_from_args(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     progress = Progress()
-    options = dict(settings=settings, output_root=args.output_root, resume=args.resume, progress=progress)
+    options = dict(settings=settings, output_root=args.output_root, resume=args.resume, progress=progress,
+                   scratch_dir=args.scratch_dir)
     if args.scheduler or args.workers:
         try:
             quiet = logging.WARNING if getattr(args, "verbose", 0) <= 0 else None
