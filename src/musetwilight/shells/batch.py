@@ -1,6 +1,7 @@
 """Batch reduction of many twilight sets, serially or on a Dask cluster.
 
-Each SOF is reduced with :func:`musetwilight.recipe.run` into ``<output_root>/<SOF stem>/``;
+Each SOF is reduced with :func:`musetwilight.recipe.run` into ``<output_root>/<name>/``, the name
+being the SOF's path relative to the common root of all SOFs, without its suffix;
 a set that fails is recorded with its error and the batch goes on.  With a
 ``distributed.Client`` every set becomes one Dask task, and inside it the 24 per-IFU
 stages become Dask tasks of their own (through the recipe's ``mapper`` hook), so one
@@ -9,13 +10,15 @@ Dask path.
 
 Every set is reduced with the same settings and without the environment overrides
 ($MUSE_TWILIGHT_SKIP names one cube, $MUSE_TWILIGHT_SCALES one set's scales, and a
-worker's environment is not the submitter's).
+worker's environment is not the submitter's); the scratch directory is the worker's
+own ($MUSETWILIGHT_SCRATCH_DIR or $TMPDIR) unless one is given.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import traceback
 import uuid
@@ -27,7 +30,9 @@ from itertools import islice
 from pathlib import Path
 
 from ..errors import ParameterError
-from ..io.products import PRODUCTS
+from ..io import outdir
+from ..io.products import PRODUCTS, complete_set
+from ..io.space import SCRATCH_ENV
 from ..params import Settings, make_settings
 
 log = logging.getLogger("musetwilight.batch")
@@ -38,11 +43,13 @@ DASK_HINT = "the Dask options need dask.distributed: pip install 'musetwilight[d
 
 @dataclass(frozen=True)
 class SetJob:
-    """One twilight set of a batch: its SOF (absolute) and its output directory."""
+    """One twilight set of a batch: its SOF (absolute), its output directory and where its
+    scratch files go (None: the worker's $MUSETWILIGHT_SCRATCH_DIR or $TMPDIR)."""
 
     name: str
     sof: Path
     output_dir: Path
+    scratch_dir: Path | None = None
 
 
 @dataclass
@@ -103,24 +110,47 @@ class BatchReport:
         return json.dumps({"seconds": self.seconds, "sets": [asdict(o) for o in self.outcomes]}, indent=2)
 
 
-def plan_jobs(sofs: Iterable[str | Path], output_root: str | Path) -> list[SetJob]:
-    """One job per SOF, writing into ``<output_root>/<SOF stem>``; two SOFs with the same stem are an error."""
+def plan_jobs(sofs: Iterable[str | Path], output_root: str | Path,
+              scratch_dir: str | Path | None = None) -> list[SetJob]:
+    """One job per SOF, named after the SOF's path relative to the common root of all SOFs
+    (without its suffix) and writing into ``<output_root>/<name>``.
+
+    ``nights/2024-03-01/twilight.sof`` and ``nights/2024-03-02/twilight.sof`` become
+    ``2024-03-01/twilight`` and ``2024-03-02/twilight``; SOFs in one directory keep their stem.
+    The same SOF twice, or two SOFs differing only in their suffix, are an error.
+    """
     root = Path(output_root).expanduser().resolve()
+    paths = [Path(os.path.abspath(Path(sof).expanduser())) for sof in sofs]
+    if not paths:
+        return []
+    common = Path(os.path.commonpath([p.parent for p in paths]))
     jobs: list[SetJob] = []
     seen: dict[str, Path] = {}
-    for sof in sofs:
-        path = Path(sof).expanduser().resolve()
-        name = path.stem
+    for path in paths:
+        name = (path.parent.relative_to(common) / path.stem).as_posix()
         if name in seen:
-            raise ParameterError(f"{seen[name]} and {path} would both be reduced into {root / name}: "
-                             "give the SOF files distinct names")
+            what = "is given twice" if seen[name] == path else f"and {path} would both be reduced into {root / name}"
+            raise ParameterError(f"{seen[name]} {what}: give each set once, under a distinct name")
         seen[name] = path
-        jobs.append(SetJob(name, path, root / name))
+        jobs.append(SetJob(name, path, root / name, Path(scratch_dir) if scratch_dir else None))
     return jobs
 
 
 def products_present(job: SetJob) -> bool:
-    return all((job.output_dir / product.file_name).is_file() for product in PRODUCTS)
+    """Whether the set's output directory holds a complete, intact set of products of one run."""
+    return complete_set(job.output_dir) is not None
+
+
+def clear_partial(job: SetJob) -> None:
+    """Remove what a failed or killed attempt left in the set's output directory (temporary
+    files); nothing is done while another run holds the directory."""
+    if not job.output_dir.is_dir():
+        return
+    try:
+        with outdir.claim(job.output_dir):
+            pass  # claiming removes the leftovers
+    except OSError as err:
+        log.debug("%s: leftovers not cleared: %s", job.output_dir, err)
 
 
 def reduce_set(job: SetJob, settings: Settings, *, workers: int | None = None,
@@ -131,8 +161,9 @@ def reduce_set(job: SetJob, settings: Settings, *, workers: int | None = None,
     start = time.perf_counter()
     outcome = SetOutcome(job.name, str(job.sof), str(job.output_dir), "ok")
     try:
-        result = recipe.run(job.sof, settings, job.output_dir, workers=workers, environ={},
-                            progress=progress, mapper=mapper)
+        environ = {SCRATCH_ENV: os.environ[SCRATCH_ENV]} if SCRATCH_ENV in os.environ else {}
+        result = recipe.run(job.sof, settings, job.output_dir, workers=workers, environ=environ,
+                            scratch_dir=job.scratch_dir, progress=progress, mapper=mapper)
         outcome.paths = {name: str(path) for name, path in result.paths.items()}
         outcome.skipped_ifus = sorted(result.skipped_ifus)
         outcome.failed_ifus = result.ifus("failed")
@@ -147,18 +178,21 @@ def reduce_set(job: SetJob, settings: Settings, *, workers: int | None = None,
 def run_batch(sofs: Iterable[str | Path], settings: Settings | None = None, output_root: str | Path = ".",
               *, client=None, workers: int | None = None, distribute_ifus: bool = True,
               resume: bool = False, max_in_flight: int | None = None,
-              progress: Callable[[str], None] | None = None) -> BatchReport:
-    """Reduce every SOF into ``<output_root>/<stem>/`` and report each set's outcome.
+              progress: Callable[[str], None] | None = None, scratch_dir: str | Path | None = None) -> BatchReport:
+    """Reduce every SOF into ``<output_root>/<name>/`` (:func:`plan_jobs`) and report each set's outcome.
 
     Without ``client`` the sets run one after the other in this process (``workers``
     threads for the IFUs, as :func:`recipe.run`); Dask is not imported.  With a
     ``distributed.Client`` each set is a Dask task and, if ``distribute_ifus``, its
     per-IFU stages are Dask tasks too; at most ``max_in_flight`` sets (default: the
     cluster's threads) are in progress at once.  ``resume`` leaves sets whose
-    output directory already holds both products alone.
+    output directory already holds a complete set of products (:func:`products_present`)
+    alone.  A set that fails (a worker killed more often than Dask retries it included)
+    leaves no partial product: :func:`clear_partial`.  ``scratch_dir`` is where the sets'
+    scratch files go (default: each worker's own).
     """
     settings = settings if settings is not None else make_settings()
-    jobs = plan_jobs(sofs, output_root)
+    jobs = plan_jobs(sofs, output_root, scratch_dir)
     start = time.perf_counter()
     outcomes: dict[str, SetOutcome] = {}
     todo = []
@@ -182,8 +216,10 @@ def run_batch(sofs: Iterable[str | Path], settings: Settings | None = None, outp
             outcomes[outcome.name] = outcome
             say(_done_message(number, len(todo), outcome))
     report = BatchReport([outcomes[job.name] for job in jobs], time.perf_counter() - start)
-    for outcome in report.failed:
-        log.error("%s failed: %s", outcome.name, outcome.error)
+    for job in jobs:
+        if not outcomes[job.name].ok:
+            clear_partial(job)
+            log.error("%s failed: %s", job.name, outcomes[job.name].error)
     return report
 
 
