@@ -89,6 +89,7 @@ def test_serial_batch_reduces_every_set_and_reports_the_failing_one(serial, sofs
     assert report.outcomes[0].skipped_ifus == list(range(4, 25))
     assert not (root / "broken").exists() or not any((root / "broken").glob("*.fits"))
     lines = report.summary().splitlines()
+    assert lines[1].endswith("/alpha (IFUs absent 4-24)")
     assert lines[3].split()[:2] == ["broken", "failed"] and "missing_0.fits" in lines[3]
     assert lines[-1].startswith("3 sets: 2 reduced, 0 already done, 1 failed")
     assert any(m.startswith("alpha: IFU  1 reduced") for m in messages)

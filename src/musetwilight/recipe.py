@@ -35,7 +35,7 @@ from .core.pixtable import PixTable
 from .core.resample import ResampleOptions, resample_tables, resample_tables_banded
 from .core.smooth import TwilightResult, postprocess
 from .errors import InputError, MergeError, MuseTwilightError, OutputError, os_error_text
-from .instrument import NUM_IFUS, is_nfm
+from .instrument import NUM_IFUS, ifu_ranges, is_nfm
 from .io import formats, outdir, products, space
 from .io.frames import FrameSet, Inputs, parse_sof
 from .io.preflight import preflight
@@ -134,6 +134,9 @@ def run(frames: FrameSet | str | os.PathLike, settings: Settings | Mapping | Non
     inputs = read_inputs(frames, settings)
     mode = instrument_mode(inputs.skyflats[0])
     present = present_ifus(inputs)
+    log.debug("parameters: %s", " ".join(f"--{k}={v}" for k, v in settings.texts().items()))
+    log.debug("%d raw exposures, mode %s, IFUs %s; %d workers, scratch under %s", len(inputs.used_raw()), mode,
+              ifu_ranges(present), opts.workers, opts.scratch_dir)
     with contextlib.ExitStack() as stack:
         lock = None
         if output_dir is not None:  # checked and held before any work
@@ -337,6 +340,7 @@ def reduce_ifus(inputs: Inputs, settings: Settings, mode: str, options: RunOptio
                 log.warning("%s", outcome.reason)
                 options.stage(f"IFU {ifu:2d} failed ({done}/{len(ifus)})")
                 continue
+            log.debug("IFU %d: pixel table of %d rows", ifu, len(outcome.table.xpos))
             if spill_dir is not None:
                 outcome.table = SpilledTable(outcome.table, spill_dir, f"ifu{ifu:02d}")
             reductions.results[ifu] = outcome
@@ -346,17 +350,6 @@ def reduce_ifus(inputs: Inputs, settings: Settings, mode: str, options: RunOptio
         not_in_set = f" (IFUs {ifu_ranges(absent)} are not in this set)" if absent else ""
         raise MergeError(f"no IFU could be reduced: {'; '.join(failed)[:2000]}{not_in_set}")
     return reductions
-
-
-def ifu_ranges(ifus: list[int]) -> str:
-    """IFU numbers as ranges: [1, 2, 3, 5, 7, 8] -> "1-3, 5, 7-8"."""
-    parts: list[str] = []
-    for ifu in sorted(ifus):
-        if parts and int(parts[-1].split("-")[-1]) == ifu - 1:
-            parts[-1] = f"{parts[-1].split('-')[0]}-{ifu}"
-        else:
-            parts.append(str(ifu))
-    return ", ".join(parts)
 
 
 # --------------------------------------------------------------------------- DATACUBE_SKYFLAT

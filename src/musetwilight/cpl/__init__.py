@@ -30,7 +30,8 @@ from astropy.io import fits
 
 from .. import __version__
 from .. import params as _params
-from ..errors import MuseTwilightError
+from ..errors import MuseTwilightError, os_error_text
+from ..io import outdir
 from ..io.frames import RULES_BY_TAG, make_frameset
 from ..io.products import PRODUCT_TAGS
 
@@ -380,13 +381,18 @@ class Recipe:
         tag = ndata.get("tag", self.tag)
         raw = _raw_frames(data, ndata.get("raw"), tag)
         if not raw:
-            raise ValueError("No raw frames specified.")
+            raise CplValueError("No raw frames specified.")
         calib = self.calib.as_dict(ndata.get("calib"))
-        settings = _params.make_settings(self.param.values(ndata.get("param")))
+        try:
+            settings = _params.make_settings(self.param.values(ndata.get("param")))
+        except MuseTwilightError as err:
+            raise CplValueError(str(err)) from None
         output_dir = ndata.get("output_dir", self.output_dir)
-        run_dir = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(dir=self.temp_dir,
-                                                                             prefix=self.__name__ + "-"))
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir = outdir.make_directory(output_dir) if output_dir else \
+                Path(tempfile.mkdtemp(dir=self.temp_dir, prefix=self.__name__ + "-"))
+        except OSError as err:
+            raise CplError(os_error_text(err)) from err
         environ = dict(os.environ)
         environ.update(self.env)
         environ.update(ndata.get("env", {}))
@@ -409,8 +415,8 @@ class Recipe:
                     entries.append((_as_path(frame, inputs_dir, f"{frame_tag}_{index}"), frame_tag))
             result = recipe.run(make_frameset(entries), settings, run_dir, environ=environ)
         except (MuseTwilightError, OSError) as err:
-            forward.error("%s", err)
-            raise CplError(str(err), records) from err
+            forward.error("%s", os_error_text(err))
+            raise CplError(os_error_text(err), records) from err
         finally:
             package_logger.removeHandler(capture)
             package_logger.setLevel(previous_level)

@@ -30,6 +30,7 @@ from itertools import islice
 from pathlib import Path
 
 from ..errors import ParameterError
+from ..instrument import ifu_ranges
 from ..io import outdir
 from ..io.products import PRODUCTS, complete_set
 from ..io.space import SCRATCH_ENV
@@ -97,8 +98,11 @@ class BatchReport:
                 detail = o.error or ""
             else:
                 detail = o.output_dir
-                if o.skipped_ifus:
-                    detail += f" (skipped IFUs {','.join(map(str, o.skipped_ifus))})"
+                absent = [ifu for ifu in o.skipped_ifus if ifu not in o.failed_ifus]
+                kinds = [f"{what} {ifu_ranges(ifus)}" for what, ifus in (("absent", absent), ("failed", o.failed_ifus))
+                         if ifus]
+                if kinds:
+                    detail += f" (IFUs {'; '.join(kinds)})"
             lines.append(f"{o.name:<{width}}  {o.status:<7}  {o.seconds:7.1f}s  {detail}")
         done = sum(o.status == "ok" for o in self.outcomes)
         skipped = sum(o.status == "skipped" for o in self.outcomes)
