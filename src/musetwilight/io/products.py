@@ -27,7 +27,7 @@ from astropy.io import fits
 from .. import __version__
 from ..core.fluxscale import MergedFlux
 from ..core.smooth import TwilightResult
-from ..headers import hierarch, is_wcs_key, set_card, set_hdu_class
+from ..headers import hierarch, is_wcs_key, product_order, set_card, set_hdu_class
 from ..params import PARAMETERS, RECIPE
 from . import outdir, space
 from .frames import Inputs
@@ -64,7 +64,7 @@ PRODUCT_TAGS = tuple(p.tag for p in PRODUCTS)
 # keywords never inherited into a product's primary header (CPL's DFS rules, the
 # per-image bookkeeping of the intermediate stages, and ESO's WCS keywords)
 _DROPPED = re.compile(
-    r"^(ESO DPR |ESO PRO |ARCFILE$|ORIGFILE$|CHECKSUM$|DATASUM$|HDRVER$|EXTNAME$|BUNIT$|"
+    r"^(ESO DPR |ESO PRO |ARCFILE$|ORIGFILE$|CHECKSUM$|DATASUM$|HDRVER$|EXTNAME$|BUNIT$|DATE$|"
     r"ESO DRS MUSE OVSC|ESO DRS MUSE PIXTABLE|ESO DRS MUSE TMP|MUSE TMP|DATAMD5$|PIPEFILE$|"
     r"BSCALE$|BZERO$|INHERIT$)"
 )
@@ -152,13 +152,13 @@ def product_primary_header(source: fits.Header, catg: str, raw, calib, settings,
     header["DATAMD5"] = ("", "MD5 checksum")
     header["PIPEFILE"] = ("", "Filename of data product")
     for card in inherited.cards:
-        if card.keyword not in core and not card.keyword.startswith(("ESO QC", "ESO DRS MUSE FLAT")):
+        if card.keyword not in core and not card.keyword.startswith((QC_TWILIGHT_PREFIX, "ESO DRS MUSE FLAT")):
             header.append(card)
     for key, value, comment in provenance_cards(catg, raw, calib, settings):
         header.append((hierarch(key), value, comment))
     for key, value, comment in extra:
         header.append((hierarch(key), value, comment))
-    return header
+    return product_order(header)
 
 
 def wcs_cards(header: fits.Header, naxis: int) -> fits.Header:
