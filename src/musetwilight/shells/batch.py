@@ -39,6 +39,11 @@ from ..params import Settings, make_settings
 log = logging.getLogger("musetwilight.batch")
 
 DASK_HINT = "the Dask options need dask.distributed: pip install 'musetwilight[dask]'"
+WATCH_S = 5.0  # how often a waiting batch looks whether the cluster still has workers
+NO_WORKER_TIMEOUT_S = 300.0  # the pending sets fail after this long without any worker
+# a local cluster's nannies restart killed workers themselves; Dask's default (15 s) would
+# also retire a worker that happens to be restarting 15 s after an earlier death
+LOCAL_LOST_WORKER_TIMEOUT = "1 day"
 
 
 
@@ -146,13 +151,16 @@ def products_present(job: SetJob) -> bool:
 
 
 def clear_partial(job: SetJob) -> None:
-    """Remove what a failed or killed attempt left in the set's output directory (temporary
-    files); nothing is done while another run holds the directory."""
+    """Leave a failed set's output directory with a complete set of products or none: remove
+    the temporary files of killed attempts and products no record certifies (a run killed
+    between its renames); nothing is done while another run holds the directory."""
     if not job.output_dir.is_dir():
         return
     try:
-        with outdir.claim(job.output_dir):
-            pass  # claiming removes the leftovers
+        with outdir.claim(job.output_dir):  # claiming removes the temporary files
+            if complete_set(job.output_dir) is None:
+                for product in PRODUCTS:
+                    (job.output_dir / product.file_name).unlink(missing_ok=True)
     except OSError as err:
         log.debug("%s: leftovers not cleared: %s", job.output_dir, err)
 
@@ -182,7 +190,8 @@ def reduce_set(job: SetJob, settings: Settings, *, workers: int | None = None,
 def run_batch(sofs: Iterable[str | Path], settings: Settings | None = None, output_root: str | Path = ".",
               *, client=None, workers: int | None = None, distribute_ifus: bool = True,
               resume: bool = False, max_in_flight: int | None = None,
-              progress: Callable[[str], None] | None = None, scratch_dir: str | Path | None = None) -> BatchReport:
+              progress: Callable[[str], None] | None = None, scratch_dir: str | Path | None = None,
+              no_worker_timeout: float = NO_WORKER_TIMEOUT_S) -> BatchReport:
     """Reduce every SOF into ``<output_root>/<name>/`` (:func:`plan_jobs`) and report each set's outcome.
 
     Without ``client`` the sets run one after the other in this process (``workers``
@@ -192,8 +201,9 @@ def run_batch(sofs: Iterable[str | Path], settings: Settings | None = None, outp
     cluster's threads) are in progress at once.  ``resume`` leaves sets whose
     output directory already holds a complete set of products (:func:`products_present`)
     alone.  A set that fails (a worker killed more often than Dask retries it included)
-    leaves no partial product: :func:`clear_partial`.  ``scratch_dir`` is where the sets'
-    scratch files go (default: each worker's own).
+    leaves no partial product: :func:`clear_partial`; after ``no_worker_timeout`` seconds
+    without any worker the pending sets fail.  ``scratch_dir`` is where the sets' scratch
+    files go (default: each worker's own).
     """
     settings = settings if settings is not None else make_settings()
     jobs = plan_jobs(sofs, output_root, scratch_dir)
@@ -215,8 +225,8 @@ def run_batch(sofs: Iterable[str | Path], settings: Settings | None = None, outp
             outcomes[job.name] = outcome
             say(_done_message(number, len(todo), outcome))
     else:
-        for number, outcome in enumerate(_run_on_dask(client, todo, settings, distribute_ifus, max_in_flight),
-                                         start=1):
+        outcomes_on_dask = _run_on_dask(client, todo, settings, distribute_ifus, max_in_flight, no_worker_timeout)
+        for number, outcome in enumerate(outcomes_on_dask, start=1):
             outcomes[outcome.name] = outcome
             say(_done_message(number, len(todo), outcome))
     report = BatchReport([outcomes[job.name] for job in jobs], time.perf_counter() - start)
@@ -297,9 +307,14 @@ def _dask_set_task(job: SetJob, settings: Settings, distribute_ifus: bool) -> Se
 
 
 def _run_on_dask(client, jobs: Sequence[SetJob], settings: Settings, distribute_ifus: bool,
-                 max_in_flight: int | None) -> Iterator[SetOutcome]:
-    """Submit the sets (a bounded number at a time) and yield their outcomes as they finish."""
-    from distributed import as_completed
+                 max_in_flight: int | None, no_worker_timeout: float = NO_WORKER_TIMEOUT_S) -> Iterator[SetOutcome]:
+    """Submit the sets (a bounded number at a time) and yield their outcomes as they finish.
+
+    A set whose workers died more often than Dask retries it fails (KilledWorker); when the
+    cluster has had no worker at all for ``no_worker_timeout`` seconds the sets still
+    pending fail too, instead of waiting for ever.
+    """
+    from distributed import wait
 
     if not jobs:
         return
@@ -308,29 +323,51 @@ def _run_on_dask(client, jobs: Sequence[SetJob], settings: Settings, distribute_
     pending = iter(jobs)
     in_flight: dict[str, tuple[SetJob, float, object]] = {}
 
-    def submit(job: SetJob):
+    def submit(job: SetJob) -> None:
         future = client.submit(_dask_set_task, job, settings, distribute_ifus, pure=False,
                                key=f"musetwilight-set-{job.name}-{token}")
         in_flight[future.key] = (job, time.perf_counter(), future)
-        return future
 
-    running = as_completed([submit(job) for job in islice(pending, limit)])
+    def failed(job: SetJob, submitted: float, error: str) -> SetOutcome:
+        return SetOutcome(job.name, str(job.sof), str(job.output_dir), "failed",
+                          seconds=time.perf_counter() - submitted, error=error)
+
+    for job in islice(pending, limit):
+        submit(job)
+    no_workers_since: float | None = None
     try:
-        for future in running:
-            job, submitted, _ = in_flight.pop(future.key)
+        while in_flight:
             try:
-                outcome = future.result()
-            except Exception as err:  # noqa: BLE001 - e.g. a worker died: the set failed, the batch goes on
-                outcome = SetOutcome(job.name, str(job.sof), str(job.output_dir), "failed",
-                                     seconds=time.perf_counter() - submitted,
-                                     error=f"{type(err).__name__}: {err}")
-            future.release()
-            following = next(pending, None)
-            if following is not None:
-                running.add(submit(following))
-            yield outcome
+                done = wait([future for _, _, future in in_flight.values()], timeout=WATCH_S,
+                            return_when="FIRST_COMPLETED").done
+            except TimeoutError:
+                done = set()
+            if not done:
+                if client.scheduler_info().get("workers"):
+                    no_workers_since = None
+                    continue
+                no_workers_since = no_workers_since or time.monotonic()
+                if time.monotonic() - no_workers_since < no_worker_timeout:
+                    continue
+                lost = list(in_flight.values()) + [(job, time.perf_counter(), None) for job in pending]
+                in_flight.clear()
+                client.cancel([future for _, _, future in lost if future is not None])
+                for job, submitted, _ in lost:
+                    yield failed(job, submitted, f"NoWorkers: the Dask cluster has had no worker for "
+                                                 f"{no_worker_timeout:.0f} s")
+                return
+            for future in done:
+                job, submitted, _ = in_flight.pop(future.key)
+                try:
+                    outcome = future.result()
+                except Exception as err:  # noqa: BLE001 - e.g. a worker died: the set failed, the batch goes on
+                    outcome = failed(job, submitted, f"{type(err).__name__}: {err}")
+                future.release()
+                following = next(pending, None)
+                if following is not None:
+                    submit(following)
+                yield outcome
     finally:
-        running.clear()
         if in_flight:
             client.cancel([future for _, _, future in in_flight.values()])
 
@@ -340,7 +377,9 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, thread
                 processes: bool = True, log_level: int | None = None, **cluster_options):
     """A ``distributed.Client``: connected to ``scheduler`` or to a new LocalCluster of ``workers``.
 
-    The local cluster (if any) is closed on exit; ``log_level`` sets Dask's own loggers.
+    The local cluster (if any) is closed on exit; its workers, restarted by their nannies
+    when they die, are never retired for having died (LOCAL_LOST_WORKER_TIMEOUT).
+    ``log_level`` sets Dask's own loggers.
     """
     try:
         from distributed import Client, LocalCluster
@@ -353,6 +392,9 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, thread
         with Client(scheduler) as client:
             yield client
         return
-    with LocalCluster(n_workers=workers or 1, threads_per_worker=threads_per_worker, processes=processes,
-                      **cluster_options) as cluster, Client(cluster) as client:
+    import dask
+
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": LOCAL_LOST_WORKER_TIMEOUT}), \
+            LocalCluster(n_workers=workers or 1, threads_per_worker=threads_per_worker, processes=processes,
+                         **cluster_options) as cluster, Client(cluster) as client:
         yield client
