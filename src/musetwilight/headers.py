@@ -49,6 +49,13 @@ def hierarch(key: str) -> str:
     return "HIERARCH " + key
 
 
+def fits_text(value: str) -> str:
+    """A string as CFITSIO writes it into a header value: the UTF-8 bytes, each one outside
+    printable ASCII as a space (a file name "SKYFLÂT.fits" is recorded as "SKYFL  T.fits",
+    as in ESO's products)."""
+    return "".join(chr(b) if 32 <= b < 127 else " " for b in value.encode("utf-8", "surrogateescape"))
+
+
 def strip_structural(header: fits.Header) -> fits.Header:
     """A copy of ``header`` without its structural keywords."""
     out = header.copy(strip=True)

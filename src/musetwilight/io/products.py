@@ -27,7 +27,7 @@ from astropy.io import fits
 from .. import __version__
 from ..core.fluxscale import MergedFlux
 from ..core.smooth import TwilightResult
-from ..headers import hierarch, is_wcs_key, product_order, set_card, set_hdu_class
+from ..headers import fits_text, hierarch, is_wcs_key, product_order, set_card, set_hdu_class
 from ..params import PARAMETERS, RECIPE
 from . import outdir, space
 from .frames import Inputs
@@ -113,11 +113,11 @@ def provenance_cards(catg: str, raw: Sequence[tuple[Path, str]], calib: Sequence
         ("ESO PRO REC1 PIPE ID", PIPE_ID, "Pipeline (unique) identifier"),
     ]
     for index, (path, tag) in enumerate(raw, start=1):
-        cards.append((f"ESO PRO REC1 RAW{index} NAME", Path(path).name, "File name of raw frame"))
+        cards.append((f"ESO PRO REC1 RAW{index} NAME", fits_text(Path(path).name), "File name of raw frame"))
         cards.append((f"ESO PRO REC1 RAW{index} CATG", tag, "Category of raw frame"))
     cards.append(("ESO PRO DATANCOM", len(raw), "Number of combined frames"))
     for index, (path, tag) in enumerate(sorted(calib, key=lambda f: (f[1], Path(f[0]).name)), start=1):
-        cards.append((f"ESO PRO REC1 CAL{index} NAME", Path(path).name, "File name of calibration frame"))
+        cards.append((f"ESO PRO REC1 CAL{index} NAME", fits_text(Path(path).name), "File name of calibration frame"))
         cards.append((f"ESO PRO REC1 CAL{index} CATG", tag, "Category of calibration frame"))
         md5 = _datamd5_of(path)
         if md5:
