@@ -315,19 +315,27 @@ def gaussian_kernel(fwhm: float) -> np.ndarray:
     return kernel / kernel.sum()
 
 
-def _normalize_and_fit(plane: np.ndarray, white_bad: np.ndarray, vign: np.ndarray | None,
-                       xorder: int, yorder: int, warnings: list[str]) -> np.ndarray:
-    """One cube plane: 5x7 masked median, normalise, polynomial fit, normalise."""
+def median_smoothed(plane: np.ndarray, white_bad: np.ndarray,
+                    warnings: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """What ESO fits a polynomial to in each cube plane: the plane's 5x7 masked median
+    (spaxels bad in the white-light image, empty or zero left out), normalised to mean 1;
+    and its bad spaxels."""
     bad = white_bad | ~np.isfinite(plane) | (plane == 0)
     ny, nx = plane.shape
     rx, ry = PLANE_MEDIAN_HALF
     if nx < 2 * rx + 1 or ny < 2 * ry + 1:
-        _warn(warnings, "filtering cube plane failed: Access beyond boundaries")
+        _warn(warnings if warnings is not None else [], "filtering cube plane failed: Access beyond boundaries")
         filtered, fbad = plane.copy(), bad
     else:
         filtered, fbad = _median_filter(np.ascontiguousarray(plane, np.float32), bad, rx, ry)
     mean = _mean_good(filtered, fbad)
-    filtered = _scale(filtered, 1.0 / mean if mean else np.inf)
+    return _scale(filtered, 1.0 / mean if mean else np.inf), fbad
+
+
+def _normalize_and_fit(plane: np.ndarray, white_bad: np.ndarray, vign: np.ndarray | None,
+                       xorder: int, yorder: int, warnings: list[str]) -> np.ndarray:
+    """One cube plane: 5x7 masked median, normalise, polynomial fit, normalise."""
+    filtered, fbad = median_smoothed(plane, white_bad, warnings)
     fitbad = fbad | vign if vign is not None else fbad
     fit = fit_polynomial_image(filtered, fitbad, xorder, yorder)
     mean = _mean_good(fit, fitbad)

@@ -350,7 +350,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         print(f"{name}: {path}")
     print(ifu_summary(result))
     if args.report:
-        report = _write_report(args.report, result)
+        report = _write_report(args.report, result, args.sof)
         if report:
             print(f"QA report: {report}")
     print(f"total time: {result.timings['total']:.1f} s")
@@ -381,15 +381,18 @@ def _after_products(what: str, write) -> bool:
     return True
 
 
-def _write_report(directory: Path, result, truth=None) -> Path | None:
-    """The QA report's index.html, or None (with a warning saying why) when it could not be made."""
+def _write_report(directory: Path, result, sof: Path, truth=None) -> Path | None:
+    """The QA report's index.html (with the IFU outlines from the set's GEOMETRY_TABLE), or None
+    (with a warning saying why) when it could not be made."""
+    from ..io.frames import parse_sof
     from ..tools.report import ReportError, write_report
 
     written: list[Path] = []
     try:
+        geometry = parse_sof(sof).single("GEOMETRY_TABLE")
         _after_products("QA report", lambda: written.append(
-            write_report(directory, result.datacube_skyflat, result.twilight_cube, truth=truth)))
-    except ReportError as err:
+            write_report(directory, result.datacube_skyflat, result.twilight_cube, truth=truth, geometry=geometry)))
+    except (ReportError, MuseTwilightError) as err:
         log.warning("QA report not written (the products are): %s", err)
     return written[0] if written else None
 
@@ -406,7 +409,7 @@ def demo_from_args(args: argparse.Namespace) -> int:
     for name, path in result.paths.items():
         print(f"{name}: {path}")
     print(f"injected truth: {data.truth_path}")
-    report = _write_report(args.report or args.out / "report", result, data.truth_path)
+    report = _write_report(args.report or args.out / "report", result, data.sof, data.truth_path)
     if report:
         print(f"QA report: {report}")
     print(f"total time: {result.timings['total']:.1f} s")
