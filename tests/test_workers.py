@@ -88,7 +88,7 @@ class Killer(threading.Thread):
 @pytest.fixture(scope="module")
 def cluster():
     pytest.importorskip("distributed", reason="dask.distributed is not installed (pip install 'musetwilight[dask]')")
-    with batch.dask_client(workers=2, threads_per_worker=1, dashboard_address=None) as client:
+    with batch.dask_client(workers=2, threads_per_worker=1, dashboard_address=":0") as client:
         client.wait_for_workers(2, timeout=120)
         yield client
 
@@ -118,7 +118,7 @@ def test_set_failing_on_every_worker_leaves_nothing_and_resume_completes_it(base
     sofs = _sofs(base_sets, tmp_path / "sofs", 2)
     root = tmp_path / "out"
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}), \
-            batch.dask_client(workers=1, threads_per_worker=1, dashboard_address=None) as client:
+            batch.dask_client(workers=1, threads_per_worker=1, dashboard_address=":0") as client:
         client.wait_for_workers(1, timeout=120)
         killer = Killer(client, random.Random(7), pause=(0.05, 0.1), limit=1)
         killer.start()
@@ -181,7 +181,7 @@ def test_a_cluster_without_workers_fails_the_sets_instead_of_waiting(base_sets, 
     monkeypatch.setattr(batch, "WATCH_S", 0.2)
     sofs = _sofs(base_sets, tmp_path / "sofs", 3)
     start = time.monotonic()
-    with distributed.LocalCluster(n_workers=0, dashboard_address=None) as empty, distributed.Client(empty) as client:
+    with distributed.LocalCluster(n_workers=0, dashboard_address=":0") as empty, distributed.Client(empty) as client:
         report = batch.run_batch(sofs, None, tmp_path / "out", client=client, max_in_flight=1, no_worker_timeout=1.0)
     assert time.monotonic() - start < 60
     assert [o.status for o in report.outcomes] == ["failed"] * 3
