@@ -152,3 +152,38 @@ def eso_recipe(simulated_set, simulation_root, eso_installation):
         return cache[key]
 
     return run
+
+
+class SmallFilesystems:
+    """Fresh tmpfs mounts under a test's directory: ``mount(size)`` ("5M", "300k") returns the
+    mount point, ``read_only(point)`` remounts it read-only, ``unmount_all()`` cleans up."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.mounts: list[Path] = []
+
+    def __call__(self, size: str) -> Path:
+        point = self.directory / f"tmpfs{len(self.mounts)}"
+        point.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip() or done.returncode}")
+        self.mounts.append(point)
+        return point
+
+    def read_only(self, point: Path) -> None:
+        subprocess.run(["mount", "-o", "remount,ro", str(point)], check=True, capture_output=True)
+
+    def unmount_all(self) -> None:
+        for point in reversed(self.mounts):
+            subprocess.run(["umount", str(point)], check=False, capture_output=True)
+        self.mounts.clear()
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A :class:`SmallFilesystems` for the test; every mount is removed afterwards."""
+    filesystems = SmallFilesystems(tmp_path)
+    yield filesystems
+    filesystems.unmount_all()

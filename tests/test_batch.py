@@ -89,6 +89,7 @@ def test_serial_batch_reduces_every_set_and_reports_the_failing_one(serial, sofs
     assert report.outcomes[0].skipped_ifus == list(range(4, 25))
     assert not (root / "broken").exists() or not any((root / "broken").glob("*.fits"))
     lines = report.summary().splitlines()
+    assert lines[1].endswith("/alpha (IFUs absent 4-24)")
     assert lines[3].split()[:2] == ["broken", "failed"] and "missing_0.fits" in lines[3]
     assert lines[-1].startswith("3 sets: 2 reduced, 0 already done, 1 failed")
     assert any(m.startswith("alpha: IFU  1 reduced") for m in messages)
@@ -112,13 +113,50 @@ def test_settings_survive_pickling_for_the_workers():
     assert restored.crsigma == 40.0 and restored.resample == "nearest"
 
 
-def test_plan_rejects_two_sofs_that_would_share_a_directory(tmp_path):
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    with pytest.raises(ParameterError, match="distinct names"):
-        batch.plan_jobs([tmp_path / "a" / "night.sof", tmp_path / "b" / "night.sof"], tmp_path / "out")
-    jobs = batch.plan_jobs([tmp_path / "a" / "night.sof"], tmp_path / "out")
-    assert jobs[0].output_dir == (tmp_path / "out" / "night").resolve()
+def test_plan_names_each_set_after_its_path_below_the_common_root(tmp_path):
+    nights, out = tmp_path / "nights", tmp_path / "out"
+    jobs = batch.plan_jobs([nights / "2024-03-01" / "twilight.sof", nights / "2024-03-02" / "twilight.sof",
+                            nights / "2024-03-02" / "late.sof"], out)
+    assert [job.name for job in jobs] == ["2024-03-01/twilight", "2024-03-02/twilight", "2024-03-02/late"]
+    assert jobs[0].output_dir == (out / "2024-03-01" / "twilight").resolve()
+    assert [job.name for job in batch.plan_jobs([tmp_path / "a.sof", tmp_path / "b.sof"], out)] == ["a", "b"]
+    assert batch.plan_jobs([tmp_path / "a" / "night.sof"], out)[0].output_dir == (out / "night").resolve()
+    with pytest.raises(ParameterError, match="night.sof is given twice"):
+        batch.plan_jobs([tmp_path / "night.sof", tmp_path / "night.sof"], out)
+    with pytest.raises(ParameterError, match=r"night.SOF would both be reduced into .*/out/night"):
+        batch.plan_jobs([tmp_path / "night.sof", tmp_path / "night.SOF"], out)
+
+
+@pytest.fixture(scope="module")
+def nights(simulated_set, tmp_path_factory):
+    """The two good sets laid out one directory per night, each SOF named twilight.sof."""
+    root = tmp_path_factory.mktemp("nights")
+    paths = []
+    for night, options in zip(("2024-03-01", "2024-03-02"), SETS.values()):
+        (root / night).mkdir()
+        frames = [line.split() for line in simulated_set(**options).sof.read_text().splitlines() if line.strip()]
+        paths.append(write_sof(root / night / "twilight.sof", frames))
+    return paths
+
+
+def test_same_named_sofs_one_directory_per_night_on_dask(nights, serial, dask_client, tmp_path, capsys):
+    serial_root, _, _ = serial
+    root = tmp_path / "reduced"
+    report = batch.run_batch(nights, SETTINGS, root, client=dask_client)
+    assert [(o.name, o.status) for o in report.outcomes] == [("2024-03-01/twilight", "ok"),
+                                                             ("2024-03-02/twilight", "ok")]
+    for night, name in zip(("2024-03-01", "2024-03-02"), SETS):
+        for product in PRODUCT_TAGS:
+            assert fits.getheader(root / night / "twilight" / f"{product}.fits")["DATAMD5"] == \
+                fits.getheader(serial_root / name / f"{product}.fits")["DATAMD5"]
+    assert report.summary().splitlines()[1].startswith("2024-03-01/twilight  ok")
+    summary = tmp_path / "summary.json"
+    assert cli.main(["batch", *map(str, nights), "--output-root", str(root), "--resume", "--crsigma", "40",
+                     "--summary-json", str(summary)]) == 0
+    assert "2 sets: 0 reduced, 2 already done, 0 failed" in capsys.readouterr().out
+    stored = json.loads(summary.read_text())["sets"]
+    assert [(s["name"], s["status"]) for s in stored] == [("2024-03-01/twilight", "skipped"),
+                                                          ("2024-03-02/twilight", "skipped")]
 
 
 def test_dask_batch_reports_like_the_serial_one(serial, distributed_run):
@@ -158,7 +196,7 @@ def test_dask_spreads_sets_and_their_ifus_over_both_workers(distributed_run, das
     assert len(set_tasks) == 3
     for name in SETS:
         mine = [t for t in ifu_tasks if t["key"].startswith(f"musetwilight-ifu-{name}-")]
-        assert sorted(int(t["key"].split("-")[3]) for t in mine) == list(range(1, 25))
+        assert sorted(int(t["key"].rsplit("-", 2)[1]) for t in mine) == [1, 2, 3]  # the IFUs of the set only
     assert {t["worker"] for t in ifu_tasks} == workers
     assert not any(t["key"].startswith("musetwilight-ifu-broken-") for t in ifu_tasks)
 

@@ -195,6 +195,38 @@ def test_keyword_and_structure_differences(reference, tmp_path):
     assert "MISSING" not in text and "only in test" in text and "FAIL" in text
 
 
+def test_keyword_set_differences(reference, tmp_path):
+    """Names in one file only and types that differ fail; our own MUSETWILIGHT keywords and the
+    order are reported only."""
+    test = copy_set(reference, tmp_path / "test")
+
+    def keywords(hdul):
+        header = hdul[0].header
+        header["HIERARCH ESO QC TWILIGHT1 INPUT1 NSATURATED"] = 0.0  # integer -> real
+        header["OBSERVER"] = "someone"
+        header["HIERARCH MUSETWILIGHT ABSENT"] = "3,4"
+        value = header["HIERARCH ESO PRO CATG"]
+        del header["HIERARCH ESO PRO CATG"]
+        header["HIERARCH ESO PRO CATG"] = value  # now last: out of order
+        del hdul["STAT"].header["CUNIT2"]
+    edit(test / "DATACUBE_SKYFLAT.fits", keywords)
+    report = compare_products(reference, test)
+    cube = report.files[0]
+    found = {(k.extension, k.keyword): (k.ref, k.test, k.problem) for k in cube.keyword_set_diffs}
+    assert found == {
+        ("PRIMARY", "ESO QC TWILIGHT1 INPUT1 NSATURATED"): ("integer", "real",
+                                                           "type integer in reference, real in test"),
+        ("PRIMARY", "OBSERVER"): ("-", "string", "only in test"),
+        ("PRIMARY", "MUSETWILIGHT ABSENT"): ("-", "string", "")}
+    assert cube.keyword_order == ["PRIMARY: ESO PRO CATG"]
+    assert sorted(p.split(": ")[-1] for p in report.problems) == [
+        "missing in test", "only in test", "type integer in reference, real in test"]  # CUNIT2 once, as WCS
+    text = report.format()
+    assert "keyword sets: 3 difference(s), order differs (PRIMARY: ESO PRO CATG)" in text
+    assert "MUSETWILIGHT ABSENT: ref - test string  (musetwilight only)" in text
+    assert compare_products(reference, copy_set(reference, tmp_path / "same")).files[0].keyword_set_diffs == []
+
+
 def test_missing_product_and_single_files(reference, tmp_path):
     test = copy_set(reference, tmp_path / "test")
     (test / "TWILIGHT_CUBE.fits").unlink()

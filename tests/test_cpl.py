@@ -108,7 +108,8 @@ def test_call_with_hdulists_and_output_dir(mini, tmp_path, caplog):
     assert isinstance(res.DATACUBE_SKYFLAT, fits.HDUList) and isinstance(res.TWILIGHT_CUBE, fits.HDUList)
     assert res.TWILIGHT_CUBE[0].header["ESO PRO REC1 PARAM18 VALUE"] == "1"
     assert res.tags == {"DATACUBE_SKYFLAT", "TWILIGHT_CUBE"}
-    assert any("Calibrations could not be loaded for IFU" in m for m in res.log.warning)
+    assert "IFUs 4-24 not in this set" in res.log.info
+    assert not any("IFU  4" in m for m in res.log.warning)  # absent IFUs are one info line, not 21 warnings
     assert any(r.name.startswith("cpl.muse_twilight.") for r in caplog.records)  # python-cpl: .<function>
     assert res.stat.user_time > 0
     out = tmp_path / "products"
@@ -124,6 +125,27 @@ def test_errors_are_cpl_errors(mini):
         recipe(_frames(mini)["SKYFLAT"][:2])
     with pytest.raises(ValueError, match="No raw frames"):
         recipe([])
+    with pytest.raises(cpl.CplError, match="No raw frames"):
+        recipe([])
+
+
+def test_every_failing_call_raises_cpl_error(mini, tmp_path):
+    """As the README says: bad values, unwritable places and broken files all end in CplError."""
+    recipe = cpl.Recipe("muse_twilight")
+    recipe.calib = _frames(mini)["calib"]
+    raws = _frames(mini)["SKYFLAT"]
+    with pytest.raises(cpl.CplValueError, match=r"lambdamax \(6000.0\) must be larger than lambdamin"):
+        recipe(raws, param={"lambdamin": 7000.0, "lambdamax": 6000.0})
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(cpl.CplError, match=f"^{a_file / 'out'}: cannot create the output directory: not a directory$"):
+        recipe(raws, output_dir=str(a_file / "out"))
+    not_fits = tmp_path / "SKYFLAT.fits"
+    not_fits.write_text("not FITS")
+    with pytest.raises(cpl.CplError, match="SKYFLAT.fits"):
+        recipe([not_fits, *raws[1:]])
+    with pytest.raises(cpl.CplError, match="cannot be the output directory: a file of that name exists"):
+        recipe(raws, output_dir=str(a_file))
 
 
 @pytest.mark.eso

@@ -199,3 +199,15 @@ def test_cli_values_reach_the_kernels_typed_without_reparsing(simulated_set, tmp
     assert seen["overscan"] == OverscanSpec("vpoly", 10, 1.01, 1.00001, "vpoly:10,1.01")
     assert seen["vignsmooth"] == (VignSmooth.MEDIAN, 3, -1) and type(seen["vignsmooth"][1]) is int
     assert seen["crreject"] == (CrType.MEAN.code, 20.0) and type(seen["crreject"][1]) is float
+
+
+# esorex 3.13.6's --create-config output for --lambdamin=VALUE (probed once; the rule of format_value)
+ESOREX_REALS = {5000.0: "5e+03", 5500.0: "5.5e+03", 12345.0: "12345.0", 250.0: "250.0", 1000.0: "1e+03",
+                100.0: "100.0", 99.0: "99.0", 1e6: "1e+06", 0.5: "0.5", 3.0: "3.0", 1234.5: "1234.5",
+                0.001: "0.001", 1e-5: "1e-05", 9000.5: "9000.5", 1500.0: "1.5e+03", 123456.0: "123456.0",
+                3.14159265358979: "3.14159265358979", 7e10: "7e+10", 0.02: "0.02"}
+
+
+def test_values_are_written_as_esorex_writes_them():
+    assert {value: params.format_value(value) for value in ESOREX_REALS} == ESOREX_REALS
+    assert (params.format_value(True), params.format_value(False), params.format_value(3)) == ("TRUE", "FALSE", "3")

@@ -19,7 +19,11 @@ def mini(simulated_set):
     return simulated_set(seed=1)
 
 
+COMPLETE = [".musetwilight-products.json", "DATACUBE_SKYFLAT.fits", "TWILIGHT_CUBE.fits"]  # products and record
+
+
 def _products(directory):
+    """Everything in an output directory (lock and temporary files included)."""
     return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
 
 
@@ -55,7 +59,7 @@ def test_existing_products_replaced_whole_and_runs_are_deterministic(mini, tmp_p
     out.mkdir()
     (out / "DATACUBE_SKYFLAT.fits").write_text("old content")
     first = recipe.run(mini.sof, make_settings(), out, workers=1)
-    assert _products(out) == ["DATACUBE_SKYFLAT.fits", "TWILIGHT_CUBE.fits"]
+    assert _products(out) == COMPLETE
     again = recipe.run(mini.sof, make_settings(), None, workers=2)
     for name in ("DATACUBE_SKYFLAT", "TWILIGHT_CUBE"):
         stored = fits.open(out / f"{name}.fits", checksum=True)
@@ -82,7 +86,7 @@ def test_sigint_and_sigterm_leave_nothing_and_next_run_succeeds(mini, tmp_path):
     completed = subprocess.run([sys.executable, "-m", "musetwilight", "-q", "run", f"--output-dir={out}",
                                 str(mini.sof)], capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]
-    assert _products(out) == ["DATACUBE_SKYFLAT.fits", "TWILIGHT_CUBE.fits"]
+    assert _products(out) == COMPLETE
 
 
 @pytest.mark.parametrize("option, message", [

@@ -68,7 +68,8 @@ def real_report(simulated_set, tmp_path_factory, matplotlib_image):
     sim = simulated_set(**OPTIONS)
     result = recipe.run(sim.sof, make_settings(), None)
     index = report.write_report(tmp_path_factory.mktemp("report"), result.datacube_skyflat,
-                                result.twilight_cube, truth=sim.truth(), title="mini <vignetting>")
+                                result.twilight_cube, truth=sim.truth(), title="mini <vignetting>",
+                                geometry=sim.files["GEOMETRY_TABLE"][0])
     return index, sim, result
 
 
@@ -88,8 +89,8 @@ def test_real_report_files_and_page(real_report, matplotlib_image):
     page = index.read_text()
     linked = IMG_RE.findall(page)
     assert sorted(linked) == sorted(p.name for p in pngs)  # every PNG on the page, no dangling link
-    assert {"white_images.png", "intflux.png", "plane_means.png", "twilight_planes.png", "global_fit.png",
-            "vignetting.png", "truth_throughput.png", "truth_illumination.png"} <= set(linked)
+    assert {"white_images.png", "residual.png", "intflux.png", "plane_means.png", "twilight_planes.png",
+            "global_fit.png", "vignetting.png", "truth_throughput.png", "truth_illumination.png"} <= set(linked)
     assert not any("/" in link or ":" in link for link in linked)  # relative, self-contained
 
     summary = json.loads((index.parent / "summary.json").read_text())
@@ -123,6 +124,105 @@ def test_real_report_recovers_the_injected_truth(real_report):
     assert f"{illumination['interior']['rms']:.10g}" in page
     numbers = report.compare_with_truth(result.datacube_skyflat, result.twilight_cube, sim.truth_path)
     assert numbers == {key: summary[key] for key in ("throughput", "illumination", "spectrum")}
+
+
+def _panels(png):
+    """The panels a report PNG describes in its metadata (see report._Plotter)."""
+    from PIL import Image
+
+    with Image.open(png) as image:
+        return json.loads(image.text["Panels"])
+
+
+def test_every_panel_has_data_labelled_axes_a_labelled_colour_bar_and_a_clear_legend(real_report):
+    index, _, _ = real_report
+    pngs = sorted(index.parent.glob("*.png"))
+    images = 0
+    for png in pngs:
+        panels = _panels(png)
+        bars = {panel["panel"]: panel["label"] for panel in panels if panel["kind"] == "colorbar"}
+        for panel in panels:
+            if panel["kind"] in ("image", "plot"):
+                assert panel["title"] and panel["xlabel"] and panel["ylabel"], (png.name, panel)
+            if panel["kind"] == "image":
+                images += 1
+                assert panel["data_fraction"] > 0.1 and panel["data_spread"] > 0, (png.name, panel)
+                assert bars.get(panel["title"]) or bars.get("TWILIGHT_CUBE planes"), (png.name, panel["title"])
+                assert panel["ifu_outlines"] == 3, (png.name, panel["title"])  # IFUs 1-3 outlined
+            if panel["kind"] == "plot":
+                assert panel["curves"] >= 1, (png.name, panel)
+            assert not panel.get("legend_overlaps_data", False), (png.name, panel)
+        assert all(label for label in bars.values()), png.name
+    assert images >= 15
+    titles = [p["title"] for png in pngs for p in _panels(png) if p["kind"] == "image"]
+    # self-contained titles: each names what it shows, none refers to another panel
+    assert all(re.search(r"DATACUBE_SKYFLAT|TWILIGHT_CUBE|[Ii]njected|[Rr]ecovered", t) for t in titles), titles
+    assert not any(t.lower().startswith(("same", "as ")) or "same," in t for t in titles)
+
+
+def test_field_images_are_stretched_about_one_over_valid_spaxels(real_report):
+    index, _, result = real_report
+    white, twilight = [p for p in _panels(index.parent / "white_images.png") if p["kind"] == "image"]
+    for panel in (white, twilight):
+        low, high = panel["limits"]
+        assert low + high == pytest.approx(2.0)  # centred on 1
+    sky = result.datacube_skyflat["white"].data
+    values = sky[np.isfinite(sky)] / np.nanmedian(sky)
+    half = white["limits"][1] - 1
+    assert half < 0.5 * np.max(np.abs(values - 1))  # the slice gaps (-40 %) do not set the stretch
+    assert 0.005 < np.mean(np.abs(values - 1) > half) < 0.2  # a few spaxels (gaps, edges) saturate
+
+
+def test_centred_limits_ignore_gaps():
+    rng = np.random.default_rng(3)
+    field = 1 + 0.01 * rng.standard_normal(10_000)
+    field[:800] = 0.6  # 8 % of the spaxels in slice gaps
+    low, high = report.centred_limits(field)
+    assert (low + high) / 2 == pytest.approx(1.0)
+    assert 0.02 < high - 1 < 0.04  # the 99th percentile of the 1 % scatter, not the 40 % gaps
+    assert report.centred_limits(np.array([np.nan])) == (0.95, 1.05)
+    assert report.centred_limits(np.full(10, 2.0), centre=0.0) == (-2.0, 2.0)
+
+
+def test_ifu_outlines_from_the_geometry(real_report):
+    _, sim, _ = real_report
+    outlines = report.footprints(sim.files["GEOMETRY_TABLE"][0], [1, 3])
+    assert [f.ifu for f in outlines] == [1, 3]
+    first = outlines[0]
+    assert len(first.stacks) == 4 and len(first.slices) == 48
+    x0, x1, y0, y1 = first.box
+    assert y1 - y0 == pytest.approx(12.0, abs=0.1)  # 12 slice rows of one spaxel
+    assert all(x0 <= s[0] and s[1] <= x1 and y0 <= s[2] and s[3] <= y1 for s in first.slices)
+    assert report.footprints(None, [1]) == []
+
+
+def test_residual_and_recovered_minus_injected_inside_and_outside_the_vignetted_zone(real_report):
+    index, _, _ = real_report
+    summary = json.loads((index.parent / "summary.json").read_text())
+    residual = summary["residual"]
+    assert 0.002 < residual["rms"] < 0.05 and len(residual["rms_per_plane"]) == 17
+    difference = summary["illumination"]["difference"]
+    inside, outside = difference["vignetted"], difference["unvignetted"]
+    assert inside["n"] > 50 and outside["n"] > 500
+    assert inside["rms"] < 0.06 and outside["rms"] < 0.04
+    page = index.read_text()
+    assert f"{inside['rms']:.10g}" in page and f"{outside['rms']:.10g}" in page and f"{residual['rms']:.10g}" in page
+    assert "recovered - injected, vignetted spaxels" in page
+
+
+def test_no_empty_table_rows(real_report):
+    index, _, _ = real_report
+    page = index.read_text()
+    rows = re.findall(r"<tr>(.*?)</tr>", page, re.S)
+    assert len(rows) > 30
+    for row in rows:
+        cells = re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", row, re.S)
+        assert any(cell.strip() for cell in cells[1:]), row
+    assert "IFUs not in the set</td><td class=\"text\">4-24</td>" in page
+    for table in re.findall(r"<tbody>(.*?)</tbody>", page, re.S):
+        cells = [re.findall(r"<td[^>]*>(.*?)</td>", row, re.S) for row in re.findall(r"<tr>(.*?)</tr>", table, re.S)]
+        for column in range(1, len(cells[0])):
+            assert any(row[column].strip() for row in cells), table[:200]  # no column empty in every row
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,6 +288,9 @@ def test_synthetic_truth_is_recovered_exactly():
     assert numbers["illumination"]["field"]["n"] == 30 * 24
     assert numbers["illumination"]["field"]["rms"] < 1e-5  # truth grid mapped onto the cube grid
     assert numbers["illumination"]["expected"] == "injected field illumination"
+    difference = numbers["illumination"]["difference"]  # zone: where vign_fit applies (its DQ is 0)
+    assert difference["vignetted"]["n"] == 25 * 24 and difference["unvignetted"]["n"] == 5 * 24
+    assert difference["vignetted"]["rms"] < 1e-6 and difference["unvignetted"]["rms"] < 1e-6
     assert numbers["spectrum"]["rms"] < 1e-5
 
 
@@ -269,7 +372,7 @@ def test_page_images_load_in_headless_chromium(real_report, tmp_path):
     assert found, f"no image check in Chromium's DOM (exit {done.returncode}): {done.stderr[-2000:]}"
     images = json.loads(html.unescape(found.group(1)))
     assert sorted(i["src"] for i in images) == sorted(IMG_RE.findall(page))
-    assert len(images) >= 8
+    assert len(images) >= 9
     for image in images:
         assert image["complete"] and image["width"] > 100 and image["height"] > 100, image
         assert image["error"] == "" and image["variance"] > 0, image

@@ -4,7 +4,8 @@ Data problems (a broken or inconsistent input, a fit that the data cannot suppor
 are :class:`MuseTwilightError` subclasses: the recipe reports them with their
 message, which names the file and the problem, and an IFU whose data fail is
 skipped as ESO skips it.  Anything else (an ``IndexError`` inside NumPy, say) is
-a bug and propagates.
+a bug and propagates.  Problems with the output or scratch directory are
+:class:`OutputError` (also an ``OSError``), with a sentence naming the directory.
 """
 
 from __future__ import annotations
@@ -32,3 +33,24 @@ class FitError(MuseTwilightError):
 
 class MergeError(MuseTwilightError):
     """The IFUs' pixel tables cannot be combined into a cube."""
+
+
+class OutputError(MuseTwilightError, OSError):
+    """The output or scratch directory cannot take the run's files (cannot be made, not writable)."""
+
+
+class SpaceError(OutputError):
+    """Not enough free space for the products or the scratch files (found before the run, or while writing)."""
+
+
+class BusyError(OutputError):
+    """Another run is writing into the same output directory."""
+
+
+def os_error_text(err: OSError) -> str:
+    """An OSError as a sentence naming its path ("DIR: read-only file system"), never "[Errno 30] ..."."""
+    if isinstance(err, MuseTwilightError) or err.strerror is None:
+        return str(err)
+    reason = err.strerror[:1].lower() + err.strerror[1:]
+    paths = [str(p) for p in (err.filename, err.filename2) if p is not None]
+    return f"{' -> '.join(paths)}: {reason}" if paths else reason

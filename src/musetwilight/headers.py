@@ -2,8 +2,9 @@
 HDU-class keyword sets, ESO's extension class keywords.
 
 One home for the regular expressions ESO's pipeline applies to headers
-(``MUSE_WCS_KEYS``, ``ESO_HDU_HEADERS_REGEXP``) and for the HDUCLASS keywords ESO
-writes into every image extension (``muse_utils_set_hduclass``).
+(``MUSE_WCS_KEYS``, ``ESO_HDU_HEADERS_REGEXP``), for the HDUCLASS keywords ESO
+writes into every image extension (``muse_utils_set_hduclass``) and for the order
+of the keywords in a product's primary header (:func:`product_order`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ STRUCTURAL_KEYS = frozenset(
      "CHECKSUM", "DATASUM", "TFIELDS", "THEAP")
 )
 _NAXIS = re.compile(r"^NAXIS\d*$")
+#: ESO keyword categories that CPL's product headers put first, in this order (measured on
+#: muse_twilight 2.8.7 products of raw headers carrying many categories); the others follow
+#: in their own order.
+PRODUCT_CATEGORY_ORDER = ("ESO OBS ", "ESO TPL ", "ESO GEN ", "ESO TEL ", "ESO INS ", "ESO DET ", "ESO PRO ")
+PRODUCT_SIGNATURE_KEYS = ("DATAMD5", "PIPEFILE")  # after the other standard keywords, before the ESO ones
 
 
 def is_wcs_key(key: str) -> bool:
@@ -41,6 +47,13 @@ def hierarch(key: str) -> str:
     if key.startswith("HIERARCH ") or (len(key) <= 8 and " " not in key):
         return key
     return "HIERARCH " + key
+
+
+def fits_text(value: str) -> str:
+    """A string as CFITSIO writes it into a header value: the UTF-8 bytes, each one outside
+    printable ASCII as a space (a file name "SKYFLÂT.fits" is recorded as "SKYFL  T.fits",
+    as in ESO's products)."""
+    return "".join(chr(b) if 32 <= b < 127 else " " for b in value.encode("utf-8", "surrogateescape"))
 
 
 def strip_structural(header: fits.Header) -> fits.Header:
@@ -90,3 +103,23 @@ def set_hdu_class(header: fits.Header, kind: str, *, data: str | None = None, st
             set_card(header, "ERRDATA", stat, "pointer to the variance extension")
     else:
         raise ValueError(f"unknown HDU class kind {kind!r}")
+
+
+def product_order(header: fits.Header) -> fits.Header:
+    """``header``'s cards in the order of an ESO product's primary header.
+
+    The standard keywords as they are, DATAMD5 and PIPEFILE, then the ESO keywords of the
+    categories in PRODUCT_CATEGORY_ORDER (each category in its own order), then all other
+    keywords (further ESO categories, QC and DRS, HIERARCH keywords of our own) as they are.
+    """
+    def rank(card: fits.Card) -> int:
+        key = card.keyword
+        if key in PRODUCT_SIGNATURE_KEYS:
+            return 1
+        if not key.startswith("ESO ") and not card.image.startswith("HIERARCH"):
+            return 0
+        for index, prefix in enumerate(PRODUCT_CATEGORY_ORDER):
+            if key.startswith(prefix):
+                return 2 + index
+        return 2 + len(PRODUCT_CATEGORY_ORDER)
+    return fits.Header(sorted(header.cards, key=rank))

@@ -9,7 +9,7 @@ data-quality bits.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,17 @@ SPECTRAL_SAMPLING = 1.25
 
 #: Raw pixels above this (adu) are flagged saturated.
 SATURATION_LIMIT = 65500.0
+
+
+def ifu_ranges(ifus: Iterable[int]) -> str:
+    """IFU numbers as ranges: [1, 2, 3, 5, 7, 8] -> "1-3, 5, 7-8"."""
+    parts: list[str] = []
+    for ifu in sorted(ifus):
+        if parts and int(parts[-1].split("-")[-1]) == ifu - 1:
+            parts[-1] = f"{parts[-1].split('-')[0]}-{ifu}"
+        else:
+            parts.append(str(ifu))
+    return ", ".join(parts)
 
 
 class Euro3D:

@@ -473,9 +473,15 @@ def make_settings(values: Mapping[str, Any] | Iterable[tuple[str, Any]] | None =
 
 
 def format_value(value: Any) -> str:
-    """A value as EsoRex writes it in a config file (true/false, plain numbers, the text)."""
+    """A value as EsoRex writes it in a config file and its help: TRUE/FALSE; a real number
+    in %g form with the fewest digits (at least 3) that give it back, with ".0" when that
+    has neither a point nor an exponent (5000 -> 5e+03, 250 -> 250.0, 12345 -> 12345.0); the text."""
     if isinstance(value, (bool, np.bool_)):
-        return "true" if value else "false"
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, (float, np.floating)) and math.isfinite(value):
+        digits = next(p for p in range(1, 18) if float(f"{value:.{p}g}") == value)
+        text = f"{value:.{max(digits, 3)}g}"
+        return text if any(c in text for c in ".e") else text + ".0"
     return str(value)
 
 

@@ -5,8 +5,9 @@ basic processing, combination, bad-pixel interpolation, pixel table, ILLUM, NaD
 notch, wavelength cut), scales them by their integrated flux and resamples them into
 DATACUBE_SKYFLAT, smooths that into TWILIGHT_CUBE, assembles both products' headers
 and writes them.  Each step is one function below returning a small dataclass; the
-products are built in memory and written atomically at the end, so a failure never
-leaves a partial product.
+output directory is checked (writable, enough free space) and claimed by this run
+before any work, the products are built in memory and written atomically at the end,
+so a failure never leaves a partial product.
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ from .core.cube import CubeGrid, grid_from_limits, white_light
 from .core.pixtable import PixTable
 from .core.resample import ResampleOptions, resample_tables
 from .core.smooth import TwilightResult, postprocess
-from .errors import InputError, MergeError, MuseTwilightError
-from .instrument import NUM_IFUS, is_nfm
-from .io import formats, products
+from .errors import InputError, MergeError, MuseTwilightError, OutputError, os_error_text
+from .instrument import NUM_IFUS, ifu_ranges, is_nfm
+from .io import formats, outdir, products, space
 from .io.frames import FrameSet, Inputs, parse_sof
 from .io.preflight import preflight
 from .io.spill import SpilledTable, table_limits
@@ -63,7 +64,8 @@ class RunOptions:
     IFUs reduced at once (default: OMP_NUM_THREADS, else the CPU affinity, as ESO's OpenMP),
     ``low_memory`` keeps the IFU tables on disk and resamples a tile of cube rows at a time
     (None: for full-size CCDs), ``mapper(function, ifus)`` distributes the per-IFU stage
-    (default: a thread pool), ``progress`` receives stage messages.
+    (default: a thread pool), ``progress`` receives stage messages, ``scratch_dir`` is where
+    the IFU tables go in low-memory mode ($MUSETWILIGHT_SCRATCH_DIR, else $TMPDIR).
     """
 
     skip_cube: Path | None = None
@@ -72,17 +74,19 @@ class RunOptions:
     low_memory: bool | None = None
     mapper: Callable | None = None
     progress: Callable[[str], None] | None = None
+    scratch_dir: Path | None = None
 
     @classmethod
     def resolve(cls, environ: Mapping[str, str] | None = None, *, skip_cube=None, scales=None,
-                workers: int | None = None, **rest) -> RunOptions:
+                workers: int | None = None, scratch_dir=None, **rest) -> RunOptions:
         """Options from the caller's values, the environment filling in what is not given."""
         environ = os.environ if environ is None else environ
         skip = skip_cube or environ.get(SKIP_ENV) or None
         if scales is None:
             scales = fluxscale.parse_scales(environ.get(SCALES_ENV))
         return cls(Path(skip) if skip else None, tuple(scales) if scales is not None else None,
-                   workers or default_workers(environ), **rest)
+                   workers or default_workers(environ), scratch_dir=space.scratch_root(scratch_dir, environ),
+                   **rest)
 
     def stage(self, message: str) -> None:
         (self.progress or log.info)(message)
@@ -133,22 +137,31 @@ def run(frames: FrameSet | str | os.PathLike, settings: Settings | Mapping | Non
     with clock.stage("inputs"):
         inputs = read_inputs(frames, settings)
         mode = instrument_mode(inputs.skyflats[0])
-    if opts.skip_cube:
-        skyflat, reductions = load_skyflat(opts.skip_cube), IfuReductions()
-    else:
-        with scratch_space(opts.low_memory, inputs) as spill_dir:
-            with clock.stage("ifus"):
-                reductions = reduce_ifus(inputs, settings, mode, opts, spill_dir)
-            with clock.stage("resample"):
-                skyflat = build_skyflat(reductions, inputs, settings, mode, opts, spill_dir is not None)
-    with clock.stage("smooth"):
-        twilight = smooth_skyflat(skyflat, inputs, settings, mode, opts)
-        result = RunResult(skyflat.hdulist, twilight_cube(skyflat, twilight, inputs, settings, mode),
-                           skipped_ifus=reductions.skipped)
-    if output_dir is not None:
-        opts.stage(f"writing the products into {output_dir}")
-        with clock.stage("write"):
-            result.paths = products.write_products(result.hdulists(), output_dir)
+        present = present_ifus(inputs)
+    log.debug("parameters: %s", " ".join(f"--{k}={v}" for k, v in settings.texts().items()))
+    log.debug("%d raw exposures, mode %s, IFUs %s; %d workers, scratch under %s", len(inputs.used_raw()), mode,
+              ifu_ranges(present), opts.workers, opts.scratch_dir)
+    with contextlib.ExitStack() as stack:
+        lock = None
+        if output_dir is not None:  # checked and held before any work
+            lock = stack.enter_context(outdir.claim(output_dir))
+            space.check_free_space(lock.directory, space.product_bytes(inputs, settings, present), "the products")
+        if opts.skip_cube:
+            skyflat, reductions = load_skyflat(opts.skip_cube), IfuReductions()
+        else:
+            with scratch_space(opts.low_memory, inputs, settings, present, opts.scratch_dir) as spill_dir:
+                with clock.stage("ifus"):
+                    reductions = reduce_ifus(inputs, settings, mode, opts, spill_dir, present)
+                with clock.stage("resample"):
+                    skyflat = build_skyflat(reductions, inputs, settings, mode, opts, spill_dir is not None)
+        with clock.stage("smooth"):
+            twilight = smooth_skyflat(skyflat, inputs, settings, mode, opts)
+            result = RunResult(skyflat.hdulist, twilight_cube(skyflat, twilight, inputs, settings, mode),
+                               skipped_ifus=reductions.skipped)
+        if lock is not None:
+            opts.stage(f"writing the products into {output_dir}")
+            with clock.stage("write"):
+                result.paths = products.write_products(result.hdulists(), lock.directory, lock=lock)
     result.stages = clock.as_dict()
     result.timings = {**clock.wall, "total": time.perf_counter() - start,
                       "peak_rss_mb": max(clock.peak_rss_mb.values())}
@@ -174,19 +187,47 @@ def instrument_mode(path: Path) -> str:
     return str(mode).strip()
 
 
+def present_ifus(inputs: Inputs) -> list[int]:
+    """The IFUs of the set: those with a TRACE_TABLE or a WAVECAL_TABLE (ESO's frame matching);
+    the others are absent (not in the set) and are not reduced."""
+    trace, wavecal = formats.scan_fits(inputs.trace), formats.scan_fits(inputs.wavecal)
+    return [ifu for ifu in range(1, NUM_IFUS + 1)
+            if formats.matching_hdu(trace, ifu) is not None or formats.matching_hdu(wavecal, ifu) is not None]
+
+
+def uses_low_memory(low_memory: bool | None, inputs: Inputs) -> bool:
+    """Low-memory mode as asked, or (None) for CCDs larger than LOW_MEMORY_PIXELS."""
+    if low_memory is not None:
+        return low_memory
+    header = formats.read_header(inputs.skyflats[0], 1)
+    return 4 * int(header.get("ESO DET OUT1 NX", 0)) * int(header.get("ESO DET OUT1 NY", 0)) > LOW_MEMORY_PIXELS
+
+
 @contextlib.contextmanager
-def scratch_space(low_memory: bool | None, inputs: Inputs) -> Iterator[str | None]:
-    """A scratch directory for the IFU tables in low-memory mode (None otherwise), removed after."""
-    if low_memory is None:
-        header = formats.read_header(inputs.skyflats[0], 1)
-        pixels = 4 * int(header.get("ESO DET OUT1 NX", 0)) * int(header.get("ESO DET OUT1 NY", 0))
-        low_memory = pixels > LOW_MEMORY_PIXELS
-    if not low_memory:
+def scratch_space(low_memory: bool | None, inputs: Inputs, settings: Settings, ifus: list[int],
+                  root: Path | None = None) -> Iterator[str | None]:
+    """A scratch directory under ``root`` (default $TMPDIR) for the IFU tables in low-memory mode
+    (None otherwise), removed after.
+
+    Its free space is checked first against the tables' estimated size (SpaceError naming
+    the directory, the space needed and free); a write that runs out of space anyway is a
+    SpaceError too, and the scratch files are removed either way.
+    """
+    if not uses_low_memory(low_memory, inputs):
         yield None
         return
-    directory = tempfile.mkdtemp(prefix="musetwilight-spill-")
+    root = root or Path(tempfile.gettempdir())
+    space.check_free_space(root, space.scratch_bytes(inputs, settings, ifus), "the IFU tables (scratch space)")
+    try:
+        directory = tempfile.mkdtemp(prefix="musetwilight-spill-", dir=root)
+    except OSError as err:
+        raise OutputError(f"{root}: cannot create a scratch directory there ({os_error_text(err)})") from None
     try:
         yield directory
+    except OSError as err:
+        if space.is_out_of_space(err) and not isinstance(err, MuseTwilightError):
+            raise space.out_of_space_error(root, "the IFU tables (scratch space)", err) from err
+        raise
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -282,30 +323,42 @@ def _reduce_or_skip(ifu: int, inputs: Inputs, settings: Settings, geometry, mode
 
 
 def reduce_ifus(inputs: Inputs, settings: Settings, mode: str, options: RunOptions,
-                spill_dir: str | None = None) -> IfuReductions:
-    """Run :func:`reduce_ifu` for IFUs 1..24 (``options.mapper``, or a thread pool of
-    ``options.workers``); with ``spill_dir`` each table goes to disk as it arrives."""
-    options.stage("reducing the IFUs (basic processing, combination, pixel tables)")
+                spill_dir: str | None = None, ifus: list[int] | None = None) -> IfuReductions:
+    """Run :func:`reduce_ifu` for the IFUs of the set (``ifus``, default all present:
+    :func:`present_ifus`) with ``options.mapper`` or a thread pool of ``options.workers``;
+    the other IFUs are absent, reported in one line.  With ``spill_dir`` each table goes
+    to disk as it arrives."""
+    ifus = present_ifus(inputs) if ifus is None else ifus
+    reductions = IfuReductions()
+    absent = [ifu for ifu in range(1, NUM_IFUS + 1) if ifu not in ifus]
+    for ifu in absent:
+        reductions.skipped[ifu] = IfuSkip("absent", f"IFU {ifu:2d} is not in this set (no TRACE_TABLE or "
+                                                    "WAVECAL_TABLE for it)")
+    if absent:
+        log.info("IFU%s %s not in this set", "s" if len(absent) > 1 else "", ifu_ranges(absent))
+    options.stage(f"reducing {len(ifus)} IFU{'s' if len(ifus) != 1 else ''} (basic processing, combination, "
+                  "pixel tables)")
     geometry = formats.read_geometry_table(inputs.geometry)
     task = partial(_reduce_or_skip, inputs=inputs, settings=settings, geometry=geometry, mode=mode)
-    reductions = IfuReductions()
     with contextlib.ExitStack() as stack:
         mapper = options.mapper
         if mapper is None:
             mapper = stack.enter_context(ThreadPoolExecutor(max_workers=max(1, options.workers))).map
-        for done, (ifu, outcome) in enumerate(mapper(task, range(1, NUM_IFUS + 1)), start=1):
+        for done, (ifu, outcome) in enumerate(mapper(task, ifus), start=1):
             if isinstance(outcome, IfuSkip):
                 reductions.skipped[ifu] = outcome
                 log.warning("%s", outcome.reason)
+                options.stage(f"IFU {ifu:2d} failed ({done}/{len(ifus)})")
                 continue
+            log.debug("IFU %d: pixel table of %d rows", ifu, len(outcome.table.xpos))
             if spill_dir is not None:
                 outcome.table = SpilledTable(outcome.table, spill_dir, f"ifu{ifu:02d}")
             reductions.results[ifu] = outcome
-            options.stage(f"IFU {ifu:2d} reduced ({done}/{NUM_IFUS})")
+            options.stage(f"IFU {ifu:2d} reduced ({done}/{len(ifus)})")
     if not reductions.results:
-        failed_first = sorted(reductions.skipped, key=lambda i: (reductions.skipped[i].kind == "absent", i))
-        raise MergeError("no IFU could be reduced: "
-                         + "; ".join(reductions.skipped[i].reason for i in failed_first)[:2000])
+        failed = [skip.reason for ifu, skip in sorted(reductions.skipped.items()) if skip.kind == "failed"]
+        not_in_set = f" (IFUs {ifu_ranges(absent)} are not in this set)" if absent else ""
+        raise MergeError(f"no IFU could be reduced: {'; '.join(failed)[:2000]}{not_in_set}")
     return reductions
 
 

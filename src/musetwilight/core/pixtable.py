@@ -432,6 +432,37 @@ def build_pixtable(image: Any, trace: Any, wavecal: Any, geometry: Any | None,
     return table
 
 
+def expected_rows(trace: Any, wavecal: Any, ifu: int, ccd_shape: tuple[int, int],
+                  lambda_range: tuple[float, float]) -> int:
+    """Rows of the IFU's pixel table after the wavelength cut, counted without building it.
+
+    In every CCD row a slice covers ``ceil(xl) .. floor(xr)``; the row counts when the
+    wavelength at the slice centre lies strictly inside ``lambda_range``.  A size
+    estimate (for scratch space): exact up to the pixels of faulty trace rows and the
+    variation of the wavelength across a slice; slices with undefined polynomials
+    count nothing.
+    """
+    ny, nx = ccd_shape
+    left, right = trace_edges(trace, ifu)
+    wave = wavecal_coefficients(wavecal, ifu)
+    rows = np.arange(1, ny + 1, dtype=np.float64)
+    low, high = lambda_range
+    total = 0
+    for islice in range(NUM_SLICES):
+        if not (np.isfinite(left[islice]).all() and np.isfinite(right[islice]).all()
+                and np.isfinite(wave[islice]).all()):
+            continue
+        xl, xr = _horner(left[islice], rows), _horner(right[islice], rows)
+        width = np.floor(np.minimum(xr, nx)) - np.ceil(np.maximum(xl, 1.0)) + 1
+        centre = 0.5 * (xl + xr)
+        lam = np.zeros_like(rows)
+        for ix in range(wave.shape[1] - 1, -1, -1):
+            lam = lam * centre + _horner(wave[islice, ix], rows)
+        inside = (lam > low) & (lam < high) & (width > 0)
+        total += int(width[inside].sum())
+    return total
+
+
 def _lambda_at(coeffs: np.ndarray, x: float, y: float) -> float:
     """lambda(x, y) of one slice's coefficient matrix [X, Y]."""
     cx = [_horner(coeffs[ix], np.array([y]))[0] for ix in range(coeffs.shape[0])]

@@ -326,13 +326,21 @@ def plane_median(plane: np.ndarray, bad: np.ndarray, warnings: list[str]) -> tup
     return _median_filter(np.ascontiguousarray(plane, np.float32), bad, rx, ry)
 
 
+def median_smoothed(plane: np.ndarray, white_bad: np.ndarray,
+                    warnings: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """What ESO fits a polynomial to in each cube plane: the plane's 5x7 masked median
+    (spaxels bad in the white-light image, empty or zero left out), normalised to mean 1;
+    and its bad spaxels."""
+    bad = white_bad | ~np.isfinite(plane) | (plane == 0)
+    filtered, fbad = plane_median(plane, bad, warnings if warnings is not None else [])
+    mean = _mean_good(filtered, fbad)
+    return _scale(filtered, 1.0 / mean if mean else np.inf), fbad
+
+
 def _normalize_and_fit(plane: np.ndarray, white_bad: np.ndarray, vign: np.ndarray | None,
                        xorder: int, yorder: int, warnings: list[str]) -> np.ndarray:
     """One cube plane: 5x7 masked median, normalise, polynomial fit, normalise."""
-    bad = white_bad | ~np.isfinite(plane) | (plane == 0)
-    filtered, fbad = plane_median(plane, bad, warnings)
-    mean = _mean_good(filtered, fbad)
-    filtered = _scale(filtered, 1.0 / mean if mean else np.inf)
+    filtered, fbad = median_smoothed(plane, white_bad, warnings)
     fitbad = fbad | vign if vign is not None else fbad
     fit = fit_polynomial_image(filtered, fitbad, xorder, yorder)
     mean = _mean_good(fit, fitbad)

@@ -34,7 +34,8 @@ from astropy.io import fits
 
 from .. import __version__
 from .. import params as _params
-from ..errors import MuseTwilightError
+from ..errors import MuseTwilightError, os_error_text
+from ..io import outdir
 from ..io.frames import RULES_BY_TAG, make_frameset
 from ..io.products import PRODUCT_TAGS
 from . import esorex as esorex
@@ -432,9 +433,11 @@ class Recipe:
         except MuseTwilightError as err:
             raise CplValueError(str(err)) from None
         output_dir = ndata.get("output_dir", self.output_dir)
-        run_dir = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(dir=self.temp_dir,
-                                                                             prefix=self.__name__ + "-"))
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir = outdir.make_directory(output_dir) if output_dir else \
+                Path(tempfile.mkdtemp(dir=self.temp_dir, prefix=self.__name__ + "-"))
+        except OSError as err:
+            raise CplError(os_error_text(err)) from err
         environ = dict(os.environ)
         environ.update(self.env)
         environ.update(ndata.get("env", {}))
@@ -462,8 +465,8 @@ class Recipe:
             result = recipe.run(make_frameset(entries), settings, run_dir, environ=environ,
                                 workers=Recipe._maxthreads)
         except (MuseTwilightError, OSError) as err:
-            forward.error("%s", err)
-            raise CplError(str(err), records) from err
+            forward.error("%s", os_error_text(err))
+            raise CplError(os_error_text(err), records) from err
         finally:
             package_logger.removeHandler(capture)
             package_logger.setLevel(previous_level)

@@ -125,6 +125,7 @@ class CplLogger:
         else:
             self._open()
             logging.getLogger().setLevel(logging.DEBUG)
+            logging.getLogger("cpl").setLevel(logging.NOTSET)  # the handlers' levels decide, not an earlier setting
             if self.handler is not None:
                 self.handler.setLevel(number)
         self._level = number

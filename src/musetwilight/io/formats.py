@@ -222,7 +222,8 @@ def _hdu(hdul: fits.HDUList, index: int, path: Path | str) -> fits.hdu.base._Bas
 
 
 def iter_hdus(hdul: fits.HDUList, path: Path | str) -> Iterator[tuple[int, fits.hdu.base._BaseHDU]]:
-    """(index, HDU) pairs, reading the headers one by one (lazily)."""
+    """(index, HDU) pairs, reading the headers one by one (lazily); a header announcing more
+    data than the machine's memory is an InputError (:func:`check_data_size`)."""
     index = 0
     while True:
         try:
@@ -230,8 +231,25 @@ def iter_hdus(hdul: fits.HDUList, path: Path | str) -> Iterator[tuple[int, fits.
         except IndexError:
             _check_complete(hdul, index - 1, path)
             return
+        check_data_size(hdu.header, f"{path}: HDU {index}")
         yield index, hdu
         index += 1
+
+
+def physical_memory() -> int:
+    """Bytes of physical memory of this machine."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_data_size(header: fits.Header, where: str) -> None:
+    """Refuse, before anything is allocated, an HDU whose header announces more data than this
+    machine has memory (a corrupt or hostile NAXISn; a sparse file can even be that large)."""
+    size = data_bytes(header)
+    memory = physical_memory()
+    if size > memory:
+        dims = " x ".join(str(header.get(f"NAXIS{k}", 0)) for k in range(1, int(header.get("NAXIS", 0)) + 1))
+        raise InputError(f"{where} announces {dims} values of BITPIX {header.get('BITPIX')} "
+                         f"({size / 1e9:.1f} GB), more than the {memory / 1e9:.1f} GB of memory of this machine")
 
 
 def _check_complete(hdul: fits.HDUList, last: int, path: Path | str) -> None:
@@ -414,6 +432,7 @@ def image_values(hdu: fits.hdu.base._BaseHDU, path: Path | str = "") -> np.ndarr
     in place (no second full-size copy) and the HDU forgets them.
     """
     name = hdu.header.get("EXTNAME", "primary")
+    check_data_size(hdu.header, f"{path}[{name}]")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -10,6 +10,7 @@ file first, then all renamed; :class:`WriteOptions` carries EsoRex's product opt
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -27,13 +28,15 @@ from astropy.io import fits
 from .. import __version__
 from ..core.fluxscale import MergedFlux
 from ..core.smooth import TwilightResult
-from ..headers import hierarch, is_wcs_key, set_card, set_hdu_class
+from ..headers import fits_text, hierarch, is_wcs_key, product_order, set_card, set_hdu_class
 from ..params import PARAMETERS, RECIPE
+from . import outdir, space
 from .frames import Inputs
 
 PIPE_ID = f"musetwilight/{__version__}"
 DRS_ID = f"musetwilight-{__version__}"
 PRO_DID = "PRO-1.16"
+RECORD_NAME = ".musetwilight-products.json"  # the record of a complete set, written after the products
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,7 @@ PRODUCT_TAGS = tuple(p.tag for p in PRODUCTS)
 # keywords never inherited into a product's primary header (CPL's DFS rules, the
 # per-image bookkeeping of the intermediate stages, and ESO's WCS keywords)
 _DROPPED = re.compile(
-    r"^(ESO DPR |ESO PRO |ARCFILE$|ORIGFILE$|CHECKSUM$|DATASUM$|HDRVER$|EXTNAME$|BUNIT$|"
+    r"^(ESO DPR |ESO PRO |ARCFILE$|ORIGFILE$|CHECKSUM$|DATASUM$|HDRVER$|EXTNAME$|BUNIT$|DATE$|"
     r"ESO DRS MUSE OVSC|ESO DRS MUSE PIXTABLE|ESO DRS MUSE TMP|MUSE TMP|DATAMD5$|PIPEFILE$|"
     r"BSCALE$|BZERO$|INHERIT$)"
 )
@@ -111,11 +114,11 @@ def provenance_cards(catg: str, raw: Sequence[tuple[Path, str]], calib: Sequence
         ("ESO PRO REC1 PIPE ID", PIPE_ID, "Pipeline (unique) identifier"),
     ]
     for index, (path, tag) in enumerate(raw, start=1):
-        cards.append((f"ESO PRO REC1 RAW{index} NAME", Path(path).name, "File name of raw frame"))
+        cards.append((f"ESO PRO REC1 RAW{index} NAME", fits_text(Path(path).name), "File name of raw frame"))
         cards.append((f"ESO PRO REC1 RAW{index} CATG", tag, "Category of raw frame"))
     cards.append(("ESO PRO DATANCOM", len(raw), "Number of combined frames"))
     for index, (path, tag) in enumerate(sorted(calib, key=lambda f: (f[1], Path(f[0]).name)), start=1):
-        cards.append((f"ESO PRO REC1 CAL{index} NAME", Path(path).name, "File name of calibration frame"))
+        cards.append((f"ESO PRO REC1 CAL{index} NAME", fits_text(Path(path).name), "File name of calibration frame"))
         cards.append((f"ESO PRO REC1 CAL{index} CATG", tag, "Category of calibration frame"))
         md5 = _datamd5_of(path)
         if md5:
@@ -150,13 +153,13 @@ def product_primary_header(source: fits.Header, catg: str, raw, calib, settings,
     header["DATAMD5"] = ("", "MD5 checksum")
     header["PIPEFILE"] = ("", "Filename of data product")
     for card in inherited.cards:
-        if card.keyword not in core and not card.keyword.startswith(("ESO QC", "ESO DRS MUSE FLAT")):
+        if card.keyword not in core and not card.keyword.startswith((QC_TWILIGHT_PREFIX, "ESO DRS MUSE FLAT")):
             header.append(card)
     for key, value, comment in provenance_cards(catg, raw, calib, settings):
         header.append((hierarch(key), value, comment))
     for key, value, comment in extra:
         header.append((hierarch(key), value, comment))
-    return header
+    return product_order(header)
 
 
 def wcs_cards(header: fits.Header, naxis: int) -> fits.Header:
@@ -296,7 +299,8 @@ class WriteOptions:
     ``readonly``: mode 0444 once written (``--output-readonly``; a later run still replaces
     them).  ``products_sof``: a file listing the products once all are written, EsoRex's
     ``--products-sof`` (JSON when it ends with ``.json``), each under ``listed_dir/name``
-    (only the name when ``listed_dir`` is None).
+    (only the name when ``listed_dir`` is None).  ``record``: write RECORD_NAME, the record of
+    a complete set that ``batch --resume`` trusts (EsoRex's products come without it).
     """
 
     checksum: bool = True
@@ -305,6 +309,7 @@ class WriteOptions:
     readonly: bool = False
     products_sof: Path | None = None
     listed_dir: str | None = None
+    record: bool = True
 
 
 def product_file_names(tags: Iterable[str], prefix: str | None = None) -> dict[str, str]:
@@ -343,51 +348,142 @@ def products_sof_text(listed: Sequence[tuple[str, str]], json_layout: bool) -> s
 
 
 def write_products(products: Mapping[str, fits.HDUList], output_dir: str | os.PathLike,
-                   options: WriteOptions = WriteOptions()) -> dict[str, Path]:
+                   options: WriteOptions = WriteOptions(), lock: outdir.OutputLock | None = None) -> dict[str, Path]:
     """Write all products (tag -> HDUList) or none into ``output_dir``; return tag -> path.
 
-    Each goes to a temporary file in ``output_dir`` first, then all are renamed (over
-    existing files), then made read-only and listed as ``options`` ask.  On any failure
-    (full disk, interruption) the temporary files are removed and no product of this run
-    is left in ``output_dir``; existing files there stay untouched.
+    The directory is held by ``lock`` (taken here when not given; another run holding it
+    makes this fail at once with BusyError).  Each product goes to a temporary file in
+    ``output_dir`` first; then the record of the previous complete set (RECORD_NAME) is
+    removed, all are renamed (over existing files) and a new record lists them
+    (:func:`complete_set`); then they are made read-only and listed as ``options`` ask.
+    On any failure (a full disk: SpaceError; an interruption) the temporary files are
+    removed and no product of this run is left in ``output_dir``; existing files there
+    stay untouched.
     """
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if not os.access(out, os.W_OK):
-        raise PermissionError(f"{out}: output directory is not writable")
+    own_lock = lock is None
+    held = outdir.claim(output_dir) if lock is None else lock
+    out = held.directory
     names = product_file_names(products, options.prefix)
     pending: list[tuple[str, str, Path]] = []
     try:
         for tag, hdul in products.items():
             path = out / names[tag]
             sign_product(hdul, tag, options)
-            handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=out)
+            handle, tmp_name = tempfile.mkstemp(prefix=outdir.temporary_name(path), suffix=outdir.TEMPORARY_SUFFIX,
+                                                dir=out)
             os.close(handle)
             pending.append((tag, tmp_name, path))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", fits.verify.VerifyWarning)
                 hdul.writeto(tmp_name, overwrite=True, checksum=options.checksum, output_verify="exception")
+            _sync(tmp_name)
             mask = os.umask(0)
             os.umask(mask)
             os.chmod(tmp_name, 0o666 & ~mask)
+        record = {"pipeline": PIPE_ID, "pid": os.getpid(), "written": datetime.now(UTC).isoformat(timespec="seconds"),
+                  "products": {tag: {"file": path.name, "bytes": os.path.getsize(tmp_name),
+                                      "datamd5": products[tag][0].header.get("DATAMD5")}
+                               for tag, tmp_name, path in pending}}
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(out / RECORD_NAME)
         for _, tmp_name, path in pending:
             os.replace(tmp_name, path)
-    except BaseException:
+        if options.record:
+            _write_record(out, record)
+        if options.readonly:
+            for _, _, path in pending:
+                os.chmod(path, 0o444)
+        if options.products_sof is not None:
+            listed = [(names[tag] if options.listed_dir is None else f"{options.listed_dir}/{names[tag]}", tag)
+                      for tag, _, _ in pending]
+            Path(options.products_sof).write_text(
+                products_sof_text(listed, str(options.products_sof).endswith(".json")))
+    except BaseException as err:
         for _, tmp_name, _ in pending:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(tmp_name)
-            except OSError:
-                pass
+        if isinstance(err, OSError) and space.is_out_of_space(err):
+            raise space.out_of_space_error(out, "the products", err) from err
         raise
-    if options.readonly:
-        for _, _, path in pending:
-            os.chmod(path, 0o444)
-    if options.products_sof is not None:
-        listed = [(names[tag] if options.listed_dir is None else f"{options.listed_dir}/{names[tag]}", tag)
-                  for tag, _, _ in pending]
-        Path(options.products_sof).write_text(
-            products_sof_text(listed, str(options.products_sof).endswith(".json")))
+    finally:
+        if own_lock:
+            held.release()
     return {tag: path for tag, _, path in pending}
+
+
+def _sync(path: str | os.PathLike) -> None:
+    """Flush a file to disk (a product renamed into place must not be lost in a crash)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_record(out: Path, record: dict) -> None:
+    handle, tmp_name = tempfile.mkstemp(prefix=RECORD_NAME + ".", suffix=outdir.TEMPORARY_SUFFIX, dir=out)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            json.dump(record, stream, indent=1)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp_name, out / RECORD_NAME)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise
+    _sync(out)
+
+
+def verify_product(path: str | os.PathLike) -> str | None:
+    """Why a product file is not intact (None when it is): readable, CHECKSUM and DATASUM of
+    every HDU right, DATAMD5 equal to its data's."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with fits.open(path, checksum=True, memmap=False) as hdul:
+                for hdu in hdul:
+                    _ = hdu.data
+                md5 = data_md5(hdul)
+                stored = hdul[0].header.get("DATAMD5")
+    except (OSError, ValueError, TypeError) as err:
+        return f"{path}: not readable ({err})"
+    failed = [str(w.message) for w in caught if "Checksum verification failed" in str(w.message)
+              or "Datasum verification failed" in str(w.message)]
+    if failed:
+        return f"{path}: {failed[0]}"
+    if stored != md5:
+        return f"{path}: DATAMD5 {stored} differs from the data's {md5}"
+    return None
+
+
+def complete_set(directory: str | os.PathLike, tags: Iterable[str] = PRODUCT_TAGS,
+                 verify: bool = True) -> dict[str, Path] | None:
+    """The products of one complete run in ``directory`` (tag -> path), or None.
+
+    Complete: the record written after the last renaming lists every tag, each file has the
+    recorded size and DATAMD5, and (``verify``) passes :func:`verify_product`.
+    """
+    out = Path(directory)
+    try:
+        listed = json.loads((out / RECORD_NAME).read_text())["products"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    found = {}
+    for tag in tags:
+        entry = listed.get(tag) if isinstance(listed, dict) else None
+        if not entry:
+            return None
+        path = out / entry["file"]
+        try:
+            if path.stat().st_size != entry["bytes"] or fits.getval(path, "DATAMD5", 0) != entry["datamd5"]:
+                return None
+        except (OSError, KeyError):
+            return None
+        if verify and verify_product(path) is not None:
+            return None
+        found[tag] = path
+    return found
 
 
 # --------------------------------------------------------------------------- the products' headers

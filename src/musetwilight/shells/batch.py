@@ -1,6 +1,7 @@
 """Batch reduction of many twilight sets, serially or on a Dask cluster.
 
-Each SOF is reduced with :func:`musetwilight.recipe.run` into ``<output_root>/<SOF stem>/``;
+Each SOF is reduced with :func:`musetwilight.recipe.run` into ``<output_root>/<name>/``, the name
+being the SOF's path relative to the common root of all SOFs, without its suffix;
 a set that fails is recorded with its error and the batch goes on.  With a
 ``distributed.Client`` every set becomes one Dask task, and inside it the 24 per-IFU
 stages become Dask tasks of their own (through the recipe's ``mapper`` hook), so one
@@ -9,13 +10,15 @@ Dask path.
 
 Every set is reduced with the same settings and without the environment overrides
 ($MUSE_TWILIGHT_SKIP names one cube, $MUSE_TWILIGHT_SCALES one set's scales, and a
-worker's environment is not the submitter's).
+worker's environment is not the submitter's); the scratch directory is the worker's
+own ($MUSETWILIGHT_SCRATCH_DIR or $TMPDIR) unless one is given.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import traceback
 import uuid
@@ -27,22 +30,32 @@ from itertools import islice
 from pathlib import Path
 
 from ..errors import ParameterError
-from ..io.products import PRODUCTS
+from ..instrument import ifu_ranges
+from ..io import outdir
+from ..io.products import PRODUCTS, complete_set
+from ..io.space import SCRATCH_ENV
 from ..params import Settings, make_settings
 
 log = logging.getLogger("musetwilight.batch")
 
 DASK_HINT = "the Dask options need dask.distributed: pip install 'musetwilight[dask]'"
+WATCH_S = 5.0  # how often a waiting batch looks whether the cluster still has workers
+NO_WORKER_TIMEOUT_S = 300.0  # the pending sets fail after this long without any worker
+# a local cluster's nannies restart killed workers themselves; Dask's default (15 s) would
+# also retire a worker that happens to be restarting 15 s after an earlier death
+LOCAL_LOST_WORKER_TIMEOUT = "1 day"
 
 
 
 @dataclass(frozen=True)
 class SetJob:
-    """One twilight set of a batch: its SOF (absolute) and its output directory."""
+    """One twilight set of a batch: its SOF (absolute), its output directory and where its
+    scratch files go (None: the worker's $MUSETWILIGHT_SCRATCH_DIR or $TMPDIR)."""
 
     name: str
     sof: Path
     output_dir: Path
+    scratch_dir: Path | None = None
 
 
 @dataclass
@@ -90,8 +103,11 @@ class BatchReport:
                 detail = o.error or ""
             else:
                 detail = o.output_dir
-                if o.skipped_ifus:
-                    detail += f" (skipped IFUs {','.join(map(str, o.skipped_ifus))})"
+                absent = [ifu for ifu in o.skipped_ifus if ifu not in o.failed_ifus]
+                kinds = [f"{what} {ifu_ranges(ifus)}" for what, ifus in (("absent", absent), ("failed", o.failed_ifus))
+                         if ifus]
+                if kinds:
+                    detail += f" (IFUs {'; '.join(kinds)})"
             lines.append(f"{o.name:<{width}}  {o.status:<7}  {o.seconds:7.1f}s  {detail}")
         done = sum(o.status == "ok" for o in self.outcomes)
         skipped = sum(o.status == "skipped" for o in self.outcomes)
@@ -103,24 +119,50 @@ class BatchReport:
         return json.dumps({"seconds": self.seconds, "sets": [asdict(o) for o in self.outcomes]}, indent=2)
 
 
-def plan_jobs(sofs: Iterable[str | Path], output_root: str | Path) -> list[SetJob]:
-    """One job per SOF, writing into ``<output_root>/<SOF stem>``; two SOFs with the same stem are an error."""
+def plan_jobs(sofs: Iterable[str | Path], output_root: str | Path,
+              scratch_dir: str | Path | None = None) -> list[SetJob]:
+    """One job per SOF, named after the SOF's path relative to the common root of all SOFs
+    (without its suffix) and writing into ``<output_root>/<name>``.
+
+    ``nights/2024-03-01/twilight.sof`` and ``nights/2024-03-02/twilight.sof`` become
+    ``2024-03-01/twilight`` and ``2024-03-02/twilight``; SOFs in one directory keep their stem.
+    The same SOF twice, or two SOFs differing only in their suffix, are an error.
+    """
     root = Path(output_root).expanduser().resolve()
+    paths = [Path(os.path.abspath(Path(sof).expanduser())) for sof in sofs]
+    if not paths:
+        return []
+    common = Path(os.path.commonpath([p.parent for p in paths]))
     jobs: list[SetJob] = []
     seen: dict[str, Path] = {}
-    for sof in sofs:
-        path = Path(sof).expanduser().resolve()
-        name = path.stem
+    for path in paths:
+        name = (path.parent.relative_to(common) / path.stem).as_posix()
         if name in seen:
-            raise ParameterError(f"{seen[name]} and {path} would both be reduced into {root / name}: "
-                             "give the SOF files distinct names")
+            what = "is given twice" if seen[name] == path else f"and {path} would both be reduced into {root / name}"
+            raise ParameterError(f"{seen[name]} {what}: give each set once, under a distinct name")
         seen[name] = path
-        jobs.append(SetJob(name, path, root / name))
+        jobs.append(SetJob(name, path, root / name, Path(scratch_dir) if scratch_dir else None))
     return jobs
 
 
 def products_present(job: SetJob) -> bool:
-    return all((job.output_dir / product.file_name).is_file() for product in PRODUCTS)
+    """Whether the set's output directory holds a complete, intact set of products of one run."""
+    return complete_set(job.output_dir) is not None
+
+
+def clear_partial(job: SetJob) -> None:
+    """Leave a failed set's output directory with a complete set of products or none: remove
+    the temporary files of killed attempts and products no record certifies (a run killed
+    between its renames); nothing is done while another run holds the directory."""
+    if not job.output_dir.is_dir():
+        return
+    try:
+        with outdir.claim(job.output_dir):  # claiming removes the temporary files
+            if complete_set(job.output_dir) is None:
+                for product in PRODUCTS:
+                    (job.output_dir / product.file_name).unlink(missing_ok=True)
+    except OSError as err:
+        log.debug("%s: leftovers not cleared: %s", job.output_dir, err)
 
 
 def reduce_set(job: SetJob, settings: Settings, *, workers: int | None = None,
@@ -131,8 +173,9 @@ def reduce_set(job: SetJob, settings: Settings, *, workers: int | None = None,
     start = time.perf_counter()
     outcome = SetOutcome(job.name, str(job.sof), str(job.output_dir), "ok")
     try:
-        result = recipe.run(job.sof, settings, job.output_dir, workers=workers, environ={},
-                            progress=progress, mapper=mapper)
+        environ = {SCRATCH_ENV: os.environ[SCRATCH_ENV]} if SCRATCH_ENV in os.environ else {}
+        result = recipe.run(job.sof, settings, job.output_dir, workers=workers, environ=environ,
+                            scratch_dir=job.scratch_dir, progress=progress, mapper=mapper)
         outcome.paths = {name: str(path) for name, path in result.paths.items()}
         outcome.skipped_ifus = sorted(result.skipped_ifus)
         outcome.failed_ifus = result.ifus("failed")
@@ -147,18 +190,23 @@ def reduce_set(job: SetJob, settings: Settings, *, workers: int | None = None,
 def run_batch(sofs: Iterable[str | Path], settings: Settings | None = None, output_root: str | Path = ".",
               *, client=None, workers: int | None = None, distribute_ifus: bool = True,
               resume: bool = False, max_in_flight: int | None = None,
-              progress: Callable[[str], None] | None = None) -> BatchReport:
-    """Reduce every SOF into ``<output_root>/<stem>/`` and report each set's outcome.
+              progress: Callable[[str], None] | None = None, scratch_dir: str | Path | None = None,
+              no_worker_timeout: float = NO_WORKER_TIMEOUT_S) -> BatchReport:
+    """Reduce every SOF into ``<output_root>/<name>/`` (:func:`plan_jobs`) and report each set's outcome.
 
     Without ``client`` the sets run one after the other in this process (``workers``
     threads for the IFUs, as :func:`recipe.run`); Dask is not imported.  With a
     ``distributed.Client`` each set is a Dask task and, if ``distribute_ifus``, its
     per-IFU stages are Dask tasks too; at most ``max_in_flight`` sets (default: the
     cluster's threads) are in progress at once.  ``resume`` leaves sets whose
-    output directory already holds both products alone.
+    output directory already holds a complete set of products (:func:`products_present`)
+    alone.  A set that fails (a worker killed more often than Dask retries it included)
+    leaves no partial product: :func:`clear_partial`; after ``no_worker_timeout`` seconds
+    without any worker the pending sets fail.  ``scratch_dir`` is where the sets' scratch
+    files go (default: each worker's own).
     """
     settings = settings if settings is not None else make_settings()
-    jobs = plan_jobs(sofs, output_root)
+    jobs = plan_jobs(sofs, output_root, scratch_dir)
     start = time.perf_counter()
     outcomes: dict[str, SetOutcome] = {}
     todo = []
@@ -177,13 +225,15 @@ def run_batch(sofs: Iterable[str | Path], settings: Settings | None = None, outp
             outcomes[job.name] = outcome
             say(_done_message(number, len(todo), outcome))
     else:
-        for number, outcome in enumerate(_run_on_dask(client, todo, settings, distribute_ifus, max_in_flight),
-                                         start=1):
+        outcomes_on_dask = _run_on_dask(client, todo, settings, distribute_ifus, max_in_flight, no_worker_timeout)
+        for number, outcome in enumerate(outcomes_on_dask, start=1):
             outcomes[outcome.name] = outcome
             say(_done_message(number, len(todo), outcome))
     report = BatchReport([outcomes[job.name] for job in jobs], time.perf_counter() - start)
-    for outcome in report.failed:
-        log.error("%s failed: %s", outcome.name, outcome.error)
+    for job in jobs:
+        if not outcomes[job.name].ok:
+            clear_partial(job)
+            log.error("%s failed: %s", job.name, outcomes[job.name].error)
     return report
 
 
@@ -257,9 +307,14 @@ def _dask_set_task(job: SetJob, settings: Settings, distribute_ifus: bool) -> Se
 
 
 def _run_on_dask(client, jobs: Sequence[SetJob], settings: Settings, distribute_ifus: bool,
-                 max_in_flight: int | None) -> Iterator[SetOutcome]:
-    """Submit the sets (a bounded number at a time) and yield their outcomes as they finish."""
-    from distributed import as_completed
+                 max_in_flight: int | None, no_worker_timeout: float = NO_WORKER_TIMEOUT_S) -> Iterator[SetOutcome]:
+    """Submit the sets (a bounded number at a time) and yield their outcomes as they finish.
+
+    A set whose workers died more often than Dask retries it fails (KilledWorker); when the
+    cluster has had no worker at all for ``no_worker_timeout`` seconds the sets still
+    pending fail too, instead of waiting for ever.
+    """
+    from distributed import wait
 
     if not jobs:
         return
@@ -268,29 +323,51 @@ def _run_on_dask(client, jobs: Sequence[SetJob], settings: Settings, distribute_
     pending = iter(jobs)
     in_flight: dict[str, tuple[SetJob, float, object]] = {}
 
-    def submit(job: SetJob):
+    def submit(job: SetJob) -> None:
         future = client.submit(_dask_set_task, job, settings, distribute_ifus, pure=False,
                                key=f"musetwilight-set-{job.name}-{token}")
         in_flight[future.key] = (job, time.perf_counter(), future)
-        return future
 
-    running = as_completed([submit(job) for job in islice(pending, limit)])
+    def failed(job: SetJob, submitted: float, error: str) -> SetOutcome:
+        return SetOutcome(job.name, str(job.sof), str(job.output_dir), "failed",
+                          seconds=time.perf_counter() - submitted, error=error)
+
+    for job in islice(pending, limit):
+        submit(job)
+    no_workers_since: float | None = None
     try:
-        for future in running:
-            job, submitted, _ = in_flight.pop(future.key)
+        while in_flight:
             try:
-                outcome = future.result()
-            except Exception as err:  # noqa: BLE001 - e.g. a worker died: the set failed, the batch goes on
-                outcome = SetOutcome(job.name, str(job.sof), str(job.output_dir), "failed",
-                                     seconds=time.perf_counter() - submitted,
-                                     error=f"{type(err).__name__}: {err}")
-            future.release()
-            following = next(pending, None)
-            if following is not None:
-                running.add(submit(following))
-            yield outcome
+                done = wait([future for _, _, future in in_flight.values()], timeout=WATCH_S,
+                            return_when="FIRST_COMPLETED").done
+            except TimeoutError:
+                done = set()
+            if not done:
+                if client.scheduler_info().get("workers"):
+                    no_workers_since = None
+                    continue
+                no_workers_since = no_workers_since or time.monotonic()
+                if time.monotonic() - no_workers_since < no_worker_timeout:
+                    continue
+                lost = list(in_flight.values()) + [(job, time.perf_counter(), None) for job in pending]
+                in_flight.clear()
+                client.cancel([future for _, _, future in lost if future is not None])
+                for job, submitted, _ in lost:
+                    yield failed(job, submitted, f"NoWorkers: the Dask cluster has had no worker for "
+                                                 f"{no_worker_timeout:.0f} s")
+                return
+            for future in done:
+                job, submitted, _ = in_flight.pop(future.key)
+                try:
+                    outcome = future.result()
+                except Exception as err:  # noqa: BLE001 - e.g. a worker died: the set failed, the batch goes on
+                    outcome = failed(job, submitted, f"{type(err).__name__}: {err}")
+                future.release()
+                following = next(pending, None)
+                if following is not None:
+                    submit(following)
+                yield outcome
     finally:
-        running.clear()
         if in_flight:
             client.cancel([future for _, _, future in in_flight.values()])
 
@@ -300,7 +377,9 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, thread
                 processes: bool = True, log_level: int | None = None, **cluster_options):
     """A ``distributed.Client``: connected to ``scheduler`` or to a new LocalCluster of ``workers``.
 
-    The local cluster (if any) is closed on exit; ``log_level`` sets Dask's own loggers.
+    The local cluster (if any) is closed on exit; its workers, restarted by their nannies
+    when they die, are never retired for having died (LOCAL_LOST_WORKER_TIMEOUT).
+    ``log_level`` sets Dask's own loggers.
     """
     try:
         from distributed import Client, LocalCluster
@@ -313,6 +392,9 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, thread
         with Client(scheduler) as client:
             yield client
         return
-    with LocalCluster(n_workers=workers or 1, threads_per_worker=threads_per_worker, processes=processes,
-                      **cluster_options) as cluster, Client(cluster) as client:
+    import dask
+
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": LOCAL_LOST_WORKER_TIMEOUT}), \
+            LocalCluster(n_workers=workers or 1, threads_per_worker=threads_per_worker, processes=processes,
+                         **cluster_options) as cluster, Client(cluster) as client:
         yield client

@@ -749,7 +749,8 @@ def run_recipe(caller: Mapping[str, Any], values: Mapping[str, Any], sofs: Seque
             sof_out = caller["products-sof"] or None
             options = products.WriteOptions(checksum=not caller["no-checksum"], datamd5=not caller["no-datamd5"],
                                             prefix=prefix, readonly=caller["output-readonly"],
-                                            products_sof=Path(sof_out) if sof_out else None, listed_dir=shown_dir)
+                                            products_sof=Path(sof_out) if sof_out else None, listed_dir=shown_dir,
+                                            record=False)  # EsoRex writes the products only
             products.write_products(made, out, options)
         except (MuseTwilightError, OSError) as err:
             messages.error(str(err), domain=RECIPE)

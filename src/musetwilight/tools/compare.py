@@ -10,7 +10,10 @@ TWILIGHT_CUBE.fits, ...) the comparison checks
   infinite where only ref is 0), the largest absolute difference and the number of
   differing pixels; and the NaN pattern (pixels finite in one set only);
 * the ``ESO QC ...`` and ``ESO DRS MUSE ...`` keywords of every HDU: missing on one
-  side, different strings, or numbers differing by more than a relative tolerance.
+  side, different strings, or numbers differing by more than a relative tolerance;
+* the set of keywords of every HDU: names in one file only and value types that differ
+  (commentary cards aside; our own ``MUSETWILIGHT ...`` keywords are listed, not failed),
+  and whether the keywords both have come in the same order (reported, not failed).
 
 The default tolerances are those of the resampling issue: median 1e-4, 99th percentile
 1e-3, NaN patterns agreeing on at least 99.9 % of the pixels, QC values 1e-5.
@@ -35,6 +38,8 @@ from ..io.products import PRODUCTS
 
 PRODUCT_NAMES = tuple(p.file_name for p in PRODUCTS)
 COMPARED_KEY_PREFIXES = ("ESO QC ", "ESO DRS MUSE ")
+COMMENTARY_KEYS = ("COMMENT", "HISTORY", "")
+OWN_KEY_PREFIXES = ("MUSETWILIGHT ",)  # musetwilight's additions (skipped and absent IFUs), not ESO's
 
 
 @dataclass(frozen=True)
@@ -97,13 +102,16 @@ class FileComparison:
     images: list[ImageDiff] = field(default_factory=list)
     keywords_compared: int = 0
     keyword_diffs: list[KeywordDiff] = field(default_factory=list)
+    keyword_set_diffs: list[KeywordDiff] = field(default_factory=list)
+    keyword_order: list[str] = field(default_factory=list)  # "<extension>: first keyword out of order"
     problems: list[str] = field(default_factory=list)
 
     @property
     def all_problems(self) -> list[str]:
         out = list(self.problems)
         out += [f"{d.extension}: {p}" for d in self.images for p in d.problems]
-        out += [f"{k.extension}: {k.keyword}: {k.problem}" for k in self.keyword_diffs if k.problem]
+        out += [f"{k.extension}: {k.keyword}: {k.problem}" for k in self.keyword_diffs + self.keyword_set_diffs
+                if k.problem]
         return out
 
     @property
@@ -194,6 +202,12 @@ class ComparisonReport:
                 rel = "" if k.rel_diff is None else f" rel {_g(k.rel_diff)}"
                 lines.append(f"    {k.extension}: {k.keyword}: ref {k.ref!r} test {k.test!r}{rel}"
                              f"{'  FAIL: ' + k.problem if k.problem else ''}")
+            lines.append(f"  keyword sets: {len(comparison.keyword_set_diffs)} difference(s)"
+                         + (f", order differs ({'; '.join(comparison.keyword_order)})" if comparison.keyword_order
+                            else ", same order"))
+            for k in comparison.keyword_set_diffs:
+                lines.append(f"    {k.extension}: {k.keyword}: ref {k.ref} test {k.test}"
+                             f"{'  FAIL: ' + k.problem if k.problem else '  (musetwilight only)'}")
         problems = self.problems
         lines.append("")
         lines.append("RESULT: " + ("within tolerances" if not problems else f"{len(problems)} problem(s)"))
@@ -331,6 +345,50 @@ def compare_keywords(ext: str, ref: fits.Header, test: fits.Header,
     return len(names), diffs
 
 
+def _value_type(value) -> str:
+    """The FITS type of a keyword value: logical, integer, real, string or undefined."""
+    if isinstance(value, (bool, np.bool_)):
+        return "logical"
+    if isinstance(value, (int, np.integer)):
+        return "integer"
+    if isinstance(value, (float, np.floating)):
+        return "real"
+    if isinstance(value, str):
+        return "string"
+    return "undefined"
+
+
+def compare_keyword_sets(ext: str, ref: fits.Header, test: fits.Header) -> tuple[list[KeywordDiff], str | None]:
+    """Keyword names in one header only (those :func:`compare_keywords` reports aside) and
+    value types that differ, and the first keyword (of those in both) that comes out of
+    order (None when the order is the same)."""
+    def types(header: fits.Header) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for card in header.cards:
+            if card.keyword not in COMMENTARY_KEYS:
+                out.setdefault(card.keyword, _value_type(card.value))
+        return out
+
+    ref_types, test_types = types(ref), types(test)
+    diffs = []
+    for key in list(ref_types) + [k for k in test_types if k not in ref_types]:
+        own = key.startswith(OWN_KEY_PREFIXES)
+        covered = key.startswith(COMPARED_KEY_PREFIXES) or WCS_KEYS.match(key)  # by compare_keywords
+        if covered and (key not in test_types or key not in ref_types):
+            continue
+        if key not in test_types:
+            diffs.append(KeywordDiff(ext, key, ref_types[key], "-", None, "" if own else "only in reference"))
+        elif key not in ref_types:
+            diffs.append(KeywordDiff(ext, key, "-", test_types[key], None, "" if own else "only in test"))
+        elif ref_types[key] != test_types[key]:
+            diffs.append(KeywordDiff(ext, key, ref_types[key], test_types[key], None,
+                                     f"type {ref_types[key]} in reference, {test_types[key]} in test"))
+    ref_order = [k for k in ref_types if k in test_types]
+    test_order = [k for k in test_types if k in ref_types]
+    first = next((a for a, b in zip(ref_order, test_order) if a != b), None)
+    return diffs, first
+
+
 # --------------------------------------------------------------------------- files
 
 def _extension_name(hdu, index: int) -> str:
@@ -369,6 +427,10 @@ def compare_files(ref_path: str | os.PathLike, test_path: str | os.PathLike,
             count, diffs = compare_keywords(ext_name, ref_hdu.header, test_hdu.header, tolerances)
             result.keywords_compared += count
             result.keyword_diffs += diffs
+            set_diffs, out_of_order = compare_keyword_sets(ext_name, ref_hdu.header, test_hdu.header)
+            result.keyword_set_diffs += set_diffs
+            if out_of_order:
+                result.keyword_order.append(f"{ext_name}: {out_of_order}")
             _compare_data(result, ext_name, ref_hdu, test_hdu, ref_path, test_path, tolerances)
     return result
 

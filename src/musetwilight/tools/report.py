@@ -1,12 +1,16 @@
 """QA report of one muse_twilight run: PNG plots and one self-contained HTML page.
 
 ``write_report(report_dir, datacube_skyflat, twilight_cube, truth=None)`` draws
-the white-light images of both products, the smooth-fit and vignetting
-diagnostics (white_global_fit, white_div_global, vign_fit, white_cor), the
-per-IFU relative flux (QC TWILIGHTn INTFLUX over the reference IFU's), the
-plane means and the fitted surfaces versus wavelength, and the QC keywords.
-With the simulator's truth it also compares what the run recovered with what
-was injected: per-IFU throughput, field illumination and twilight spectrum.
+the white-light images of both products and the residual of the smooth model
+against the median-smoothed data, the smooth-fit and vignetting diagnostics
+(white_global_fit, white_div_global, vign_fit, white_cor), the per-IFU relative
+flux (QC TWILIGHTn INTFLUX over the reference IFU's), the plane means and the
+fitted surfaces versus wavelength, and the QC keywords.  Field images are
+stretched about 1 over the field's valid spaxels (:func:`centred_limits`), with
+labelled colour bars and, given the GEOMETRY_TABLE, the IFU outlines.  With the
+simulator's truth it also compares what the run recovered with what was
+injected: per-IFU throughput, field illumination (their difference inside and
+outside the vignetted zone) and twilight spectrum.
 The page links its PNGs relatively, so the report directory can be moved or
 served as a whole; ``summary.json`` holds the numbers shown on the page.
 
@@ -31,7 +35,8 @@ import numpy as np
 from astropy.io import fits
 
 from .. import __version__
-from ..instrument import is_nfm
+from ..errors import MuseTwilightError
+from ..instrument import ifu_ranges, is_nfm
 from ..io.products import DATACUBE_SKYFLAT, TWILIGHT_CUBE
 
 DEFAULT_TITLE = "musetwilight QA report"
@@ -39,12 +44,15 @@ QC_RE = re.compile(r"^ESO QC TWILIGHT(\d+) (.+)$")
 INTFLUX_RE = re.compile(r"^ESO QC TWILIGHT(\d+) INTFLUX$")
 SKYFLUX_RE = re.compile(r"^ESO DRS MUSE FLAT FLUX SKY(\d+)$")
 DIAGNOSTIC_TITLES = {
-    "white_global_fit": "white_global_fit: polynomial fit of the white image",
-    "white_div_global": "white_div_global: white / global fit",
-    "white_div_global_excl_edges": "white_div_global_excl_edges: same, mask without its edges",
-    "vign_fit": "vign_fit: vignetting fit",
-    "white_cor": "white_cor: white corrected by the vignetting fit",
+    "white_global_fit": "TWILIGHT_CUBE white_global_fit:\npolynomial fit of the white image",
+    "white_div_global": "TWILIGHT_CUBE white_div_global:\nwhite image / global fit",
+    "white_div_global_excl_edges": "TWILIGHT_CUBE white_div_global_excl_edges:\nwhite / fit, strong edges masked",
+    "vign_fit": "TWILIGHT_CUBE vign_fit:\nfit of the vignetted area",
+    "white_cor": "TWILIGHT_CUBE white_cor:\nwhite / fit corrected by vign_fit",
 }
+DIAGNOSTIC_LABELS = {"white_global_fit": "global fit (mean 1)", "white_div_global": "white / global fit",
+                     "white_div_global_excl_edges": "white / global fit", "vign_fit": "vignetting fit",
+                     "white_cor": "corrected white / global fit"}
 BORDER = 3  # spaxels dropped at the field border for the "interior" statistics
 
 
@@ -200,12 +208,16 @@ def _is_number(value) -> bool:
 
 def _stats(ratio: np.ndarray) -> dict[str, float | int]:
     """rms and max |deviation| from 1 of a ratio (finite values), and how many."""
-    values = ratio[np.isfinite(ratio)]
+    return _difference_stats(np.asarray(ratio, dtype=float) - 1.0)
+
+
+def _difference_stats(difference: np.ndarray) -> dict[str, float | int]:
+    """rms and max |value| of a difference (finite values), and how many."""
+    values = difference[np.isfinite(difference)]
     if values.size == 0:
         return {"n": 0, "rms": math.nan, "max_abs": math.nan}
-    dev = values - 1.0
-    return {"n": int(values.size), "rms": float(np.sqrt(np.mean(dev * dev))),
-            "max_abs": float(np.max(np.abs(dev)))}
+    return {"n": int(values.size), "rms": float(np.sqrt(np.mean(values * values))),
+            "max_abs": float(np.max(np.abs(values)))}
 
 
 def _normalised(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -258,6 +270,45 @@ def expected_illumination(truth: dict, products: _Products) -> tuple[np.ndarray 
     return illum * vign, "injected field illumination x sky vignetting"
 
 
+def model_residual(products: _Products) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """How well TWILIGHT_CUBE follows the data it was fitted to: each DATACUBE_SKYFLAT plane
+    median-smoothed as ESO smooths it (:func:`~musetwilight.core.smooth.median_smoothed`),
+    divided by the TWILIGHT_CUBE plane normalised over the same spaxels, minus 1.  Returns
+    (the mean residual over the planes, the rms of each plane, the spaxels with a residual),
+    None without DATACUBE_SKYFLAT."""
+    from ..core.smooth import median_smoothed, white_light_mask
+
+    if products.sky_cube is None or products.sky_white is None:
+        return None
+    white_bad = white_light_mask(products.sky_white)
+    planes = []
+    for data, model in zip(products.sky_cube, products.twi_cube):
+        smooth, bad = median_smoothed(data, white_bad)
+        bad = bad | ~np.isfinite(model) | ~np.isfinite(smooth)
+        if bad.all():
+            planes.append(np.full(model.shape, np.nan))
+            continue
+        ratio = smooth / (model / float(np.mean(model[~bad])))
+        planes.append(np.where(bad, np.nan, ratio - 1.0))
+    residual = np.stack(planes)
+    with _quiet_nanmean():
+        mean = np.nanmean(residual, axis=0)
+        rms = np.sqrt(np.nanmean(residual * residual, axis=(1, 2)))
+    return mean, rms, np.isfinite(mean) & products.field_mask()
+
+
+def vignetted_zone(truth: dict | None, products: _Products) -> np.ndarray | None:
+    """Spaxels of the vignetted zone: where the injected vignetting takes more than 0.1 % (truth),
+    else where TWILIGHT_CUBE's vignetting fit applies (vign_fit's DQ); None without either."""
+    if truth:
+        vign = _truth_on_grid(truth, products, "vignetting")
+        if vign is not None and ((truth.get("vignetting") or {}).get("model") or {}).get("kind"):
+            return vign < 0.999
+    if "vign_fit" in products.masks:
+        return ~products.masks["vign_fit"]
+    return None
+
+
 # --------------------------------------------------------------------------------------------
 # plots
 
@@ -269,91 +320,259 @@ class _Plot:
     caption: str
 
 
-class _Plotter:
-    """Writes one PNG per figure into the report directory."""
+@dataclass(frozen=True)
+class Footprint:
+    """Where an IFU lies in the field (cube WCS, geometry-table pixels): its outline, the
+    outlines of its four slice stacks and of its 48 slices, each (x0, x1, y0, y1)."""
 
-    def __init__(self, directory: Path, products: _Products):
+    ifu: int
+    box: tuple[float, float, float, float]
+    stacks: tuple[tuple[float, float, float, float], ...]
+    slices: tuple[tuple[float, float, float, float], ...]
+
+
+def footprints(geometry, ifus) -> list[Footprint]:
+    """The footprints of ``ifus`` from a GEOMETRY_TABLE (a table or a path): each slice spans
+    x +- width/2 and y +- 1/2 around its centre, stacks are slices SliceSky 1-12, 13-24, ..."""
+    if geometry is None:
+        return []
+    if not hasattr(geometry, "colnames"):
+        from ..io.formats import read_geometry_table
+
+        geometry = read_geometry_table(geometry)
+    columns = {name: np.asarray(geometry[name]) for name in ("SubField", "SliceSky", "x", "y", "width")}
+    out = []
+    for ifu in sorted(ifus):
+        rows = columns["SubField"] == ifu
+        if not rows.any():
+            continue
+        x, y, half = columns["x"][rows], columns["y"][rows], columns["width"][rows] / 2
+        slices = np.column_stack([x - half, x + half, y - 0.5, y + 0.5])
+        stack_of = (columns["SliceSky"][rows] - 1) // 12
+
+        def bounds(boxes: np.ndarray) -> tuple[float, float, float, float]:
+            return (float(boxes[:, 0].min()), float(boxes[:, 1].max()), float(boxes[:, 2].min()),
+                    float(boxes[:, 3].max()))
+        stacks = tuple(bounds(slices[stack_of == k]) for k in np.unique(stack_of))
+        out.append(Footprint(ifu, bounds(slices), stacks, tuple(tuple(map(float, b)) for b in slices)))
+    return out
+
+
+def centred_limits(values: np.ndarray, centre: float = 1.0, percentile: float = 99.0,
+                   clip: float | None = 5.0) -> tuple[float, float]:
+    """Colour limits centre -+ h: h is the ``percentile`` of |value - centre| over the valid
+    values, those within ``clip`` robust sigmas (1.4826 MAD) of the median (all finite ones
+    for ``clip=None``), so that slice gaps and edges do not set the stretch and the
+    per-cent structure stays visible."""
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return centre - 0.05, centre + 0.05
+    median = float(np.median(values))
+    sigma = 1.4826 * float(np.median(np.abs(values - median)))
+    if clip is not None and sigma > 0:
+        values = values[np.abs(values - median) <= clip * sigma]
+    half = float(np.percentile(np.abs(values - centre), percentile))
+    half = max(half, 1e-4 * max(abs(centre), 1.0))
+    return centre - half, centre + half
+
+
+class _Plotter:
+    """Writes one PNG per figure into the report directory; each PNG carries in its metadata
+    ("Panels", JSON) every panel's title, axis labels, colour-bar label, legend placement
+    and how much of its image holds data (what the tests check)."""
+
+    def __init__(self, directory: Path, products: _Products, outlines: list[Footprint] | None = None):
         self.dir = directory
         self.p = products
+        self.outlines = outlines or []
         self.Figure = _figure_class()
         self.plots: list[_Plot] = []
+        self._colorbars: dict[int, str] = {}  # id(colour-bar axes) -> title of its panel
 
     def save(self, fig, file: str, title: str, caption: str) -> _Plot:
-        fig.savefig(self.dir / file, dpi=100)
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        FigureCanvasAgg(fig).draw()  # lay out first: the legend and axes positions are final
+        metadata = {"Title": title, "Panels": json.dumps(self._panels(fig)), "Software": f"musetwilight {__version__}"}
+        fig.savefig(self.dir / file, dpi=100, metadata=metadata)
         plot = _Plot(file, title, caption)
         self.plots.append(plot)
         return plot
 
-    def image(self, ax, image, title, mask=None, vmin=None, vmax=None, cmap="viridis", colorbar=True):
-        """One spatial image in the cube WCS, masked spaxels grey, robust colour limits."""
+    def _panels(self, fig) -> list[dict]:
+        panels = []
+        renderer = fig.canvas.get_renderer()
+        for ax in fig.axes:
+            if id(ax) in self._colorbars:
+                panels.append({"kind": "colorbar", "panel": self._colorbars[id(ax)],
+                               "label": ax.get_ylabel() or ax.get_xlabel()})
+                continue
+            info = {"kind": "image" if ax.images else "plot", "title": ax.get_title(), "xlabel": ax.get_xlabel(),
+                    "ylabel": ax.get_ylabel()}
+            if ax.images:
+                data = np.ma.masked_invalid(np.ma.asarray(ax.images[0].get_array(), dtype=float))
+                info["data_fraction"] = float(data.count() / data.size) if data.size else 0.0
+                info["data_spread"] = float(data.std()) if data.count() else 0.0
+                info["limits"] = [float(v) for v in ax.images[0].get_clim()]
+                info["ifu_outlines"] = sum(text.get_text().startswith("IFU ") for text in ax.texts)
+            else:
+                lines = [line for line in ax.get_lines() if np.isfinite(np.asarray(line.get_ydata(), float)).any()]
+                info["curves"] = len(lines) + len(ax.patches) + len(ax.collections)
+            legend = ax.get_legend()
+            if legend is not None:
+                info["legend_overlaps_data"] = bool(legend.get_window_extent(renderer).overlaps(
+                    ax.get_window_extent(renderer)))
+            panels.append(info)
+        for legend in fig.legends:
+            box = legend.get_window_extent(renderer)
+            panels.append({"kind": "figure legend", "legend_overlaps_data": any(
+                box.overlaps(ax.get_window_extent(renderer)) for ax in fig.axes)})
+        return panels
+
+    def image(self, ax, image, title: str, label: str, mask=None, limits=None, centre: float = 1.0,
+              clip: float | None = 5.0, cmap: str = "RdBu_r", colorbar: bool = True, contour=None):
+        """One field image in the cube WCS: masked spaxels grey, the stretch centred on ``centre``
+        (:func:`centred_limits` with ``clip``) unless ``limits`` are given, a colour bar labelled
+        ``label``, the IFU outlines on top and, given, a contour of a boolean zone (e.g. the
+        vignetted one)."""
         import matplotlib as mpl
 
         data = np.ma.masked_invalid(np.asarray(image, dtype=float))
         if mask is not None:
             data = np.ma.masked_where(mask, data)
-        finite = data.compressed()
-        if vmin is None or vmax is None:
-            lo, hi = (np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0))
-            vmin = lo if vmin is None else vmin
-            vmax = hi if vmax is None else vmax
+        if limits is None:
+            limits = centred_limits(data.compressed(), centre, clip=clip)
+        vmin, vmax = limits
         if not vmax > vmin:
             vmin, vmax = vmin - 0.5 * max(abs(vmin), 1e-6), vmax + 0.5 * max(abs(vmax), 1e-6)
-        colours = mpl.colormaps[cmap].with_extremes(bad="0.8")
+        colours = mpl.colormaps[cmap].with_extremes(bad="0.55")
         ny, nx = data.shape
         aspect = "equal" if 0.4 <= ny / nx <= 2.5 else "auto"  # NFM sets with far-apart IFUs are thin
-        art = ax.imshow(data, origin="lower", extent=self.p.extent(), cmap=colours, vmin=vmin, vmax=vmax,
+        extent = self.p.extent()
+        art = ax.imshow(data, origin="lower", extent=extent, cmap=colours, vmin=vmin, vmax=vmax,
                         interpolation="nearest", aspect=aspect)
         ax.set_title(title, fontsize=9)
-        ax.set_xlabel("x [pixel]", fontsize=8)
-        ax.set_ylabel("y [pixel]", fontsize=8)
+        ax.set_xlabel("x [spaxel]", fontsize=8)
+        ax.set_ylabel("y [spaxel]", fontsize=8)
         ax.tick_params(labelsize=7)
+        self._draw_outlines(ax, ny)
+        if contour is not None and np.any(contour) and not np.all(contour):
+            x, y = self.p.spaxel_coords()
+            ax.contour(x, y, np.asarray(contour, float), levels=[0.5], colors="k", linewidths=1.2, linestyles="--")
+        ax.set_xlim(extent[0], extent[1])
+        ax.set_ylim(extent[2], extent[3])
         if colorbar:
-            ax.figure.colorbar(art, ax=ax, shrink=0.85).ax.tick_params(labelsize=7)
+            self.colorbar(ax, art, label, title)
         return art
+
+    def colorbar(self, ax, art, label: str, title: str):
+        bar = ax.figure.colorbar(art, ax=ax, shrink=0.85, extend="both")
+        bar.set_label(label, fontsize=8)
+        bar.ax.tick_params(labelsize=7)
+        self._colorbars[id(bar.ax)] = title
+        return bar
+
+    def _draw_outlines(self, ax, ny: int) -> None:
+        """IFU outlines (labelled), their slice stacks and, where a spaxel row is at least ~5 screen
+        pixels high (up to 72 rows), the single slices."""
+        from matplotlib.patches import Rectangle
+
+        slices_resolved = ny <= 72
+        for footprint in self.outlines:
+            if slices_resolved:
+                for x0, x1, y0, y1 in footprint.slices:
+                    ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=0.25, ec="0.3", alpha=0.35))
+            for x0, x1, y0, y1 in footprint.stacks:
+                ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=0.6, ec="0.2"))
+            x0, x1, y0, y1 = footprint.box
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=1.3, ec="k"))
+            ax.text(x0 + 0.5, y1 - 0.4, f"IFU {footprint.ifu}", fontsize=6, va="top", ha="left",
+                    bbox={"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.75})
+
+    def panel_width(self, height: float, colorbar: bool = True) -> float:
+        """Figure inches one field panel of a figure ``height`` inches high takes (the image's
+        aspect, room for labels and, with ``colorbar``, its colour bar right beside it)."""
+        ny, nx = self.p.twi_cube.shape[1:]
+        aspect = ny / nx if 0.4 <= ny / nx <= 2.5 else 1.0
+        return min(7.0, max(2.5, (height - 1.2) / aspect)) + 0.8 + (1.0 if colorbar else 0.0)
+
+    @property
+    def outline_note(self) -> str:
+        return (" Black frames: the IFUs (labelled) with their slice stacks"
+                + (" and slices" if self.outlines and self.p.twi_cube.shape[1] <= 72 else "") + "."
+                if self.outlines else "")
 
     # ---- the figures --------------------------------------------------------------------------
     def white_images(self):
         p = self.p
         panels = []
+        mask = ~p.field_mask()
         if p.sky_white is not None:
-            panels.append((p.sky_white, "DATACUBE_SKYFLAT white [count]"))
+            white = p.sky_white / np.nanmedian(np.where(mask, np.nan, p.sky_white))
+            panels.append((white, "DATACUBE_SKYFLAT white-light image / field median", "white / field median"))
         with _quiet_nanmean():
-            panels.append((np.nanmean(p.twi_cube, axis=0), "TWILIGHT_CUBE white (mean of planes)"))
-        fig = self.Figure(figsize=(5.2 * len(panels), 4.4), layout="constrained")
-        for ax, (image, title) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
-            self.image(ax, image, title)
+            twilight = np.nanmean(p.twi_cube, axis=0)
+        panels.append((twilight, "TWILIGHT_CUBE averaged over wavelength", "TWILIGHT_CUBE (mean of planes)"))
+        fig = self.Figure(figsize=(self.panel_width(4.6) * len(panels), 4.6), layout="constrained")
+        for ax, (image, title, label) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+            self.image(ax, image, title, label, mask=mask)
         return self.save(fig, "white_images.png", "White-light images",
-                         "Left: white-light image of DATACUBE_SKYFLAT (grey: no data). "
-                         "Right: the smooth TWILIGHT_CUBE averaged over wavelength."
-                         if len(panels) == 2 else "The smooth TWILIGHT_CUBE averaged over wavelength "
-                                                  "(no DATACUBE_SKYFLAT given).")
+                         ("Left: the white-light image of DATACUBE_SKYFLAT divided by its median over the "
+                          "field. Right: the smooth TWILIGHT_CUBE averaged over wavelength." if len(panels) == 2
+                          else "The smooth TWILIGHT_CUBE averaged over wavelength (no DATACUBE_SKYFLAT given).")
+                         + " Both stretched symmetrically about 1 over the field's valid spaxels, so the "
+                           "per-cent structure shows; dark grey: no data." + self.outline_note)
+
+    def residual_images(self, residual: np.ndarray, per_plane: np.ndarray, field: np.ndarray):
+        width = self.panel_width(4.6)
+        fig = self.Figure(figsize=(width + 5.5, 4.6), layout="constrained")
+        ax1, ax2 = fig.subplots(1, 2, width_ratios=[width, 5.5])
+        self.image(ax1, 100 * residual, "Residual of the model:\nmedian-smoothed DATACUBE_SKYFLAT / TWILIGHT_CUBE - 1",
+                   "residual [%]", mask=~field, centre=0.0)
+        lam = self.p.wavelengths
+        ax2.plot(lam, 100 * per_plane, "o-", ms=3, color="tab:red")
+        ax2.axhline(0, color="0.3", lw=0.8)
+        ax2.set_xlabel("wavelength [Angstrom]", fontsize=8)
+        ax2.set_ylabel("rms of the residual over the field [%]", fontsize=8)
+        ax2.set_title("Residual rms of each plane:\nmedian-smoothed DATACUBE_SKYFLAT / TWILIGHT_CUBE - 1", fontsize=9)
+        ax2.tick_params(labelsize=7)
+        return self.save(fig, "residual.png", "Residual of the smooth model",
+                         "Each DATACUBE_SKYFLAT plane median-smoothed (5x7 spaxels, as ESO smooths it before "
+                         "the polynomial fit) and normalised, divided by the TWILIGHT_CUBE plane; left the "
+                         "mean over the planes, right the rms per plane. What the polynomial cannot follow "
+                         "(steps between IFUs, the vignetted edge) shows here." + self.outline_note)
 
     def fit_images(self):
         names = [n for n in ("white_global_fit", "white_div_global") if n in self.p.images]
         if not names:
             return None
-        fig = self.Figure(figsize=(5.2 * len(names), 4.4), layout="constrained")
+        fig = self.Figure(figsize=(max(4.6, self.panel_width(4.6)) * len(names), 4.6), layout="constrained")
         for ax, name in zip(fig.subplots(1, len(names), squeeze=False)[0], names):
-            self.image(ax, self.p.images[name], DIAGNOSTIC_TITLES[name], self.p.masks.get(name))
+            self.image(ax, self.p.images[name], DIAGNOSTIC_TITLES[name], DIAGNOSTIC_LABELS[name],
+                       self.p.masks.get(name))
         return self.save(fig, "global_fit.png", "Global fit of the white-light image",
                          "The polynomial fit of the white-light image and the white image divided by it "
-                         "(grey: flagged in the DQ extension).")
+                         "(dark grey: flagged in the DQ extension), stretched about 1." + self.outline_note)
 
-    def vignetting_images(self):
+    def vignetting_images(self, zone: np.ndarray | None):
         names = [n for n in ("white_div_global_excl_edges", "vign_fit", "white_cor") if n in self.p.images]
         if "vign_fit" not in names and "white_cor" not in names:
             return None
-        fig = self.Figure(figsize=(5.2 * len(names), 4.4), layout="constrained")
+        fig = self.Figure(figsize=(max(4.6, self.panel_width(4.6)) * len(names), 4.6), layout="constrained")
         for ax, name in zip(fig.subplots(1, len(names), squeeze=False)[0], names):
-            self.image(ax, self.p.images[name], DIAGNOSTIC_TITLES[name], self.p.masks.get(name))
+            self.image(ax, self.p.images[name], DIAGNOSTIC_TITLES[name], DIAGNOSTIC_LABELS[name],
+                       self.p.masks.get(name), contour=zone)
         return self.save(fig, "vignetting.png", "Vignetting fit",
                          "The vignetted area's fit (vign_fit) and the white image corrected for it "
-                         "(white_cor); grey: flagged in the DQ extension.")
+                         "(white_cor), stretched about 1; dark grey: flagged in the DQ extension"
+                         + ("; dashed: the vignetted zone" if zone is not None and np.any(zone) else "") + "."
+                         + self.outline_note)
 
     def intflux(self, flux: dict[int, float], reference: int, truth_ratio: dict[int, float] | None):
         ifus = sorted(flux)
         ratio = [flux[i] / flux[reference] for i in ifus]
-        fig = self.Figure(figsize=(max(5.0, 0.45 * len(ifus) + 2.5), 3.8), layout="constrained")
+        fig = self.Figure(figsize=(max(5.0, 0.45 * len(ifus) + 2.5), 4.0), layout="constrained")
         ax = fig.subplots()
         x = np.arange(len(ifus))
         width = 0.4 if truth_ratio else 0.7
@@ -366,13 +585,13 @@ class _Plotter:
         ax.axhline(1.0, color="0.3", lw=0.8)
         ax.set_xticks(x, [str(i) for i in ifus], fontsize=8)
         ax.set_xlabel("IFU")
-        ax.set_ylabel(f"flux relative to IFU {reference}")
+        ax.set_ylabel(f"integrated flux / IFU {reference}'s")
         values = np.array(ratio + (list(truth_ratio.values()) if truth_ratio else []), float)
         values = values[np.isfinite(values)]
         lo, hi = (values.min(), values.max()) if values.size else (0.9, 1.1)
         pad = max(0.02, 0.15 * (hi - lo))
         ax.set_ylim(max(0.0, lo - pad), hi + pad)
-        ax.set_title("Per-IFU relative flux (QC TWILIGHTn INTFLUX)", fontsize=10)
+        ax.set_title(f"Per-IFU flux (QC TWILIGHTn INTFLUX) relative to IFU {reference}", fontsize=10)
         return self.save(fig, "intflux.png", "Per-IFU relative flux",
                          f"Integrated flux of each IFU (ESO QC TWILIGHTn INTFLUX) relative to the flux "
                          f"reference IFU {reference}; each IFU's data are divided by this ratio before "
@@ -382,8 +601,9 @@ class _Plotter:
         p = self.p
         lam = p.wavelengths
         nplots = 2 if p.sky_cube is not None else 1
-        fig = self.Figure(figsize=(7.5, 3.2 * nplots), layout="constrained")
+        fig = self.Figure(figsize=(8.5, 3.2 * nplots), layout="constrained")
         axes = fig.subplots(nplots, 1, squeeze=False)[:, 0]
+        outside = {"fontsize": 8, "loc": "upper left", "bbox_to_anchor": (1.01, 1.0), "borderaxespad": 0.0}
         if p.sky_cube is not None:
             ax = axes[0]
             with _quiet_nanmean():
@@ -392,10 +612,11 @@ class _Plotter:
             ax.plot(lam, means, "o-", ms=3, label="plane mean")
             ax.plot(lam, medians, "s--", ms=3, label="plane median")
             if spectrum is not None:
-                ax.plot(lam, spectrum, "k:", label="injected twilight spectrum (scaled)")
+                ax.plot(lam, spectrum, "k:", label="injected twilight\nspectrum (scaled)")
             ax.set_ylabel("DATACUBE_SKYFLAT [count]")
-            ax.legend(fontsize=8)
-            ax.set_title("Plane statistics of DATACUBE_SKYFLAT", fontsize=10)
+            ax.set_xlabel("wavelength [Angstrom]")
+            ax.legend(**outside)
+            ax.set_title("DATACUBE_SKYFLAT: mean and median of each plane", fontsize=10)
         ax = axes[-1]
         cube = p.twi_cube.reshape(p.twi_cube.shape[0], -1)
         with _quiet_nanmean():
@@ -407,8 +628,8 @@ class _Plotter:
         ax.plot(lam, mean, "k--", lw=0.8, label="mean")
         ax.set_ylabel("TWILIGHT_CUBE")
         ax.set_xlabel("wavelength [Angstrom]")
-        ax.legend(fontsize=8, ncols=2)
-        ax.set_title("Fitted surfaces (TWILIGHT_CUBE planes): spatial spread per plane", fontsize=10)
+        ax.legend(**outside)
+        ax.set_title("TWILIGHT_CUBE: spread of each fitted plane over the field", fontsize=10)
         return self.save(fig, "plane_means.png", "Plane statistics versus wavelength",
                          "Top: mean and median of each DATACUBE_SKYFLAT plane. Bottom: spread of each "
                          "smooth TWILIGHT_CUBE plane over the field (each plane is normalised to mean 1)."
@@ -418,23 +639,24 @@ class _Plotter:
         p = self.p
         nz = p.twi_cube.shape[0]
         picks = sorted(set(np.linspace(0, nz - 1, min(4, nz)).round().astype(int)))
-        finite = p.twi_cube[picks][np.isfinite(p.twi_cube[picks])]
-        vmin, vmax = (np.percentile(finite, [1, 99]) if finite.size else (0.9, 1.1))
-        fig = self.Figure(figsize=(4.4 * len(picks), 4.0), layout="constrained")
+        mask = ~p.field_mask()
+        limits = centred_limits(np.where(mask, np.nan, p.twi_cube[picks]))
+        fig = self.Figure(figsize=(max(3.6, self.panel_width(4.2, colorbar=False)) * len(picks) + 1.0, 4.2),
+                          layout="constrained")
         lam = p.wavelengths
         axes = fig.subplots(1, len(picks), squeeze=False)[0]
         for ax, k in zip(axes, picks):
-            art = self.image(ax, p.twi_cube[k], f"plane {k + 1}: {lam[k]:.0f} Angstrom", vmin=vmin, vmax=vmax,
-                             colorbar=False)
-        fig.colorbar(art, ax=list(axes), shrink=0.85).ax.tick_params(labelsize=7)
+            art = self.image(ax, p.twi_cube[k], f"TWILIGHT_CUBE plane {k + 1} ({lam[k]:.0f} Angstrom)", "",
+                             mask=mask, limits=limits, colorbar=False)
+        self.colorbar(axes[-1], art, "TWILIGHT_CUBE (plane mean 1), all panels", "TWILIGHT_CUBE planes")
         return self.save(fig, "twilight_planes.png", "Fitted surfaces at a few wavelengths",
-                         "TWILIGHT_CUBE planes (smooth polynomial fits, normalised to mean 1) "
-                         "on one colour scale.")
+                         "TWILIGHT_CUBE planes (smooth polynomial fits, normalised to mean 1) on one colour "
+                         "scale, stretched about 1." + self.outline_note)
 
     def truth_throughput(self, ifus, recovered, injected):
-        fig = self.Figure(figsize=(9.0, 3.8), layout="constrained")
+        fig = self.Figure(figsize=(9.5, 3.9), layout="constrained")
         ax1, ax2 = fig.subplots(1, 2)
-        ax1.plot(injected, recovered, "o")
+        ax1.plot(injected, recovered, "o", label="IFUs")
         for i, x, y in zip(ifus, injected, recovered):
             ax1.annotate(str(i), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
         values = np.concatenate([injected, recovered])
@@ -443,13 +665,15 @@ class _Plotter:
         ax1.plot([lo - pad, hi + pad], [lo - pad, hi + pad], "k:", lw=0.8, label="1:1")
         ax1.set_xlabel("injected throughput / reference")
         ax1.set_ylabel("recovered INTFLUX / reference")
-        ax1.legend(fontsize=8)
+        ax1.set_title("Per-IFU flux: recovered against injected", fontsize=10)
+        fig.legend(*ax1.get_legend_handles_labels(), fontsize=8, loc="outside lower center", ncols=2)
         positions = np.arange(len(ifus))
         ax2.bar(positions, np.asarray(recovered) / np.asarray(injected) - 1.0, color="tab:purple")
         ax2.set_xticks(positions, [str(i) for i in ifus])
         ax2.axhline(0.0, color="0.3", lw=0.8)
         ax2.set_xlabel("IFU")
         ax2.set_ylabel("recovered / injected - 1")
+        ax2.set_title("Per-IFU flux: recovered / injected - 1", fontsize=10)
         ax2.tick_params(axis="x", labelsize=7)
         return self.save(fig, "truth_throughput.png", "Recovered versus injected IFU throughput",
                          "INTFLUX ratios against the injected IFU throughput ratios. INTFLUX integrates the "
@@ -458,24 +682,24 @@ class _Plotter:
                          "averaged over that footprint: per-cent differences from the bare throughput "
                          "are expected.")
 
-    def truth_illumination(self, recovered, expected, mask, how):
-        ratio = recovered / expected
-        fig = self.Figure(figsize=(15.0, 4.4), layout="constrained")
+    def truth_illumination(self, recovered, expected, mask, how, zone, numbers):
+        fig = self.Figure(figsize=(3 * max(4.6, self.panel_width(4.6)), 4.6), layout="constrained")
         ax1, ax2, ax3 = fig.subplots(1, 3)
-        values = np.concatenate([recovered[mask], expected[mask]])
-        values = values[np.isfinite(values)]
-        vmin, vmax = (np.percentile(values, [1, 99]) if values.size else (0.9, 1.1))
-        self.image(ax1, recovered, "recovered: TWILIGHT white / field mean", ~mask, vmin, vmax)
-        self.image(ax2, expected, "injected / field mean", ~mask, vmin, vmax)
-        dev = np.abs(ratio[mask & np.isfinite(ratio)] - 1.0)
-        span = float(np.percentile(dev, 99)) if dev.size else 0.05
-        self.image(ax3, ratio, "recovered / injected", ~mask, 1 - max(span, 1e-3), 1 + max(span, 1e-3),
-                   cmap="RdBu_r")
+        limits = centred_limits(np.concatenate([recovered[mask], expected[mask]]))
+        self.image(ax1, recovered, "Recovered: TWILIGHT_CUBE white / field mean", "recovered / field mean", ~mask,
+                   limits, contour=zone)
+        self.image(ax2, expected, "Injected illumination / field mean", "injected / field mean", ~mask, limits,
+                   contour=zone)
+        self.image(ax3, 100 * (recovered - expected), "Recovered - injected illumination", "difference [%]",
+                   ~mask, centre=0.0, clip=None, contour=zone)  # the whole range: the errors are the point
+        inside, outside = numbers.get("vignetted"), numbers["unvignetted"]
+        rms = f"rms {100 * outside['rms']:.2f} % outside the vignetted zone" + (
+            f", {100 * inside['rms']:.2f} % inside (dashed)" if inside else "")
         return self.save(fig, "truth_illumination.png", "Recovered versus injected field illumination",
-                         f"The TWILIGHT_CUBE averaged over wavelength against the {how}, both "
-                         "normalised to mean 1 over the field (grey: outside the field). ESO's per-IFU "
-                         "flux scaling by INTFLUX removes each IFU's mean illumination, so steps "
-                         "between IFUs in the ratio are expected.")
+                         f"The TWILIGHT_CUBE averaged over wavelength against the {how}, both normalised to "
+                         f"mean 1 over the field (dark grey: outside the field), and their difference: {rms}. "
+                         "ESO's per-IFU flux scaling by INTFLUX removes each IFU's mean illumination, so "
+                         "steps between IFUs in the difference are expected." + self.outline_note)
 
 
 # --------------------------------------------------------------------------------------------
@@ -497,10 +721,19 @@ def _cell(value) -> str:
     return f'<td class="{"num" if numeric else "text"}">{html.escape(_fmt(value))}</td>'
 
 
-def _table(header: list[str], rows: list[list], cls: str = "") -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+def _table(header: list[str] | None, rows: list[list], cls: str = "") -> str:
+    """An HTML table (without a head row for ``header=None``); rows with nothing after their
+    first cell and columns empty in every row are left out."""
+    rows = [row for row in rows if any(value not in ("", None) for value in row[1:])]
+    width = len(header) if header else max((len(row) for row in rows), default=0)
+    keep = [0] + [k for k in range(1, width) if any(k < len(row) and row[k] not in ("", None) for row in rows)] \
+        if rows else list(range(width))
+    rows = [[row[k] for k in keep if k < len(row)] for row in rows]
+    header = [header[k] for k in keep] if header else None
+    head = ("<thead><tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in header) + "</tr></thead>"
+            if header else "")
     body = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in rows)
-    return f'<div class="scroll"><table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+    return f'<div class="scroll"><table class="{cls}">{head}<tbody>{body}</tbody></table></div>'
 
 
 def _qc_cards(products: _Products) -> list[tuple[str, str, object, str]]:
@@ -555,7 +788,7 @@ def _page(title: str, info: list[list], sections: list[tuple[str, str]]) -> str:
             f"<title>{html.escape(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
             f"<h1>{html.escape(title)}</h1>\n"
             f"<p>Made by musetwilight {html.escape(__version__)} on {stamp}.</p>\n"
-            f"{_table(['', ''], info, 'info')}\n{body}</body>\n</html>\n")
+            f"{_table(None, info, 'info')}\n{body}</body>\n</html>\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -589,15 +822,23 @@ def _run_info(products: _Products, flux: dict[int, float], reference: int | None
         info.append(["flux reference IFU", reference])
     skipped = primary.get("MUSETWILIGHT SKIPPED")
     if skipped:
-        info.append(["IFUs whose reduction failed", skipped])
+        info.append(["IFUs whose reduction failed", _as_ranges(skipped)])
     absent = primary.get("MUSETWILIGHT ABSENT")
     if absent:
-        info.append(["IFUs not in the set", absent])
+        info.append(["IFUs not in the set", _as_ranges(absent)])
     if products.failed:
         info.append(["empty extensions (failed fits)", ", ".join(products.failed)])
     if products.sky_primary is None:
         info.append(["DATACUBE_SKYFLAT", "not given (e.g. a run that started from an existing cube)"])
     return info
+
+
+def _as_ranges(listed) -> str:
+    """A header's comma-separated IFU list as ranges ("4-24"); as it is when it is no such list."""
+    try:
+        return ifu_ranges(int(i) for i in str(listed).split(","))
+    except ValueError:
+        return str(listed)
 
 
 def _read_products(datacube_skyflat, twilight_cube) -> _Products:
@@ -616,22 +857,28 @@ def _read_products(datacube_skyflat, twilight_cube) -> _Products:
 
 def write_report(report_dir: str | os.PathLike, datacube_skyflat: fits.HDUList | str | os.PathLike | None,
                  twilight_cube: fits.HDUList | str | os.PathLike, truth: dict | str | os.PathLike | None = None,
-                 title: str = DEFAULT_TITLE) -> Path:
+                 title: str = DEFAULT_TITLE, geometry=None) -> Path:
     """Write the QA report (PNGs, ``summary.json`` and ``index.html``) into ``report_dir``.
 
     ``datacube_skyflat`` and ``twilight_cube`` are the products as HDULists or paths;
     ``datacube_skyflat`` may be None (a run that started from an existing cube).
     ``truth`` is the simulator's truth (dict or ``truth.json`` path): with it the page
     also compares the recovered throughput, illumination and spectrum with the injected
-    ones (:func:`compare_with_truth`).  Returns the path of ``index.html``.  Raises
-    :class:`ReportError` when Matplotlib is missing or a product cannot be read.
+    ones (:func:`compare_with_truth`).  ``geometry`` (the run's GEOMETRY_TABLE, a path
+    or a table) puts the outlines of the IFUs, slice stacks and slices on the field
+    images.  Returns the path of ``index.html``.  Raises :class:`ReportError` when
+    Matplotlib is missing or a product cannot be read.
     """
     _figure_class()
     truth = _load_truth(truth)
     products = _read_products(datacube_skyflat, twilight_cube)
+    try:
+        outlines = footprints(geometry, _intflux(products))
+    except MuseTwilightError as err:
+        raise ReportError(f"cannot draw the IFU outlines: {err}") from None
     out = Path(report_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return _write(out, products, truth, title)
+    return _write(out, products, truth, title, outlines)
 
 
 def compare_with_truth(datacube_skyflat: fits.HDUList | str | os.PathLike | None,
@@ -658,7 +905,7 @@ class _Comparison:
     numbers: dict = field(default_factory=dict)
     injected_ratio: dict[int, float] | None = None
     throughput: tuple | None = None  # (ifus, recovered, injected)
-    illumination: tuple | None = None  # (recovered, expected, field mask, how)
+    illumination: tuple | None = None  # (recovered, expected, field mask, how, vignetted zone, difference stats)
     illumination_note: str = ""
     spectrum: np.ndarray | None = None  # injected spectrum scaled to the plane means
 
@@ -692,10 +939,16 @@ def _compare(products: _Products, truth: dict | None, flux: dict[int, float], re
         expected = _normalised(expected, mask)
         ratio = recovered / expected
         inner = _interior(mask)
-        result.illumination = (recovered, expected, mask, how)
+        zone = vignetted_zone(truth, products)
+        difference = recovered - expected
+        outside = mask if zone is None else mask & ~zone
+        split = {"unvignetted": _difference_stats(difference[outside]),
+                 "vignetted": _difference_stats(difference[mask & zone]) if zone is not None and
+                 (mask & zone).any() else None}
+        result.illumination = (recovered, expected, mask, how, zone, split)
         result.numbers["illumination"] = {"field": _stats(ratio[mask]),
                                           "interior": _stats(ratio[inner] / np.nanmean(ratio[inner])),
-                                          "expected": how, "border_spaxels": BORDER}
+                                          "difference": split, "expected": how, "border_spaxels": BORDER}
 
     block = truth.get("twilight_spectrum")
     if block and products.sky_cube is not None:
@@ -710,14 +963,33 @@ def _compare(products: _Products, truth: dict | None, flux: dict[int, float], re
     return result
 
 
-def _write(out: Path, products: _Products, truth: dict | None, title: str) -> Path:
-    plotter = _Plotter(out, products)
+def _write(out: Path, products: _Products, truth: dict | None, title: str, outlines: list[Footprint]) -> Path:
+    plotter = _Plotter(out, products, outlines)
     flux = _intflux(products)
     reference = min(flux) if flux else None
     comparison = _compare(products, truth, flux, reference)
     sections: list[tuple[str, str]] = []
 
-    sections.append(("White-light images", _figure_html(plotter.white_images())))
+    field_html = [_figure_html(plotter.white_images())]
+    residual = model_residual(products)
+    if residual is not None:
+        mean, per_plane, good = residual
+        stats = _difference_stats(mean[good])
+        comparison.numbers["residual"] = {**stats, "rms_per_plane": per_plane.tolist()}
+        field_html.append(_figure_html(plotter.residual_images(mean, per_plane, good)))
+        field_html.append(_table(["residual of the smooth model", "N", "rms", "max |value|"],
+                                 [["median-smoothed DATACUBE_SKYFLAT / TWILIGHT_CUBE - 1, mean over the planes",
+                                   stats["n"], stats["rms"], stats["max_abs"]]]))
+    sections.append(("The field: white-light images and the residual of the smooth model", "".join(field_html)))
+
+    fit_html = [_figure_html(plot) for plot in (plotter.fit_images(),
+                                                plotter.vignetting_images(vignetted_zone(truth, products)))
+                if plot is not None]
+    if "vign_fit" in products.failed:
+        fit_html.append('<p class="note">The vignetting fit failed: vign_fit is empty.</p>')
+    elif "vign_fit" not in products.images:
+        fit_html.append("<p>No vignetting correction in this run (no VIGNETTING_MASK used).</p>")
+    sections.append(("Smooth fit and vignetting", "".join(fit_html)))
 
     flux_html = []
     if flux:
@@ -732,14 +1004,6 @@ def _write(out: Path, products: _Products, truth: dict | None, title: str) -> Pa
 
     sections.append(("Versus wavelength", _figure_html(plotter.plane_means(comparison.spectrum))
                      + _figure_html(plotter.twilight_planes())))
-
-    fit_html = [_figure_html(plot) for plot in (plotter.fit_images(), plotter.vignetting_images())
-                if plot is not None]
-    if "vign_fit" in products.failed:
-        fit_html.append('<p class="note">The vignetting fit failed: vign_fit is empty.</p>')
-    elif "vign_fit" not in products.images:
-        fit_html.append("<p>No vignetting correction in this run (no VIGNETTING_MASK used).</p>")
-    sections.append(("Smooth fit and vignetting", "".join(fit_html)))
 
     if truth:
         sections.append(("Simulation: recovered versus injected", _truth_section(plotter, comparison)))
@@ -785,8 +1049,12 @@ def _truth_section(plotter: _Plotter, comparison: _Comparison) -> str:
         field_stats, inner_stats = numbers["illumination"]["field"], numbers["illumination"]["interior"]
         rows.append(["field illumination: TWILIGHT white / injected (whole field)", field_stats["n"],
                      field_stats["rms"], field_stats["max_abs"]])
-        rows.append([f"field illumination: same, {BORDER} spaxels from the edges, renormalised",
-                     inner_stats["n"], inner_stats["rms"], inner_stats["max_abs"]])
+        rows.append([f"field illumination: TWILIGHT white / injected, {BORDER} spaxels from the edges, "
+                     "renormalised", inner_stats["n"], inner_stats["rms"], inner_stats["max_abs"]])
+        for zone, stats in numbers["illumination"]["difference"].items():
+            if stats:
+                rows.append([f"field illumination: recovered - injected, {zone} spaxels", stats["n"], stats["rms"],
+                             stats["max_abs"]])
     else:
         parts.append(f'<p class="note">{html.escape(comparison.illumination_note)}.</p>')
     if "spectrum" in numbers:
@@ -794,5 +1062,6 @@ def _truth_section(plotter: _Plotter, comparison: _Comparison) -> str:
         rows.append(["twilight spectrum: DATACUBE_SKYFLAT plane means / injected (scaled)", s["n"], s["rms"],
                      s["max_abs"]])
     if rows:
-        parts.insert(0, _table(["comparison", "N", "rms of ratio - 1", "max |ratio - 1|"], rows))
+        parts.insert(0, _table(["comparison", "N", "rms of ratio - 1 (difference)", "max |ratio - 1| (|difference|)"],
+                               rows))
     return "".join(parts)
