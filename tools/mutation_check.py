@@ -47,14 +47,18 @@ class Mutant:
 
 
 MUTANTS = (
-    Mutant("pixtable-lambda", "core/pixtable.py", "lam[k] = np.float32(lval)", "lam[k] = np.float32(lval + 1e-4)",
+    Mutant("pixtable-lambda", "core/pixtable.py", "lam32 = np.float32(lval)", "lam32 = np.float32(lval + 1e-4)",
            "pixel-table wavelengths shifted by 1e-4 Angstrom"),
     Mutant("drizzle-spectral", "core/resample.py", "w = xterm * min(yterm, yin) * zterm / volume",
            "w = xterm * min(yterm, yin) / volume", "drizzle weight without its spectral term"),
     Mutant("median-window", "core/smooth.py", "PLANE_MEDIAN_HALF = (2, 3)", "PLANE_MEDIAN_HALF = (3, 2)",
            "7 x 5 instead of 5 x 7 plane median"),
-    Mutant("sigclip-upper", "core/combine.py", "hi = med + hsigma * mdev", "hi = med + lsigma * mdev",
-           "sigma clipping with lsigma as the upper bound"),
+    Mutant("sigclip-upper", "core/combine.py", "lo = med - lsigma * mdev\n    hi = med + hsigma * mdev",
+           "lo = med - lsigma * mdev\n    hi = med + lsigma * mdev", "sigma clipping with lsigma as the upper bound"),
+    Mutant("sigclip-upper-three", "core/combine.py",
+           "lo = med - lsigma * mdev\n" + 20 * " " + "hi = med + hsigma * mdev",
+           "lo = med - lsigma * mdev\n" + 20 * " " + "hi = med + lsigma * mdev",
+           "the same in the sigma clipping of exactly three exposures"),
     Mutant("ovscignore-left", "core/detector.py", "vx = slice(L.prex + L.nx + ignore, L.prex + L.nx + L.ovx)",
            "vx = slice(L.prex + L.nx, L.prex + L.nx + L.ovx)",
            "vertical overscan of the left ports ignores ovscignore"),

@@ -35,6 +35,10 @@ class MergeError(MuseTwilightError):
     """The IFUs' pixel tables cannot be combined into a cube."""
 
 
+class MemoryLimitError(MuseTwilightError, MemoryError):
+    """The set cannot be reduced within the memory this process may use (found before any work)."""
+
+
 class OutputError(MuseTwilightError, OSError):
     """The output or scratch directory cannot take the run's files (cannot be made, not writable)."""
 

@@ -13,6 +13,7 @@ so a failure never leaves a partial product.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -28,6 +29,7 @@ from typing import Literal
 import numpy as np
 from astropy.io import fits
 
+from . import memory
 from .core import combine, fluxscale, illum, pixtable
 from .core.basicproc import Calibrations, process_exposures
 from .core.cube import CubeGrid, grid_from_limits, white_light
@@ -41,6 +43,7 @@ from .io.frames import FrameSet, Inputs, parse_sof
 from .io.preflight import preflight
 from .io.spill import SpilledTable, table_limits
 from .measure import StageClock
+from .memory import MemoryPlan
 from .params import Settings, make_settings
 from .threads import default_workers
 
@@ -65,7 +68,11 @@ class RunOptions:
     ``low_memory`` keeps the IFU tables on disk and resamples a tile of cube rows at a time
     (None: for full-size CCDs), ``mapper(function, ifus)`` distributes the per-IFU stage
     (default: a thread pool), ``progress`` receives stage messages, ``scratch_dir`` is where
-    the IFU tables go in low-memory mode ($MUSETWILIGHT_SCRATCH_DIR, else $TMPDIR).
+    the IFU tables go in low-memory mode ($MUSETWILIGHT_SCRATCH_DIR, else $TMPDIR),
+    ``max_memory`` caps the memory the run may use, in bytes ($MUSETWILIGHT_MAX_MEMORY;
+    the cgroup, ``ulimit -v`` and a Dask worker's limit are found by themselves): the run then
+    reduces fewer IFUs at once, keeps the tables on disk, resamples smaller tiles, or refuses
+    at once (:mod:`musetwilight.memory`).
     """
 
     skip_cube: Path | None = None
@@ -75,6 +82,7 @@ class RunOptions:
     mapper: Callable | None = None
     progress: Callable[[str], None] | None = None
     scratch_dir: Path | None = None
+    max_memory: int | None = None
 
     @classmethod
     def resolve(cls, environ: Mapping[str, str] | None = None, *, skip_cube=None, scales=None,
@@ -99,6 +107,7 @@ class RunResult:
     datacube_skyflat: fits.HDUList | None  # None when starting from an existing cube
     twilight_cube: fits.HDUList
     paths: dict[str, Path] = field(default_factory=dict)
+    memory: MemoryPlan | None = None  # how the run fitted into its memory (None when starting from a cube)
     skipped_ifus: dict[int, IfuSkip] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)  # wall seconds per stage, total, peak memory
     stages: dict[str, dict[str, float]] = field(default_factory=dict)  # wall, CPU and peak memory per stage
@@ -138,6 +147,7 @@ def run(frames: FrameSet | str | os.PathLike, settings: Settings | Mapping | Non
         inputs = read_inputs(frames, settings)
         mode = instrument_mode(inputs.skyflats[0])
         present = present_ifus(inputs)
+        plan = None if opts.skip_cube else memory_plan(inputs, settings, present, opts, environ)
     log.debug("parameters: %s", " ".join(f"--{k}={v}" for k, v in settings.texts().items()))
     log.debug("%d raw exposures, mode %s, IFUs %s; %d workers, scratch under %s", len(inputs.used_raw()), mode,
               ifu_ranges(present), opts.workers, opts.scratch_dir)
@@ -149,15 +159,16 @@ def run(frames: FrameSet | str | os.PathLike, settings: Settings | Mapping | Non
         if opts.skip_cube:
             skyflat, reductions = load_skyflat(opts.skip_cube), IfuReductions()
         else:
-            with scratch_space(opts.low_memory, inputs, settings, present, opts.scratch_dir) as spill_dir:
+            assert plan is not None
+            with scratch_space(plan.low_memory, inputs, settings, present, opts.scratch_dir) as spill_dir:
                 with clock.stage("ifus"):
-                    reductions = reduce_ifus(inputs, settings, mode, opts, spill_dir, present)
+                    reductions = reduce_ifus(inputs, settings, mode, opts, spill_dir, present, plan.workers)
                 with clock.stage("resample"):
-                    skyflat = build_skyflat(reductions, inputs, settings, mode, opts, spill_dir is not None)
+                    skyflat = build_skyflat(reductions, inputs, settings, mode, opts, plan.rows_per_tile)
         with clock.stage("smooth"):
             twilight = smooth_skyflat(skyflat, inputs, settings, mode, opts)
             result = RunResult(skyflat.hdulist, twilight_cube(skyflat, twilight, inputs, settings, mode),
-                               skipped_ifus=reductions.skipped)
+                               skipped_ifus=reductions.skipped, memory=plan)
         if lock is not None:
             opts.stage(f"writing the products into {output_dir}")
             with clock.stage("write"):
@@ -201,6 +212,23 @@ def uses_low_memory(low_memory: bool | None, inputs: Inputs) -> bool:
         return low_memory
     header = formats.read_header(inputs.skyflats[0], 1)
     return 4 * int(header.get("ESO DET OUT1 NX", 0)) * int(header.get("ESO DET OUT1 NY", 0)) > LOW_MEMORY_PIXELS
+
+
+def memory_plan(inputs: Inputs, settings: Settings, ifus: list[int], options: RunOptions,
+                environ: Mapping[str, str] | None = None) -> MemoryPlan:
+    """How this run fits into the memory it may use (MemoryLimitError when it cannot): the
+    workers asked (one for an external ``mapper``: the IFUs are reduced elsewhere), the path
+    asked (None: low-memory for full-size CCDs, or when only it fits), tiles of ROWS_PER_TILE."""
+    budget = memory.memory_budget(options.max_memory, os.environ if environ is None else environ)
+    needs = memory.run_needs(inputs, settings, ifus, memory.process_memory().get("rss", 0))
+    workers = options.workers if options.mapper is None else 1
+    plan = memory.plan_memory(needs, budget, workers, uses_low_memory(options.low_memory, inputs), ROWS_PER_TILE,
+                              flexible_path=options.low_memory is None)
+    if options.mapper is not None:
+        plan = dataclasses.replace(plan, workers=options.workers)
+    reduced = plan.workers < workers or (plan.rows_per_tile or ROWS_PER_TILE) < ROWS_PER_TILE
+    (log.info if reduced else log.debug)("memory: %s", plan.describe())
+    return plan
 
 
 @contextlib.contextmanager
@@ -323,7 +351,8 @@ def _reduce_or_skip(ifu: int, inputs: Inputs, settings: Settings, geometry, mode
 
 
 def reduce_ifus(inputs: Inputs, settings: Settings, mode: str, options: RunOptions,
-                spill_dir: str | None = None, ifus: list[int] | None = None) -> IfuReductions:
+                spill_dir: str | None = None, ifus: list[int] | None = None,
+                workers: int | None = None) -> IfuReductions:
     """Run :func:`reduce_ifu` for the IFUs of the set (``ifus``, default all present:
     :func:`present_ifus`) with ``options.mapper`` or a thread pool of ``options.workers``;
     the other IFUs are absent, reported in one line.  With ``spill_dir`` each table goes
@@ -343,7 +372,7 @@ def reduce_ifus(inputs: Inputs, settings: Settings, mode: str, options: RunOptio
     with contextlib.ExitStack() as stack:
         mapper = options.mapper
         if mapper is None:
-            mapper = stack.enter_context(ThreadPoolExecutor(max_workers=max(1, options.workers))).map
+            mapper = stack.enter_context(ThreadPoolExecutor(max_workers=max(1, workers or options.workers))).map
         for done, (ifu, outcome) in enumerate(mapper(task, ifus), start=1):
             if isinstance(outcome, IfuSkip):
                 reductions.skipped[ifu] = outcome
@@ -386,10 +415,10 @@ def load_skyflat(path: Path) -> Skyflat:
 
 
 def build_skyflat(reductions: IfuReductions, inputs: Inputs, settings: Settings, mode: str,
-                  options: RunOptions, tiled: bool) -> Skyflat:
+                  options: RunOptions, rows_per_tile: int | None) -> Skyflat:
     """Flux-scale the IFUs' tables and resample them into DATACUBE_SKYFLAT.
 
-    The merged pixel table never exists in memory; ``tiled`` resamples a tile of cube rows
+    The merged pixel table never exists in memory; ``rows_per_tile`` resamples a tile of cube rows
     at a time from the tables that reach it (identical result, a bounded working set).
     """
     resample = ResampleOptions.from_settings(settings)
@@ -404,7 +433,7 @@ def build_skyflat(reductions: IfuReductions, inputs: Inputs, settings: Settings,
     grid = _cube_grid([tables[ifu] for ifu in order], settings.dlambda)
     ordered = [tables.pop(ifu) for ifu in order]
     divisors = [flux.divisor[ifu] for ifu in order]
-    cube = resample_tables(ordered, divisors, grid, resample, ROWS_PER_TILE if tiled else None,
+    cube = resample_tables(ordered, divisors, grid, resample, rows_per_tile,
                            threads=options.workers)
     white = white_light(cube.data)
     headers = {ifu: r.header for ifu, r in reductions.results.items()}

@@ -72,16 +72,22 @@ def scratch_bytes(inputs: Inputs, settings: Settings, ifus: Sequence[int]) -> in
     return sum(table_bytes(rows) for rows in ifu_rows(inputs, settings, ifus).values() if rows)
 
 
-def product_bytes(inputs: Inputs, settings: Settings, ifus: Sequence[int]) -> int:
-    """Both products' size in bytes, an upper estimate: the cube size from the GEOMETRY_TABLE
-    (2 spaxels of margin), the planes from the wavelength range, headers of every IFU's QC."""
-    if not ifus:
-        return 0
+def cube_shape(inputs: Inputs, settings: Settings, ifus: Sequence[int]) -> tuple[int, int, int]:
+    """(planes, ny, nx) of the cube, an upper estimate: the field from the GEOMETRY_TABLE with
+    2 spaxels of margin, the planes from the wavelength range."""
     ny, nx = cube_size_estimate(formats.read_geometry_table(inputs.geometry), list(ifus))
     low = max(settings.lambdamin, LAMBDA_MIN_VALID)
     high = min(settings.lambdamax, LAMBDA_MAX_VALID)
-    planes = max(1, math.ceil((high - low) / settings.dlambda) + 1)
-    image = (nx + 2) * (ny + 2) * 4
+    return max(1, math.ceil((high - low) / settings.dlambda) + 1), ny + 2, nx + 2
+
+
+def product_bytes(inputs: Inputs, settings: Settings, ifus: Sequence[int]) -> int:
+    """Both products' size in bytes, an upper estimate: the cube of :func:`cube_shape`,
+    headers of every IFU's QC."""
+    if not ifus:
+        return 0
+    planes, ny, nx = cube_shape(inputs, settings, ifus)
+    image = nx * ny * 4
     headers = BLOCK * (16 + 2 * len(ifus))
     datacube = (2 * planes + 1) * image  # DATA, STAT, white
     twilight = (planes + 9) * image  # DATA and up to 9 images (with their DQ)

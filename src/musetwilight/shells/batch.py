@@ -34,6 +34,7 @@ from ..instrument import ifu_ranges
 from ..io import outdir
 from ..io.products import PRODUCTS, complete_set
 from ..io.space import SCRATCH_ENV
+from ..memory import MEMORY_ENV
 from ..params import Settings, make_settings
 
 log = logging.getLogger("musetwilight.batch")
@@ -49,13 +50,16 @@ LOCAL_LOST_WORKER_TIMEOUT = "1 day"
 
 @dataclass(frozen=True)
 class SetJob:
-    """One twilight set of a batch: its SOF (absolute), its output directory and where its
-    scratch files go (None: the worker's $MUSETWILIGHT_SCRATCH_DIR or $TMPDIR)."""
+    """One twilight set of a batch: its SOF (absolute), its output directory, where its
+    scratch files go (None: the worker's $MUSETWILIGHT_SCRATCH_DIR or $TMPDIR) and the most
+    memory its reduction may use in bytes (None: the worker's $MUSETWILIGHT_MAX_MEMORY, its
+    cgroup or Dask memory limit, what the machine has)."""
 
     name: str
     sof: Path
     output_dir: Path
     scratch_dir: Path | None = None
+    max_memory: int | None = None
 
 
 @dataclass
@@ -120,7 +124,7 @@ class BatchReport:
 
 
 def plan_jobs(sofs: Iterable[str | Path], output_root: str | Path,
-              scratch_dir: str | Path | None = None) -> list[SetJob]:
+              scratch_dir: str | Path | None = None, max_memory: int | None = None) -> list[SetJob]:
     """One job per SOF, named after the SOF's path relative to the common root of all SOFs
     (without its suffix) and writing into ``<output_root>/<name>``.
 
@@ -141,7 +145,7 @@ def plan_jobs(sofs: Iterable[str | Path], output_root: str | Path,
             what = "is given twice" if seen[name] == path else f"and {path} would both be reduced into {root / name}"
             raise ParameterError(f"{seen[name]} {what}: give each set once, under a distinct name")
         seen[name] = path
-        jobs.append(SetJob(name, path, root / name, Path(scratch_dir) if scratch_dir else None))
+        jobs.append(SetJob(name, path, root / name, Path(scratch_dir) if scratch_dir else None, max_memory))
     return jobs
 
 
@@ -173,9 +177,10 @@ def reduce_set(job: SetJob, settings: Settings, *, workers: int | None = None,
     start = time.perf_counter()
     outcome = SetOutcome(job.name, str(job.sof), str(job.output_dir), "ok")
     try:
-        environ = {SCRATCH_ENV: os.environ[SCRATCH_ENV]} if SCRATCH_ENV in os.environ else {}
+        environ = {name: os.environ[name] for name in (SCRATCH_ENV, MEMORY_ENV) if name in os.environ}
         result = recipe.run(job.sof, settings, job.output_dir, workers=workers, environ=environ,
-                            scratch_dir=job.scratch_dir, progress=progress, mapper=mapper)
+                            scratch_dir=job.scratch_dir, max_memory=job.max_memory, progress=progress,
+                            mapper=mapper)
         outcome.paths = {name: str(path) for name, path in result.paths.items()}
         outcome.skipped_ifus = sorted(result.skipped_ifus)
         outcome.failed_ifus = result.ifus("failed")
@@ -191,7 +196,7 @@ def run_batch(sofs: Iterable[str | Path], settings: Settings | None = None, outp
               *, client=None, workers: int | None = None, distribute_ifus: bool = True,
               resume: bool = False, max_in_flight: int | None = None,
               progress: Callable[[str], None] | None = None, scratch_dir: str | Path | None = None,
-              no_worker_timeout: float = NO_WORKER_TIMEOUT_S) -> BatchReport:
+              max_memory: int | None = None, no_worker_timeout: float = NO_WORKER_TIMEOUT_S) -> BatchReport:
     """Reduce every SOF into ``<output_root>/<name>/`` (:func:`plan_jobs`) and report each set's outcome.
 
     Without ``client`` the sets run one after the other in this process (``workers``
@@ -203,10 +208,11 @@ def run_batch(sofs: Iterable[str | Path], settings: Settings | None = None, outp
     alone.  A set that fails (a worker killed more often than Dask retries it included)
     leaves no partial product: :func:`clear_partial`; after ``no_worker_timeout`` seconds
     without any worker the pending sets fail.  ``scratch_dir`` is where the sets' scratch
-    files go (default: each worker's own).
+    files go (default: each worker's own), ``max_memory`` the most memory one set's reduction
+    may use (bytes; :mod:`musetwilight.memory`).
     """
     settings = settings if settings is not None else make_settings()
-    jobs = plan_jobs(sofs, output_root, scratch_dir)
+    jobs = plan_jobs(sofs, output_root, scratch_dir, max_memory)
     start = time.perf_counter()
     outcomes: dict[str, SetOutcome] = {}
     todo = []

@@ -157,6 +157,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                              f"$HOME/.esorex/{RECIPE}.rc as esorex does, and exit")
     parser.add_argument("--workers", type=_positive_int, default=None, help="IFUs reduced in parallel [cores]")
     add_scratch_argument(parser)
+    add_memory_argument(parser)
     parser.add_argument("--skip-cube", type=Path, default=None,
                         help="start from this DATACUBE_SKYFLAT (as ESO's MUSE_TWILIGHT_SKIP)")
     parser.add_argument("--scales", default=None,
@@ -172,6 +173,24 @@ def add_scratch_argument(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--scratch-dir", type=Path, default=None, metavar="DIR",
                         help=f"where full-size runs keep the IFU tables (about 8 GB) [${SCRATCH_ENV}, else $TMPDIR]")
+
+
+def add_memory_argument(parser: argparse.ArgumentParser) -> None:
+    from ..memory import MEMORY_ENV
+
+    parser.add_argument("--max-memory", type=_memory_size, default=None, metavar="SIZE",
+                        help="the most memory a set's reduction may use, e.g. 4G or 3.5GiB: fewer IFUs at once, "
+                             "IFU tables on disk, smaller resampling tiles, or a refusal before any work "
+                             f"[${MEMORY_ENV}; the cgroup, ulimit -v and a Dask worker's limit are found anyway]")
+
+
+def _memory_size(text: str) -> int:
+    from ..memory import parse_size
+
+    try:
+        return parse_size(text)
+    except ParameterError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -233,6 +252,7 @@ def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip sets whose output directory already holds both products")
     parser.add_argument("--summary-json", type=Path, metavar="FILE", help="also write the summary as JSON")
     add_scratch_argument(parser)
+    add_memory_argument(parser)
     add_recipe_parameters(parser, "recipe parameters (as esorex muse_twilight, the same for every set)")
 
 
@@ -348,7 +368,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     progress = Progress()
     result = recipe.run(args.sof, settings, args.output_dir, skip_cube=args.skip_cube,
                         scales=parse_scales(args.scales), workers=args.workers, progress=progress,
-                        scratch_dir=args.scratch_dir)
+                        scratch_dir=args.scratch_dir, max_memory=args.max_memory)
     progress.done()
     for name, path in result.paths.items():
         print(f"{name}: {path}")
@@ -360,7 +380,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     print(f"total time: {result.timings['total']:.1f} s")
     if args.timings_json:
         _after_products("timings", lambda: args.timings_json.write_text(
-            json.dumps({"timings": result.timings, "stages": result.stages}, indent=1)))
+            json.dumps({"timings": result.timings, "stages": result.stages,
+                        "memory": result.memory.as_dict() if result.memory else None}, indent=1)))
     return 0
 
 
@@ -458,7 +479,7 @@ def batch_from_args(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     progress = Progress()
     options = dict(settings=settings, output_root=args.output_root, resume=args.resume, progress=progress,
-                   scratch_dir=args.scratch_dir)
+                   scratch_dir=args.scratch_dir, max_memory=args.max_memory)
     if args.scheduler or args.workers:
         try:
             quiet = logging.WARNING if args.verbose + getattr(args, "verbose_after", 0) <= 0 else None
