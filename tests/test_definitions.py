@@ -50,7 +50,8 @@ def sigclip_reference(data: np.ndarray, lsigma: float, hsigma: float) -> np.ndar
     return (total / count).astype(np.float32)
 
 
-@pytest.mark.parametrize("n, lsigma, hsigma", [(5, 1.0, 2.0), (6, 2.0, 0.7), (7, 0.8, 1.3), (4, 1.5, 1.5)])
+@pytest.mark.parametrize("n, lsigma, hsigma", [(5, 1.0, 2.0), (6, 2.0, 0.7), (7, 0.8, 1.3), (4, 1.5, 1.5),
+                                             (3, 0.5, 1.2), (3, 1.1, 0.4)])  # 3: a path of its own
 def test_sigclip_of_random_stacks_equals_the_definition(n, lsigma, hsigma):
     rng = np.random.default_rng(n)
     shape = (n, 40, 50)
