@@ -793,3 +793,133 @@ def _truth_section(plotter: _Plotter, comparison: _Comparison) -> str:
     if rows:
         parts.insert(0, _table(["comparison", "N", "rms of ratio - 1", "max |ratio - 1|"], rows))
     return "".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# truth recovery of the 3D illumination model (both --illum-model choices, same definition)
+
+#: Subsamples per spaxel in x where the expected field is averaged (stack edges fall inside spaxels).
+EXPECTED_SUBSAMPLES = 8
+#: Injected vignetting weaker than this (|V - 1|) does not count as the vignetted zone.
+VIGNETTED_ZONE = 0.002
+
+
+def _used_illum(header: fits.Header) -> bool:
+    """Whether the reduction used an ILLUM exposure (a raw frame of that category in PRO REC1)."""
+    return any(str(card.value).strip() == "ILLUM" for card in header.cards
+               if re.match(r"^ESO PRO REC1 RAW\d+ CATG$", card.keyword))
+
+
+def expected_twilight(truth: dict, header: fits.Header, wcs: fits.Header, shape: tuple[int, int, int],
+                      used_illum: bool | None = None) -> dict:
+    """The TWILIGHT_CUBE a perfect smooth model would make from a simulated set, on the cube grid.
+
+    TWILIGHT_CUBE is what science pixel tables are divided by, so it must hold the relative
+    sky-versus-lamp illumination: the injected sky field (with NFM edge vignetting) over the
+    lamp field (WFM corner vignetting, divided in by the flat-field), per plane.  The recipe
+    also divides every IFU by its integrated flux relative to the reference IFU (``ESO DRS
+    MUSE FLAT FLUX SKYn``, which scibasic propagates so that the science merge restores the
+    IFU levels), so within IFU n the cube holds that field times t_n g_n / FLUX_SKYn, with t_n
+    the injected throughput and g_n its mean slice efficiency (1 / mean(1 / eff) after the
+    ILLUM correction, which levels the slices).  That per-IFU factor is part of the expected
+    cube: both models see it in the data and a global field alone cannot hold it.  The
+    slice-to-slice efficiencies themselves are not (smooth models leave them to ILLUM).  The
+    field is averaged over :data:`EXPECTED_SUBSAMPLES` positions across each spaxel in x
+    (slice-stack edges fall inside spaxels); the overall level of each plane is arbitrary.
+
+    ``header`` is a product primary header (FLUX SKY keywords, PRO REC1 raw frames), ``wcs``
+    the cube's DATA header and ``shape`` (nz, ny, nx).  Returns a dict of arrays: ``cube``
+    (expected, NaN outside the IFUs), ``excess`` (injected vignetting as the factor the cube
+    carries, minus 1: 1/V - 1 in WFM, V - 1 in NFM), ``ifu`` (IFU of each spaxel, 0 none),
+    ``ifu_boundary`` and ``stack_boundary`` (spaxels next to an IFU / slice-stack edge).
+    """
+    from .simulate import field_from_truth, layout_membership, truth_layout
+
+    nz, ny, nx = shape
+    fm = field_from_truth(truth)
+    layout = truth_layout(truth)
+    if used_illum is None:
+        used_illum = _used_illum(header)
+    step = float(wcs.get("CD3_3", wcs.get("CDELT3", 1.0)))
+    lam = float(wcs.get("CRVAL3", 1.0)) + (np.arange(nz) + 1.0 - float(wcs.get("CRPIX3", 1.0))) * step
+    x0 = float(wcs.get("CRVAL1", 1.0)) + (1.0 - float(wcs.get("CRPIX1", 1.0)))
+    y0 = float(wcs.get("CRVAL2", 1.0)) + (1.0 - float(wcs.get("CRPIX2", 1.0)))
+    m = EXPECTED_SUBSAMPLES
+    xs = x0 + np.arange(nx)[:, None] + (np.arange(m)[None, :] + 0.5) / m - 0.5  # (nx, m)
+    X = np.broadcast_to(xs[None], (ny, nx, m))
+    Y = np.broadcast_to((y0 + np.arange(ny))[:, None, None], (ny, nx, m))
+    ifu_sub, stack_sub = layout_membership(layout, X, Y)
+    weight = np.zeros(ifu_sub.shape)
+    for n, entry in (truth.get("ifus") or {}).items():
+        key = f"ESO DRS MUSE FLAT FLUX SKY{int(n)}"
+        if key not in header:
+            continue
+        eff = np.asarray(entry["slice_efficiency"], float)
+        g = 1.0 / np.mean(1.0 / eff) if used_illum else float(np.mean(eff))
+        weight[ifu_sub == int(n)] = float(entry["throughput"]) * g / float(header[key])
+    inside = (weight > 0) & (stack_sub >= 0)
+    count = inside.sum(axis=2)
+    lamp = fm.lamp(X, Y)
+    vign = fm.vignetting(X, Y)
+    kind = ((truth.get("vignetting") or {}).get("model") or {}).get("kind")
+    factor = 1.0 / vign if kind == "corner" else (vign if kind == "top" else np.ones_like(vign))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        excess = np.where(count > 0, (np.where(inside, factor, 0).sum(axis=2)) / count, np.nan) - 1.0
+        cube = np.full(shape, np.nan)
+        contextual = getattr(fm, "contextual", False)
+        for k in range(nz):
+            sky = fm.sky(X, Y, lam[k], ifu_sub, stack_sub) if contextual else fm.sky(X, Y)
+            value = np.where(inside, sky / lamp * weight, 0.0).sum(axis=2) / count
+            cube[k] = np.where(count > 0, value, np.nan)
+    ifu = np.where(count > 0, np.max(np.where(inside, ifu_sub, 0), axis=2), 0)
+    ifu_boundary = np.zeros((ny, nx), bool)
+    ifu_boundary[1:] |= (ifu[1:] != ifu[:-1]) & (ifu[1:] > 0) & (ifu[:-1] > 0)
+    ifu_boundary[:-1] |= (ifu[1:] != ifu[:-1]) & (ifu[1:] > 0) & (ifu[:-1] > 0)
+    stack_c = np.where(inside, stack_sub, -1)
+    mixed = (stack_c.max(axis=2) != np.where(inside, stack_sub, 9).min(axis=2)) | (count < m)
+    stack_boundary = mixed & (count > 0)
+    stack_boundary[:, 1:] |= mixed[:, :-1] & (count[:, 1:] > 0)
+    stack_boundary[:, :-1] |= mixed[:, 1:] & (count[:, :-1] > 0)
+    return {"cube": cube, "excess": excess, "ifu": ifu, "ifu_boundary": ifu_boundary,
+            "stack_boundary": stack_boundary, "used_illum": used_illum, "wavelengths": lam}
+
+
+def _ratio_stats(dev: np.ndarray) -> dict[str, float | int]:
+    dev = dev[np.isfinite(dev)]
+    if dev.size == 0:
+        return {"n": 0, "rms": math.nan, "max_abs": math.nan}
+    return {"n": int(dev.size), "rms": float(np.sqrt(np.mean(dev * dev))), "max_abs": float(np.max(np.abs(dev)))}
+
+
+def recovery_metrics(twilight: np.ndarray, expected: dict, field: np.ndarray) -> dict:
+    """Recovered / injected - 1 of a TWILIGHT_CUBE against :func:`expected_twilight`.
+
+    Per plane the ratio is normalised by its median over the unvignetted ``field`` spaxels
+    (the level of a plane is arbitrary).  Regions: ``field`` (unvignetted field), ``vignetted``
+    (injected |V - 1| > :data:`VIGNETTED_ZONE`), ``ifu_boundary`` and ``stack_boundary``
+    (unvignetted spaxels next to an IFU or slice-stack edge); each with n, rms and max_abs,
+    all planes pooled.  ``depth``: the injected vignetting excess averaged over the deep zone
+    (|excess| >= half its maximum in the field), the recovered one (ratio x (1 + excess) - 1)
+    and their difference ``error`` (recovered - injected), all as fractions.
+    """
+    exp = expected["cube"]
+    field = field & np.all(np.isfinite(exp), axis=0)
+    excess = expected["excess"]
+    vign = field & (np.abs(excess) > VIGNETTED_ZONE)
+    plain = field & ~vign
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.asarray(twilight, float) / exp
+    norms = np.array([np.median(plane[plain]) if plain.any() else np.nan for plane in ratio])
+    dev = ratio / norms[:, None, None] - 1.0
+    out = {"field": _ratio_stats(dev[:, plain]),
+           "vignetted": _ratio_stats(dev[:, vign]),
+           "ifu_boundary": _ratio_stats(dev[:, plain & expected["ifu_boundary"]]),
+           "stack_boundary": _ratio_stats(dev[:, plain & expected["stack_boundary"]])}
+    if vign.any():
+        peak = np.nanmax(np.abs(excess[vign]))
+        deep = vign & (np.abs(excess) >= 0.5 * peak)
+        injected = float(np.mean(excess[deep]))
+        recovered = float(np.mean((dev[:, deep] + 1.0) * (1.0 + excess[deep]) - 1.0))
+        out["depth"] = {"injected": injected, "recovered": recovered, "error": recovered - injected,
+                        "peak_injected": float(excess[vign][np.argmax(np.abs(excess[vign]))]), "n": int(deep.sum())}
+    return out
