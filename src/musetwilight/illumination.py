@@ -1,0 +1,759 @@
+"""A joint illumination and vignetting model for TWILIGHT_CUBE (``--illum-model=joint``).
+
+ESO's model (:func:`musetwilight.smooth.postprocess`, the default) treats every wavelength
+plane of DATACUBE_SKYFLAT on its own: a 5x7 median filter, one global 2D polynomial,
+normalisation, and a separate polynomial fit of the vignetted edge on the white-light image.
+That model class cannot hold what the data carry:
+
+- the recipe divides every IFU by its integrated flux relative to IFU 1 (``ESO DRS MUSE FLAT
+  FLUX SKYn``; the science merge restores the IFU levels from that keyword), so the cube has
+  a level step at every IFU boundary, and each IFU has its own relay optics (its own
+  sky-versus-lamp illumination);
+- the 4 slicer stacks of an IFU are separate optics too (steps at stack boundaries);
+- the illumination changes smoothly with wavelength, so fitting 17 planes independently
+  spends the noise of each plane on its own;
+- the vignetting has a shape of its own, which a thresholded 4x4 polynomial fitted after the
+  global field (and on top of its errors) follows only roughly, and that fit can fail.
+
+This module fits the whole cube at once, in log space (all factors are multiplicative)::
+
+    log D(s, k) = alpha_k + sum_r L_r(w_k) Phi_r(s) + noise,   r = 0 .. lambda_order
+
+- ``alpha_k``: the level of plane k (twilight spectrum over lamp; arbitrary, each output plane
+  is normalised to mean 1 over all spaxels, as ESO does);
+- ``L_r``: Legendre polynomials in the wavelength mapped onto -1..1: smooth in wavelength;
+- ``Phi_r(s)`` for spaxel s: a global field (Legendre tensor in u, v, the cube extent mapped
+  onto -1..1) + per-IFU terms (level, x slope u, y slope eta = (y - yc)/6 over the IFU's 12
+  slice rows) + per-stack terms (level, x slope over the stack width) + the vignetting (a
+  cubic B-spline surface over the vignetted zone: VIGNETTING_MASK in WFM or the top
+  ``vignnfmmask`` rows in NFM, widened by a margin; zero outside).  Per-IFU and per-stack
+  terms enter a spaxel with the fraction of its area that the IFU's / stack's slices cover
+  (from GEOMETRY_TABLE), so a stack edge inside a spaxel is modelled as such.
+
+It is solved as a sequence of small weighted least-squares problems that together are the
+joint fit: per spaxel, the spectrum (minus ``alpha``) is fitted with the ``L_r`` (inverse
+variance weights from the Poisson level of the model, scale from the residuals); the
+coefficient images ``A_r(s)`` are then fitted with the spatial model (sparse normal
+equations, weights 1 / (noise variance of A_r + a structure term estimated from the
+residuals), Gaussian priors on the per-IFU slopes and per-stack terms, a curvature penalty on
+the vignetting surface); ``alpha`` is updated and the loop repeated.  Per-IFU levels have no
+prior (the recipe's flux scaling makes them arbitrary).  Robustness: Tukey biweights on the
+spaxel residuals of ``A_0`` (partly illuminated slice-edge spaxels, bad columns) and a
+5-sigma clip of voxel residuals (cosmic rays).  Planes without data take the smooth
+wavelength model; spaxels outside the field take the global field and the terms of the
+nearest IFU and stack.
+
+The options (:class:`JointOptions`) were chosen on the training seeds (0-4) of the truth
+families of :mod:`musetwilight.simulate` (``benchmarks/bench_illumination.py``).
+
+Pure functions on NumPy arrays; the TWILIGHT_CUBE keeps ESO's layout
+(:func:`postprocess_joint` returns a :class:`musetwilight.smooth.TwilightResult`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+from numpy.polynomial import legendre
+from scipy import sparse
+from scipy.interpolate import BSpline
+from scipy.linalg import LinAlgError, cho_factor, cho_solve
+from scipy.ndimage import binary_dilation, distance_transform_edt
+
+from .frames import InputError
+from .smooth import (TwilightResult, _divide, _edge_exclusion, _mean_good, _scale, adapt_vignetting_mask,
+                     collapse, nfm_vignetting_mask, white_light_mask)
+
+log = logging.getLogger(__name__)
+
+#: Values of the ``illum_model`` option.
+MODELS = ("eso", "joint")
+IFU_HALF_HEIGHT = 6.0  # eta = (y - yc) / 6: -1..1 over the 12 slice rows of an IFU
+STACKS_PER_IFU = 4
+SLICES_PER_STACK = 12
+TUKEY_MAD = 1.4826  # MAD -> sigma of a Gaussian
+
+
+@dataclass(frozen=True)
+class JointOptions:
+    """Choices of the joint model (fixed on the training seeds; see the module docstring).
+
+    Orders are maximum powers; ``global_order`` is for the wavelength-mean image ``A_0``,
+    ``chroma_order`` for ``A_r``, r >= 1.  Per-IFU terms enter ``A_r`` for
+    r <= ``ifu_lambda_order``, per-stack and vignetting terms for r <= their own orders.
+    Priors are standard deviations (log units); ``vign_spacing`` is the B-spline knot spacing
+    in spaxels (at least ``vign_min_knots`` intervals per axis), ``vign_margin`` how far
+    (spaxels) the zone reaches beyond the mask, ``vign_curvature`` the weight of its
+    curvature penalty (relative to the data weights).
+    """
+
+    lambda_order: int = 3
+    global_order: tuple[int, int] = (2, 2)
+    chroma_order: tuple[int, int] = (2, 2)
+    ifu_terms: bool = True
+    ifu_lambda_order: int = 1
+    sigma_ifu_level: float = 1.0
+    sigma_ifu_slope: float = 0.01
+    sigma_ifu_chroma: float = 0.01
+    stack_terms: bool = True
+    stack_lambda_order: int = 0
+    sigma_stack_level: float = 0.01
+    sigma_stack_slope: float = 0.01
+    vign_intervals: tuple[int, int] = (8, 8)
+    nfm_intervals: tuple[int, int] = (4, 10)
+    vign_margin: int = 3
+    sigma_vign_curvature: float = 0.3
+    sigma_vign: float = 1.0
+    sigma_global: float = 0.5
+    slice_sigma_max: float = 0.02
+    vign_lambda_order: int = 0
+    tukey: float = 4.685
+    voxel_clip: float = 5.0
+    iterations: int = 4
+    min_planes: int = 6
+    edge_exclusion: float = 1.5
+    slice_terms: bool = True
+    slice_sigma_start: float = 0.005
+
+    def replace(self, **changes: Any) -> "JointOptions":
+        values = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        values.update(changes)
+        return JointOptions(**values)
+
+
+@dataclass
+class FieldLayout:
+    """Which IFU and slice stack covers each spaxel (fractions of its area), from GEOMETRY_TABLE.
+
+    ``stack_frac`` is (n_labels, ny, nx) with label = index of (IFU, stack) in ``labels``;
+    ``coverage`` (ny, nx) the covered area fraction (before normalising the fractions).
+    ``ifu_yc`` and ``stack_xc`` / ``stack_hw`` are the centres and half widths the slopes use.
+    """
+
+    labels: np.ndarray  # (n_labels, 2) int: IFU number, stack 0..3
+    stack_frac: np.ndarray  # float32 (n_labels, ny, nx), sums to 1 where covered
+    coverage: np.ndarray  # float (ny, nx)
+    ifu_yc: dict[int, float]
+    stack_xc: np.ndarray  # (n_labels,)
+    stack_hw: np.ndarray
+    edge_distance: np.ndarray | None = None  # (ny, nx) distance [spaxels] to the nearest stack x edge
+    slice_id: np.ndarray | None = None  # (ny, nx) index of the slice covering most of a spaxel, -1 none
+    extent: tuple[float, float, float, float] | None = None  # x0, x1, y0, y1 of the whole instrument field
+
+    @property
+    def ifus(self) -> list[int]:
+        return sorted({int(i) for i in self.labels[:, 0]})
+
+    def ifu_frac(self) -> tuple[list[int], np.ndarray]:
+        """IFU numbers and their area fractions (n_ifu, ny, nx)."""
+        ifus = self.ifus
+        frac = np.zeros((len(ifus),) + self.coverage.shape, np.float32)
+        for index, ifu in enumerate(ifus):
+            frac[index] = self.stack_frac[self.labels[:, 0] == ifu].sum(axis=0)
+        return ifus, frac
+
+
+def _overlap(lo: np.ndarray, hi: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """Length of [lo, hi] inside each unit cell [c - 0.5, c + 0.5]: (n_intervals, n_cells)."""
+    return np.clip(np.minimum(hi[:, None], centres[None, :] + 0.5)
+                   - np.maximum(lo[:, None], centres[None, :] - 0.5), 0.0, None)
+
+
+def layout_from_geometry(subfield, slice_sky, x, y, width, crval1: float, crval2: float, nx: int, ny: int,
+                         ifus=None) -> FieldLayout:
+    """:class:`FieldLayout` of a cube grid (spaxel (i, j) at crval1 + i, crval2 + j) from geometry columns.
+
+    A slice covers x - width/2 .. x + width/2 and y - 0.5 .. y + 0.5 (one slice row); its stack
+    is (SliceSky - 1) // 12.  ``ifus`` restricts the layout to the IFUs in the cube.
+    """
+    subfield = np.asarray(subfield, int)
+    stack = (np.asarray(slice_sky, int) - 1) // SLICES_PER_STACK
+    x, y, width = (np.asarray(a, float) for a in (x, y, width))
+    extent = (float((x - width / 2).min()), float((x + width / 2).max()), float(y.min() - 0.5), float(y.max() + 0.5))
+    keep = np.ones(subfield.size, bool) if ifus is None else np.isin(subfield, list(ifus))
+    subfield, stack, x, y, width = subfield[keep], stack[keep], x[keep], y[keep], width[keep]
+    ox = _overlap(x - width / 2, x + width / 2, crval1 + np.arange(nx))
+    oy = _overlap(y - 0.5, y + 0.5, crval2 + np.arange(ny))
+    label_of = subfield * STACKS_PER_IFU + stack
+    codes = np.unique(label_of)
+    frac = np.zeros((codes.size, ny, nx), np.float64)
+    xc = np.zeros(codes.size)
+    hw = np.ones(codes.size)
+    for index, code in enumerate(codes):  # one small matrix product per (IFU, stack), not per spaxel
+        members = label_of == code
+        frac[index] = oy[members].T @ ox[members]
+        lo, hi = (x - width / 2)[members].min(), (x + width / 2)[members].max()
+        xc[index], hw[index] = (lo + hi) / 2, max((hi - lo) / 2, 1e-6)
+    coverage = frac.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        frac = np.where(coverage > 0, frac / coverage, 0.0)
+    ifu_yc = {int(i): float(y[subfield == i].mean()) for i in np.unique(subfield)}
+    labels = np.column_stack([codes // STACKS_PER_IFU, codes % STACKS_PER_IFU]).astype(int)
+    # distance of each spaxel centre to the x edges of the stacks that cover it (slice-edge
+    # CCD pixels are partly illuminated: the cube is low within about a spaxel of a stack edge)
+    xs = crval1 + np.arange(nx)
+    dist = np.full((ny, nx), np.inf)
+    for index in range(codes.size):
+        edge = np.minimum(np.abs(xs - (xc[index] - hw[index])), np.abs(xs - (xc[index] + hw[index])))
+        dist = np.where(frac[index] > 0, np.minimum(dist, edge[None, :]), dist)
+    # the slice that covers most of each spaxel (one small block per slice, not per spaxel)
+    slice_id = np.full((ny, nx), -1, np.int32)
+    best = np.zeros((ny, nx))
+    for index in range(subfield.size):
+        cols, rows = np.nonzero(ox[index])[0], np.nonzero(oy[index])[0]
+        if cols.size == 0 or rows.size == 0:
+            continue
+        block = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+        area = oy[index, block[0], None] * ox[index, None, block[1]]
+        better = area > best[block]
+        best[block] = np.where(better, area, best[block])
+        slice_id[block] = np.where(better, index, slice_id[block])
+    return FieldLayout(labels, frac.astype(np.float32), coverage, ifu_yc, xc, hw, dist, slice_id, extent)
+
+
+def _extend_labels(layout: FieldLayout, covered: np.ndarray) -> np.ndarray:
+    """Label fractions with every uncovered spaxel given those of the nearest covered one."""
+    if covered.all() or not covered.any():
+        return layout.stack_frac
+    _, (iy, ix) = distance_transform_edt(~covered, return_indices=True)
+    return layout.stack_frac[:, iy, ix]
+
+
+# --------------------------------------------------------------------------------------------
+# bases
+
+
+def _legendre(t: np.ndarray, order: int) -> np.ndarray:
+    """Legendre polynomials P_0..P_order at t: (t.size, order + 1)."""
+    return legendre.legvander(np.asarray(t, float).ravel(), order)
+
+
+def _unit(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    return 2.0 * (values - lo) / (hi - lo) - 1.0 if hi > lo else np.zeros_like(values, dtype=float)
+
+
+def _bspline_basis(t: np.ndarray, lo: float, hi: float, intervals: int) -> sparse.csr_matrix:
+    """Cubic B-spline design matrix (sparse) on [lo, hi] with ``intervals`` equal knot intervals."""
+    intervals = max(1, min(int(intervals), int(hi - lo) or 1))
+    inner = np.linspace(lo, hi, intervals + 1)
+    knots = np.concatenate([[lo] * 3, inner, [hi] * 3])
+    return BSpline.design_matrix(np.clip(t, lo, hi), knots, 3).tocsr()
+
+
+def _clamped_columns(nbx: int, nby: int, interior: tuple[bool, bool, bool, bool]) -> np.ndarray:
+    """Indices (j * nbx + i) of the tensor B-splines kept when the sides (left, right, bottom,
+    top) marked interior are clamped to value and slope 0."""
+    left, right, bottom, top = interior
+    ix = np.arange(2 if left else 0, nbx - (2 if right else 0))
+    iy = np.arange(2 if bottom else 0, nby - (2 if top else 0))
+    return (iy[:, None] * nbx + ix[None, :]).ravel()
+
+
+def _curvature_penalty(nbx: int, nby: int) -> np.ndarray:
+    """Sum of squared second differences of a (nby, nbx) coefficient grid along both axes."""
+    def second(n):
+        if n < 3:
+            return np.zeros((0, n))
+        d = np.zeros((n - 2, n))
+        rows = np.arange(n - 2)
+        d[rows, rows], d[rows, rows + 1], d[rows, rows + 2] = 1.0, -2.0, 1.0
+        return d
+    dx = np.kron(np.eye(nby), second(nbx))
+    dy = np.kron(second(nby), np.eye(nbx))
+    return dx.T @ dx + dy.T @ dy
+
+
+@dataclass
+class _Design:
+    """Spatial design matrix over a set of spaxels: sparse columns in named groups."""
+
+    matrix: sparse.csr_matrix
+    groups: dict[str, slice]
+    prior: np.ndarray  # prior precision per column (0 = none)
+    penalty: dict[str, np.ndarray] = field(default_factory=dict)  # group -> extra precision block
+
+
+def _spatial_design(rows_y: np.ndarray, rows_x: np.ndarray, shape: tuple[int, int], opts: JointOptions,
+                    order: tuple[int, int], fracs: np.ndarray | None, layout: FieldLayout | None,
+                    crval: tuple[float, float], with_ifu: bool, with_stack: bool,
+                    vign: dict | None, with_vign: bool, chroma: bool, with_slice: bool = False) -> _Design:
+    """Design matrix of one coefficient image over the spaxels (rows_y, rows_x)."""
+    ny, nx = shape
+    if layout is not None and layout.extent is not None:  # the whole instrument field spans -1..1
+        x0, x1, y0, y1 = layout.extent
+        u = _unit(rows_x.astype(float) + crval[0], x0, x1)
+        v = _unit(rows_y.astype(float) + crval[1], y0, y1)
+    else:
+        u = _unit(rows_x.astype(float), 0, nx - 1)
+        v = _unit(rows_y.astype(float), 0, ny - 1)
+    pu, pv = _legendre(u, order[0]), _legendre(v, order[1])
+    glob = (pv[:, :, None] * pu[:, None, :]).reshape(len(u), -1)
+    gprior = np.full(glob.shape[1], 1.0 / opts.sigma_global ** 2)
+    gprior[0] = 1e-8  # the constant is free (each plane is normalised)
+    blocks, groups, priors, start = [sparse.csr_matrix(glob)], {"global": slice(0, glob.shape[1])}, \
+        [gprior], glob.shape[1]
+    n = len(u)
+    if layout is not None and (with_ifu or with_stack):
+        f = fracs[:, rows_y, rows_x]  # (n_labels, n)
+        lab, row = np.nonzero(f > 1e-4)
+        val = f[lab, row].astype(float)
+        if with_ifu:
+            ifus = layout.ifus
+            position = {ifu: k for k, ifu in enumerate(ifus)}
+            ifu_of_label = np.array([position[int(i)] for i in layout.labels[:, 0]])
+            col_ifu = ifu_of_label[lab]
+            yc = np.array([layout.ifu_yc[i] for i in ifus])
+            y_world = rows_y.astype(float)[row] + crval[1]
+            eta = (y_world - yc[col_ifu]) / IFU_HALF_HEIGHT
+            terms = [np.ones_like(val)] if chroma else [np.ones_like(val), u[row], eta]
+            sig = ([opts.sigma_ifu_chroma] if chroma else
+                   [opts.sigma_ifu_level, opts.sigma_ifu_slope, opts.sigma_ifu_slope])
+            nt = len(terms)
+            data = np.concatenate([val * t for t in terms])
+            cols = np.concatenate([col_ifu * nt + k for k in range(nt)])
+            rr = np.tile(row, nt)
+            block = sparse.coo_matrix((data, (rr, cols)), shape=(n, len(ifus) * nt)).tocsr()
+            blocks.append(block)
+            groups["ifu"] = slice(start, start + block.shape[1])
+            priors.append(np.tile(1.0 / np.square(sig), len(ifus)))
+            start += block.shape[1]
+        if with_stack:
+            x_world = rows_x.astype(float)[row] + crval[0]
+            zeta = (x_world - layout.stack_xc[lab]) / layout.stack_hw[lab]
+            terms = [np.ones_like(val), zeta]
+            nt = len(terms)
+            data = np.concatenate([val * t for t in terms])
+            cols = np.concatenate([lab * nt + k for k in range(nt)])
+            rr = np.tile(row, nt)
+            block = sparse.coo_matrix((data, (rr, cols)), shape=(n, len(layout.labels) * nt)).tocsr()
+            blocks.append(block)
+            groups["stack"] = slice(start, start + block.shape[1])
+            priors.append(np.tile(1.0 / np.square([opts.sigma_stack_level, opts.sigma_stack_slope]),
+                                  len(layout.labels)))
+            start += block.shape[1]
+    penalty = {}
+    if vign is not None and with_vign:
+        zone = vign["zone"]
+        inzone = zone[rows_y, rows_x]
+        kx, ky = vign["intervals"]
+        zrows = np.nonzero(inzone)[0]
+        bx = _bspline_basis(rows_x[zrows].astype(float), vign["x0"], vign["x1"], kx)
+        by = _bspline_basis(rows_y[zrows].astype(float), vign["y0"], vign["y1"], ky).tocsc()
+        nbx, nby = bx.shape[1], by.shape[1]
+        # row-wise tensor product: column j * nbx + i = By_j * Bx_i
+        tensor = sparse.hstack([sparse.csr_matrix(bx.multiply(by[:, [j]])) for j in range(nby)], format="csr")
+        # the surface and its slope vanish on the zone sides inside the cube (not on the field
+        # edge): drop the two outer B-splines there, so it joins the unvignetted field smoothly
+        keep = _clamped_columns(nbx, nby, vign["interior"])
+        pick = sparse.coo_matrix((np.ones(zrows.size), (zrows, np.arange(zrows.size))), shape=(n, zrows.size))
+        block = (pick.tocsr() @ tensor[:, keep]).tocsr()
+        block.eliminate_zeros()
+        blocks.append(block)
+        groups["vign"] = slice(start, start + block.shape[1])
+        priors.append(np.full(block.shape[1], 1.0 / opts.sigma_vign ** 2))
+        penalty["vign"] = _curvature_penalty(nbx, nby)[np.ix_(keep, keep)]
+        start += block.shape[1]
+    if with_slice and layout is not None and layout.slice_id is not None:
+        # slice random effects: one level per slice (what ILLUM would correct), last group,
+        # one non-zero per row (each fitted spaxel lies in one slice), prior set by _solve
+        sid = layout.slice_id[rows_y, rows_x]
+        nslice = int(layout.slice_id.max()) + 1
+        inside = sid >= 0
+        block = sparse.coo_matrix((np.ones(int(inside.sum())), (np.nonzero(inside)[0], sid[inside])),
+                                  shape=(n, nslice)).tocsr()
+        blocks.append(block)
+        groups["slice"] = slice(start, start + nslice)
+        priors.append(np.zeros(nslice))
+        start += nslice
+    return _Design(sparse.hstack(blocks, format="csr"), groups, np.concatenate(priors), penalty)
+
+
+def _solve(design: _Design, target: np.ndarray, weight: np.ndarray, curvature: float,
+           slice_sigma: float | None = None) -> np.ndarray:
+    """Weighted least squares with Gaussian priors and the vignetting curvature penalty.
+
+    ``curvature`` is the prior standard deviation of the second differences of the
+    vignetting B-spline coefficients (log units).
+    The slice random effects (group ``slice``, prior standard deviation ``slice_sigma``)
+    have a diagonal block in the normal equations: they are eliminated first (Schur
+    complement), so the dense system stays the size of the other terms.
+    """
+    a = design.matrix
+    cut = design.groups["slice"].start if "slice" in design.groups else a.shape[1]
+    ap, asl = a[:, :cut], a[:, cut:]
+    apw = ap.multiply(weight[:, None]).tocsr()
+    normal = (ap.T @ apw).toarray()
+    rhs = apw.T @ target
+    normal[np.diag_indices_from(normal)] += design.prior[:cut]
+    for group, block in design.penalty.items():
+        s = design.groups[group]
+        normal[s, s] += block / curvature ** 2
+    if cut < a.shape[1]:
+        precision = 1.0 / max(slice_sigma or 1.0, 1e-6) ** 2
+        diag = np.asarray(asl.T @ weight).ravel() + precision  # one-hot rows: diagonal block
+        cross = (apw.T @ asl).toarray()  # (P, S)
+        rhs_s = asl.T @ (weight * target)
+        normal -= (cross / diag) @ cross.T
+        rhs = rhs - cross @ (rhs_s / diag)
+    try:
+        beta = cho_solve(cho_factor(normal, lower=False, check_finite=False), rhs, check_finite=False)
+    except (LinAlgError, ValueError):
+        beta = np.linalg.lstsq(normal, rhs, rcond=None)[0]
+    if cut < a.shape[1]:
+        beta = np.concatenate([beta, (rhs_s - cross.T @ beta) / diag])
+    return beta
+
+
+def _slice_sigma(design: _Design, beta: np.ndarray, resid: np.ndarray, weight: np.ndarray,
+                 previous: float) -> float:
+    """Empirical-Bayes scatter of the slice levels: variance of the per-slice mean residuals
+    (slice terms put back) beyond their noise."""
+    s = design.groups["slice"]
+    onehot = design.matrix[:, s]
+    wsum = np.asarray(onehot.T @ weight).ravel()
+    have = wsum > 0
+    if have.sum() < 3:
+        return previous
+    part = resid + onehot @ beta[s]
+    mean = np.asarray(onehot.T @ (weight * part)).ravel()[have] / wsum[have]
+    spread = _mad_sigma(mean)  # robust: a badly fitted corner must not inflate it
+    var = spread * spread - float(np.median(1.0 / wsum[have]))
+    return math.sqrt(max(var, 1e-10))
+
+
+def _tukey(z: np.ndarray, c: float) -> np.ndarray:
+    t = np.clip(np.abs(z) / c, 0.0, 1.0)
+    return (1.0 - t * t) ** 2
+
+
+def _mad_sigma(values: np.ndarray) -> float:
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return 0.0
+    return TUKEY_MAD * float(np.median(np.abs(values - np.median(values))))
+
+
+# --------------------------------------------------------------------------------------------
+# the fit
+
+
+@dataclass
+class JointFit:
+    """What the joint model fitted.
+
+    ``log_model`` (nz, ny, nx) is log of the smooth cube before normalisation; the
+    components (ny, nx, wavelength mean unless noted): ``global_field`` (log), ``ifu_stack``
+    (log, per-IFU + per-stack terms), ``vignetting`` (log; 0 outside the zone; None without a
+    zone), ``zone`` (bool).  ``ifu_terms``: IFU -> {level, x_slope, y_slope, chroma} (log units:
+    level difference, slope per unit u / eta, per unit of the wavelength coordinate);
+    ``stack_terms``: (IFU, stack) -> {level, x_slope}.  ``residual_rms``: robust scatter of the
+    wavelength-mean image about the model; ``noise_scale``: per-voxel relative noise at a level
+    of 1 (the ``kappa`` of var = kappa / D); ``iterations`` done.
+    """
+
+    log_model: np.ndarray
+    global_field: np.ndarray
+    ifu_stack: np.ndarray
+    vignetting: np.ndarray | None
+    zone: np.ndarray | None
+    ifu_terms: dict[int, dict[str, float]] = field(default_factory=dict)
+    stack_terms: dict[tuple[int, int], dict[str, float]] = field(default_factory=dict)
+    residual_rms: float = math.nan
+    noise_scale: float = math.nan
+    slice_sigma: float = math.nan
+    lambda_order: int = 0
+    rejected_spaxels: int = 0
+    clipped_voxels: int = 0
+    options: JointOptions | None = None
+
+    def summary(self) -> dict:
+        """JSON-able summary (per-IFU and per-stack terms, vignetting peak, fit quality)."""
+        vpeak = None
+        if self.vignetting is not None and self.zone is not None and self.zone.any():
+            values = self.vignetting[self.zone]
+            vpeak = float(np.expm1(values[np.argmax(np.abs(values))]))
+        return {"model": "joint", "lambda_order": self.lambda_order, "residual_rms": self.residual_rms,
+                "slice_sigma": self.slice_sigma,
+                "noise_scale": self.noise_scale, "rejected_spaxels": self.rejected_spaxels,
+                "clipped_voxels": self.clipped_voxels, "vignetting_peak": vpeak,
+                "ifu_terms": {str(k): v for k, v in self.ifu_terms.items()},
+                "stack_terms": {f"{k[0]}.{k[1] + 1}": v for k, v in self.stack_terms.items()}}
+
+
+def vignetting_zone(shape: tuple[int, int], mask: np.ndarray | None, margin: int, nfm: bool) -> np.ndarray | None:
+    """The zone where the vignetting surface is free: the mask widened by ``margin`` spaxels.
+
+    In NFM (a band of top rows) it is widened downwards only.
+    """
+    if mask is None or not np.any(mask):
+        return None
+    mask = np.asarray(mask, bool)
+    if margin <= 0:
+        return mask.copy()
+    if nfm:
+        rows = np.nonzero(mask.any(axis=1))[0]
+        zone = mask.copy()
+        zone[max(rows.min() - margin, 0):rows.min(), :] = True
+        return zone
+    return binary_dilation(mask, np.ones((2 * margin + 1, 2 * margin + 1), bool))
+
+
+def fit_joint(cube: np.ndarray, wavelengths: np.ndarray, layout: FieldLayout | None = None,
+              vignetting: np.ndarray | None = None, nfm: bool = False, crval: tuple[float, float] = (0.0, 0.0),
+              options: JointOptions | None = None) -> JointFit:
+    """Fit the joint model to a DATACUBE_SKYFLAT cube (nz, ny, nx; NaN or <= 0 = no data).
+
+    ``wavelengths`` (nz) are the plane wavelengths, ``layout`` the IFU / stack coverage of the
+    spaxels (None: no per-IFU or per-stack terms), ``vignetting`` the vignetted-area mask
+    (WFM: adapted VIGNETTING_MASK, NFM: the top rows; None: no vignetting surface),
+    ``crval`` the world position of spaxel (0, 0) (for the IFU y slopes).
+    """
+    opts = options or JointOptions()
+    cube = np.asarray(cube, np.float64)
+    if cube.ndim != 3:
+        raise InputError(f"joint illumination model: expected a 3D cube, got shape {cube.shape}")
+    nz, ny, nx = cube.shape
+    with np.errstate(invalid="ignore", divide="ignore"):
+        valid = np.isfinite(cube) & (cube > 0)
+        y = np.where(valid, np.log(np.where(valid, cube, 1.0)), 0.0)
+    if not valid.any():
+        raise InputError("joint illumination model: the cube has no usable voxel")
+    lam = np.asarray(wavelengths, float)
+    w = _unit(lam, lam.min(), lam.max()) if nz > 1 else np.zeros(1)
+    order = min(opts.lambda_order, max(nz - 1, 0))
+    leg = _legendre(w, order)  # (nz, R + 1)
+    nr = order + 1
+
+    zone = vignetting_zone((ny, nx), vignetting, opts.vign_margin, nfm)
+    vinfo = None
+    if zone is not None:
+        zy, zx = np.nonzero(zone)
+        vinfo = {"zone": zone, "x0": float(zx.min()), "x1": float(zx.max()), "y0": float(zy.min()),
+                 "y1": float(zy.max()), "intervals": opts.nfm_intervals if nfm else opts.vign_intervals,
+                 "interior": (zx.min() > 0, zx.max() < nx - 1, zy.min() > 0, zy.max() < ny - 1)}
+    covered_any = valid.any(axis=0)
+    if layout is not None and layout.edge_distance is not None and opts.edge_exclusion > 0:
+        covered_any &= layout.edge_distance >= opts.edge_exclusion  # not fitted, evaluated
+    fracs = None
+    if layout is not None:
+        fracs = _extend_labels(layout, layout.coverage > 0)
+
+    # per-plane levels and the Poisson weights of the voxels
+    alpha = np.array([np.median(y[k][valid[k]]) if valid[k].any() else 0.0 for k in range(nz)])
+    level = np.where(valid, cube, 0.0)
+    kappa = 1.0
+    clip = np.zeros_like(valid)
+    rob = np.ones((ny, nx))
+    coeffs = np.zeros((nr, ny, nx))
+    designs: dict[int, _Design] = {}
+    rows = None
+    phis = np.zeros((nr, ny, nx))
+    sys_var = np.zeros(nr)
+    slice_sigma = opts.slice_sigma_start
+    fit_result = {}
+    for iteration in range(max(1, opts.iterations)):
+        use = valid & ~clip
+        wvox = np.where(use, level / kappa, 0.0)  # inverse relative variance
+        gram = np.einsum("kyx,kr,kt->yxrt", wvox, leg, leg, optimize=True)
+        rhs = np.einsum("kyx,kr->yxr", wvox * (y - alpha[:, None, None]), leg, optimize=True)
+        ok = (valid.sum(axis=0) >= max(opts.min_planes, nr + 1)) & covered_any & (use.sum(axis=0) > nr)
+        gram_ok = gram[ok] + np.eye(nr) * 1e-12
+        try:
+            inv = np.linalg.inv(gram_ok)
+        except np.linalg.LinAlgError:
+            inv = np.linalg.pinv(gram_ok)
+        a = np.einsum("nrt,nt->nr", inv, rhs[ok])
+        var = np.einsum("nrr->nr", inv)
+        coeffs[:] = 0.0
+        coeffs[:, ok] = a.T
+        variances = np.full((nr, ny, nx), np.inf)
+        variances[:, ok] = var.T
+        if rows is None or not np.array_equal(rows[2], ok):
+            ry, rx = np.nonzero(ok)
+            rows = (ry, rx, ok)
+            designs = {}
+            for r in range(nr):
+                chroma = r > 0
+                designs[r] = _spatial_design(
+                    ry, rx, (ny, nx), opts, opts.chroma_order if chroma else opts.global_order, fracs, layout,
+                    crval, layout is not None and opts.ifu_terms and r <= opts.ifu_lambda_order,
+                    layout is not None and opts.stack_terms and r <= opts.stack_lambda_order,
+                    vinfo, vinfo is not None and r <= opts.vign_lambda_order, chroma,
+                    with_slice=r == 0 and opts.slice_terms)
+        ry, rx, _ = rows
+        for r in range(nr):
+            target = coeffs[r, ry, rx]
+            noise = variances[r, ry, rx]
+            weight = rob[ry, rx] / (noise + sys_var[r])
+            beta = _solve(designs[r], target, weight, opts.sigma_vign_curvature, slice_sigma)
+            fit_result[r] = beta
+            model = designs[r].matrix @ beta
+            resid = target - model
+            if "slice" in designs[r].groups:
+                slice_sigma = min(_slice_sigma(designs[r], beta, resid, weight, slice_sigma), opts.slice_sigma_max)
+            # structure term: the scatter about the model beyond the noise (robust)
+            sigma = _mad_sigma(resid[rob[ry, rx] > 0])
+            sys_var[r] = max(sigma * sigma - float(np.median(noise)), 0.0) + 1e-12
+            phis[r] = 0.0
+            phis[r, ry, rx] = model
+            if r == 0:
+                z = resid / np.sqrt(noise + sys_var[0])
+                scale = _mad_sigma(z) or 1.0
+                rob = np.zeros((ny, nx))
+                rob[ry, rx] = _tukey(z / scale, opts.tukey)
+        # levels, noise scale and voxel clipping from the full model on the fitted spaxels
+        model_cube = np.einsum("kr,ryx->kyx", leg, phis)
+        resid = np.where(valid & ok, y - model_cube, np.nan)
+        alpha = alpha + np.array([np.nanmedian(resid[k] - alpha[k]) if np.isfinite(resid[k]).any() else 0.0
+                                  for k in range(nz)])
+        resid = resid - alpha[:, None, None]
+        level = np.exp(np.clip(model_cube + alpha[:, None, None], -50, 50))
+        e2d = resid * resid * level
+        good = np.isfinite(e2d) & ~clip
+        kappa = float(np.median(e2d[good]) / 0.4549) if good.any() else 1.0
+        kappa = max(kappa, 1e-30)
+        with np.errstate(invalid="ignore"):
+            clip = valid & ok & (np.abs(resid) * np.sqrt(level / kappa) > opts.voxel_clip)
+        log.debug("joint model iteration %d: kappa %.3g, %d clipped voxels, %d rejected spaxels",
+                  iteration + 1, kappa, int(clip.sum()), int((rob[ok] == 0).sum()))
+
+    fit = _assemble(fit_result, designs, rows, leg, (nz, ny, nx), layout, fracs, crval, zone, vinfo, opts,
+                    order, rob, kappa, clip, sys_var)
+    fit.slice_sigma = slice_sigma if opts.slice_terms and layout is not None else math.nan
+    return fit
+
+
+def _assemble(beta: dict, designs: dict, rows, leg, shape, layout, fracs, crval, zone, vinfo, opts, order, rob,
+              kappa, clip, sys_var) -> JointFit:
+    """Evaluate the fitted model over every spaxel of the cube and split it into its components."""
+    nz, ny, nx = shape
+    nr = order + 1
+    ay, ax = np.mgrid[0:ny, 0:nx]
+    ay, ax = ay.ravel(), ax.ravel()
+    phi = np.zeros((nr, ny * nx))
+    parts = {"global": np.zeros((nr, ny * nx)), "ifu": np.zeros((nr, ny * nx)), "stack": np.zeros((nr, ny * nx)),
+             "vign": np.zeros((nr, ny * nx))}
+    ifu_terms: dict[int, dict[str, float]] = {}
+    stack_terms: dict[tuple[int, int], dict[str, float]] = {}
+    for r in range(nr):
+        fitted = designs[r]
+        full = _spatial_design(ay, ax, (ny, nx), opts, opts.chroma_order if r else opts.global_order, fracs,
+                               layout, crval, "ifu" in fitted.groups, "stack" in fitted.groups,
+                               vinfo if "vign" in fitted.groups else None, "vign" in fitted.groups, r > 0)
+        for group, s in full.groups.items():
+            if group not in parts:
+                continue
+            part = full.matrix[:, s] @ beta[r][s]
+            parts[group][r] = part
+            phi[r] += part
+        if layout is not None:
+            ifus = layout.ifus
+            if "ifu" in fitted.groups:
+                values = beta[r][fitted.groups["ifu"]]
+                if r == 0:
+                    for k, ifu in enumerate(ifus):
+                        ifu_terms.setdefault(ifu, {}).update(level=float(values[3 * k]),
+                                                             x_slope=float(values[3 * k + 1]),
+                                                             y_slope=float(values[3 * k + 2]))
+                elif r == 1:
+                    for k, ifu in enumerate(ifus):
+                        ifu_terms.setdefault(ifu, {})["chroma"] = float(values[k])
+            if "stack" in fitted.groups and r == 0:
+                values = beta[r][fitted.groups["stack"]]
+                for k, (ifu, stack) in enumerate(layout.labels):
+                    stack_terms[(int(ifu), int(stack))] = {"level": float(values[2 * k]),
+                                                           "x_slope": float(values[2 * k + 1])}
+    log_model = np.einsum("kr,rn->kn", leg, phi).reshape(nz, ny, nx)
+    mean0 = lambda p: p[0].reshape(ny, nx)
+    vignetting = mean0(parts["vign"]) if zone is not None else None
+    ry, rx, _ = rows
+    return JointFit(log_model=log_model, global_field=mean0(parts["global"]),
+                    ifu_stack=mean0(parts["ifu"]) + mean0(parts["stack"]), vignetting=vignetting, zone=zone,
+                    ifu_terms=ifu_terms, stack_terms=stack_terms,
+                    residual_rms=float(math.sqrt(sys_var[0])), noise_scale=float(math.sqrt(kappa)),
+                    lambda_order=order, rejected_spaxels=int((rob[ry, rx] == 0).sum()),
+                    clipped_voxels=int(clip.sum()), options=opts)
+
+
+# --------------------------------------------------------------------------------------------
+# TWILIGHT_CUBE in ESO's layout
+
+
+def _normalise_planes(planes: np.ndarray) -> np.ndarray:
+    """float32 planes, each scaled to mean 1 over all spaxels as ESO does (double mean, float32 product)."""
+    out = np.empty(planes.shape, np.float32)
+    for k in range(planes.shape[0]):
+        plane = planes[k].astype(np.float32)
+        mean = _mean_good(plane)
+        out[k] = _scale(plane, 1.0 / mean if mean else np.inf)
+    return out
+
+
+def postprocess_joint(cube: np.ndarray, header: Mapping[str, Any], settings: Mapping[str, Any],
+                      vignetting_mask: np.ndarray | None = None, mode: str | None = None,
+                      white: np.ndarray | None = None, layout: FieldLayout | None = None,
+                      options: JointOptions | None = None) -> tuple[TwilightResult, JointFit]:
+    """TWILIGHT_CUBE from the joint model, in ESO's layout (same extensions as ESO would write).
+
+    Arguments as :func:`musetwilight.smooth.postprocess`, plus the spaxel ``layout``
+    (:func:`layout_from_geometry`; None: no per-IFU and per-stack terms).  The vignetted area
+    is ESO's: the adapted VIGNETTING_MASK in WFM, the top ``vignnfmmask`` rows in NFM.
+    DATA: exp(model), each plane normalised to mean 1 over all spaxels (float32).
+    ``white_global_fit``: the model without the vignetting, collapsed; ``white_div_global``:
+    the normalised white-light image over it; ``vign_fit``: exp(vignetting surface), 1 outside
+    the zone; ``white_cor``: white_div_global / vign_fit; ``white_div_global_excl_edges`` (WFM,
+    ``vignmaskedges`` > 0) as ESO computes it, for the same diagnostic.
+    """
+    cube = np.asarray(cube, np.float32)
+    if cube.ndim != 3:
+        raise InputError(f"DATACUBE_SKYFLAT: expected a 3D cube, got shape {cube.shape}")
+    nz, ny, nx = cube.shape
+    from .smooth import is_nfm
+
+    nfm = mode.strip().startswith("NFM") if mode is not None else is_nfm(header)
+    if white is None:
+        white, _ = collapse(cube)
+    white = np.asarray(white, np.float32)
+    if white.shape != (ny, nx):
+        raise InputError(f"white-light image {white.shape} does not match the cube planes {(ny, nx)}")
+    white_bad = white_light_mask(white)
+    if nfm:
+        vign = nfm_vignetting_mask(ny, nx, int(settings["vignnfmmask"]))
+    else:
+        vign = (adapt_vignetting_mask(np.asarray(vignetting_mask) != 0, ny, nx)
+                if vignetting_mask is not None else None)
+    step = float(header.get("CD3_3", header.get("CDELT3", 1.0)))
+    lam = float(header.get("CRVAL3", 0.0)) + (np.arange(nz) + 1.0 - float(header.get("CRPIX3", 1.0))) * step
+    crval = (float(header.get("CRVAL1", 0.0)) + 1.0 - float(header.get("CRPIX1", 1.0)),
+             float(header.get("CRVAL2", 0.0)) + 1.0 - float(header.get("CRPIX2", 1.0)))
+    log.info("Joint illumination model: %d planes, wavelength order %d, %s, %s", nz,
+             (options or JointOptions()).lambda_order,
+             f"{len(layout.ifus)} IFUs / {len(layout.labels)} slice stacks" if layout is not None
+             else "no IFU layout", "vignetted zone" if vign is not None else "no vignetting")
+    fit = fit_joint(cube, lam, layout, vign, nfm, crval, options)
+
+    vlog = fit.vignetting if fit.vignetting is not None else 0.0
+    illum = _normalise_planes(np.exp(fit.log_model - vlog))
+    planes = _normalise_planes(np.exp(fit.log_model))
+    white_global_fit, _ = collapse(illum)
+    whiten = _scale(white, 1.0 / _mean_good(white, white_bad))
+    wdiv, zero = _divide(whiten, white_global_fit)
+    result = TwilightResult(cube=planes, white_global_fit=white_global_fit, white_div_global=wdiv,
+                            white_div_global_dq=white_bad | zero)
+    if vign is not None:
+        smooth_bad = white_bad | ~vign
+        edges = float(settings["vignmaskedges"])
+        if not nfm and edges > 0:
+            filled, excl = _edge_exclusion(wdiv, smooth_bad, edges)
+            result.white_div_global_excl_edges = filled
+            result.white_div_global_excl_edges_dq = excl
+        vign_fit = np.exp(np.where(fit.zone, fit.vignetting, 0.0)).astype(np.float32)
+        fitbad = white_bad | ~fit.zone
+        white_cor, zero = _divide(wdiv, vign_fit)
+        result.vign_fit, result.vign_fit_dq = vign_fit, fitbad
+        result.white_cor, result.white_cor_dq = white_cor, smooth_bad | fitbad | zero
+    return result, fit
