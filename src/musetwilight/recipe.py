@@ -26,10 +26,10 @@ from typing import Callable, Mapping
 import numpy as np
 from astropy.io import fits
 
-from . import basicproc, checks, combine, io, merge, pixtable, products, smooth
+from . import basicproc, checks, combine, illumination, io, merge, pixtable, products, smooth
 from .cube import grid_from_limits, white_light
 from .frames import FrameSet, InputError, parse_sof, validate_frameset
-from .params import Settings, make_settings
+from .params import ParameterError, Settings, make_settings
 from .resample import resample_tables, resample_tables_banded
 
 log = logging.getLogger("musetwilight.recipe")
@@ -94,6 +94,7 @@ class RunResult:
     paths: dict[str, Path] = field(default_factory=dict)
     skipped_ifus: dict[int, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    illumination_fit: illumination.JointFit | None = None  # what --illum-model=joint fitted
 
 
 def instrument_mode(path: Path) -> str:
@@ -264,12 +265,49 @@ def primary_keywords(results: dict[int, IfuResult], flux: merge.MergedFlux) -> l
     return cards
 
 
+# ---- illumination model choice (--illum-model, outside ESO's 24 parameters) -----------------
+ILLUM_MODEL_OPTION = "illum_model"
+
+
+def illum_model_choice(settings: Settings | Mapping | None, explicit: str | None = None) -> str:
+    """``--illum-model``: ``eso`` (default, ESO's TWILIGHT_CUBE) or ``joint`` (illumination.py).
+
+    Read from ``explicit``, else from ``settings["illum_model"]`` where the mapping has it.
+    """
+    value = explicit
+    if value is None and settings is not None:
+        try:
+            value = settings[ILLUM_MODEL_OPTION]
+        except (KeyError, ParameterError):
+            value = None
+    value = "eso" if value is None else str(value).strip().lower()
+    if value not in illumination.MODELS:
+        raise ParameterError(f"parameter illum_model: {value!r} is not one of {', '.join(illumination.MODELS)}")
+    return value
+
+
+def _field_layout(inputs: Inputs, shape: tuple[int, int], data_header: fits.Header,
+                  ifus: list[int] | None) -> illumination.FieldLayout | None:
+    """Which IFU and slice stack covers each spaxel (GEOMETRY_TABLE), for the joint model."""
+    try:
+        geometry = io.read_geometry_table(inputs.geometry)
+    except (InputError, OSError) as err:
+        log.warning("joint illumination model without per-IFU terms: %s", err)
+        return None
+    ny, nx = shape
+    return illumination.layout_from_geometry(
+        geometry["SubField"], geometry["SliceSky"], geometry["x"], geometry["y"], geometry["width"],
+        float(data_header["CRVAL1"]) + 1.0 - float(data_header.get("CRPIX1", 1.0)),
+        float(data_header["CRVAL2"]) + 1.0 - float(data_header.get("CRPIX2", 1.0)), nx, ny, ifus)
+# ---- end of the illumination model choice -----------------------------------------------------
+
+
 def run(frames: FrameSet | str | os.PathLike, settings: Settings | Mapping | None = None,
         output_dir: str | os.PathLike | None = ".", *, skip_cube: str | os.PathLike | None = None,
         scales: list[float] | None = None, workers: int | None = None,
         environ: Mapping[str, str] | None = None,
         progress: Callable[[str], None] | None = None, mapper: Callable | None = None,
-        low_memory: bool | None = None) -> RunResult:
+        low_memory: bool | None = None, illum_model: str | None = None) -> RunResult:
     """Reduce one twilight set; write DATACUBE_SKYFLAT.fits and TWILIGHT_CUBE.fits into ``output_dir``.
 
     ``skip_cube`` (or $MUSE_TWILIGHT_SKIP) starts from an existing DATACUBE_SKYFLAT;
@@ -277,13 +315,17 @@ def run(frames: FrameSet | str | os.PathLike, settings: Settings | Mapping | Non
     ``output_dir=None`` nothing is written.  ``mapper`` distributes the per-IFU stage
     (see :func:`reduce_all_ifus`).  ``low_memory`` (default: for full-size CCDs) keeps the
     IFU tables on disk ($TMPDIR) and resamples in bands of wavelength planes; the
-    products are the same.
+    products are the same.  ``illum_model`` (or ``settings["illum_model"]``) chooses the
+    TWILIGHT_CUBE model: ``eso`` (default) or ``joint`` (:mod:`musetwilight.illumination`).
     """
     environ = os.environ if environ is None else environ
 
     def stage(message: str) -> None:
         (progress or log.info)(message)
 
+    illum_model = illum_model_choice(settings, illum_model)
+    if isinstance(settings, Mapping) and not isinstance(settings, Settings):
+        settings = {k: v for k, v in settings.items() if k != ILLUM_MODEL_OPTION}
     settings = settings if isinstance(settings, Settings) else make_settings(settings or {})
     frameset = frames if isinstance(frames, FrameSet) else parse_sof(frames)
     inputs = Inputs.from_frameset(frameset)
@@ -346,17 +388,27 @@ def run(frames: FrameSet | str | os.PathLike, settings: Settings | Mapping | Non
     stage("smoothing the cube planes and modelling the vignetting")
     plane_header = cube_primary.copy()
     plane_header.update(products.wcs_cards(data_header, 3))
-    result = smooth.postprocess(cube_data, plane_header, settings, vignetting, mode, white=white)
+    fit = None
+    if illum_model == "joint":
+        present = sorted(results) if not skip_cube else sorted(
+            int(k.rsplit("SKY", 1)[1]) for k in cube_primary if k.startswith("ESO DRS MUSE FLAT FLUX SKY")) or None
+        layout = _field_layout(inputs, cube_data.shape[1:], data_header, present)
+        result, fit = illumination.postprocess_joint(cube_data, plane_header, settings, vignetting, mode,
+                                                     white=white, layout=layout)
+    else:
+        result = smooth.postprocess(cube_data, plane_header, settings, vignetting, mode, white=white)
     uses_vignetting = vignetting is not None  # ESO loads (and lists) the mask only in WFM
     twilight_primary = products.product_primary_header(
         cube_primary, "TWILIGHT_CUBE", inputs.used_raw(), inputs.used_calib(uses_vignetting, bool(skip_cube)), settings,
         [(c.keyword, c.value, c.comment) for c in cube_primary.cards
          if c.keyword.startswith("ESO DRS MUSE FLAT FLUX")
          or (skip_cube and c.keyword.startswith("ESO QC TWILIGHT"))])
+    if fit is not None:
+        twilight_primary["HIERARCH MUSETWILIGHT ILLUM MODEL"] = ("joint", "TWILIGHT_CUBE model (--illum-model)")
     twilight = smooth.twilight_cube_hdulist(result, twilight_primary, data_header,
                                             drop_qc=not skip_cube)  # ESO keeps QC in skip mode
     timings["smooth"] = time.perf_counter() - t0
-    run_result = RunResult(datacube, twilight, skipped_ifus=skipped, timings=timings)
+    run_result = RunResult(datacube, twilight, skipped_ifus=skipped, timings=timings, illumination_fit=fit)
     if output_dir is not None:
         stage(f"writing the products into {output_dir}")
         written = {name: hdul for name, hdul in (("DATACUBE_SKYFLAT", datacube), ("TWILIGHT_CUBE", twilight))
