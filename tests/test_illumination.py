@@ -70,7 +70,8 @@ def test_layout_covers_each_spaxel_once_and_knows_the_stacks():
     geo, x0, y0, nx, ny = _geometry()
     layout = _layout(geo, x0, y0, nx, ny, [1, 2, 3])
     assert layout.ifus == [1, 2, 3] and len(layout.labels) == 12
-    total = layout.stack_frac.sum(axis=0)
+    fracs = np.stack([layout.label_image(k) for k in range(len(layout.labels))])
+    total = fracs.sum(axis=0)
     covered = layout.coverage > 0
     np.testing.assert_allclose(total[covered], 1.0, atol=1e-5)
     assert np.all(total[~covered] == 0)
@@ -78,7 +79,7 @@ def test_layout_covers_each_spaxel_once_and_knows_the_stacks():
     ifus, frac = layout.ifu_frac()
     well = layout.coverage > 0.5
     assert np.all(frac[0][:12][well[:12]] > 0.97) and np.all(frac[1][12:24][well[12:24]] > 0.97)
-    mixed = ((layout.stack_frac > 0.01) & (layout.stack_frac < 0.99)).any(axis=0)
+    mixed = ((fracs > 0.01) & (fracs < 0.99)).any(axis=0)
     assert 2 * ny <= mixed.sum() <= 8 * ny  # the spaxels across the three inner stack edges
     assert layout.slice_id[covered].min() >= 0 and len(np.unique(layout.slice_id[covered])) == 3 * 48
     assert np.all(layout.edge_distance[covered] <= 5.0) and layout.edge_distance[covered].min() < 0.5
@@ -102,7 +103,7 @@ def test_joint_fit_recovers_ifu_and_stack_steps():
     def field(X, Y, w, lay):
         out = _smooth_field(X, Y, w, lay)
         for k, (ifu, st) in enumerate(lay.labels):
-            f = lay.stack_frac[k]
+            f = lay.label_image(k)
             eta = (Y - lay.ifu_yc[ifu]) / 6.0
             out = out + f * (levels[ifu] + yslope[ifu] * eta + stack[ifu - 1, st])
         return out

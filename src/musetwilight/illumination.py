@@ -116,8 +116,12 @@ class JointOptions:
     iterations: int = 4
     min_planes: int = 6
     edge_exclusion: float = 1.5
+    min_coverage: float = 0.25
     slice_terms: bool = True
     slice_sigma_start: float = 0.005
+    empirical_bayes: bool = True
+    sigma_floor: float = 1e-4
+    sigma_cap: float = 0.02
 
     def replace(self, **changes: Any) -> "JointOptions":
         values = {name: getattr(self, name) for name in self.__dataclass_fields__}
@@ -129,13 +133,14 @@ class JointOptions:
 class FieldLayout:
     """Which IFU and slice stack covers each spaxel (fractions of its area), from GEOMETRY_TABLE.
 
-    ``stack_frac`` is (n_labels, ny, nx) with label = index of (IFU, stack) in ``labels``;
-    ``coverage`` (ny, nx) the covered area fraction (before normalising the fractions).
+    ``stack_frac`` is a sparse (ny * nx, n_labels) matrix, label = index of (IFU, stack) in
+    ``labels`` (:meth:`label_image` gives one as an image); ``coverage`` (ny, nx) the covered
+    area fraction (before normalising the fractions).
     ``ifu_yc`` and ``stack_xc`` / ``stack_hw`` are the centres and half widths the slopes use.
     """
 
     labels: np.ndarray  # (n_labels, 2) int: IFU number, stack 0..3
-    stack_frac: np.ndarray  # float32 (n_labels, ny, nx), sums to 1 where covered
+    stack_frac: sparse.csr_matrix  # (ny * nx, n_labels), each covered row sums to 1
     coverage: np.ndarray  # float (ny, nx)
     ifu_yc: dict[int, float]
     stack_xc: np.ndarray  # (n_labels,)
@@ -148,12 +153,15 @@ class FieldLayout:
     def ifus(self) -> list[int]:
         return sorted({int(i) for i in self.labels[:, 0]})
 
+    def label_image(self, index: int) -> np.ndarray:
+        """Area fraction (ny, nx) of label ``index`` (an IFU's slice stack)."""
+        return self.stack_frac[:, [index]].toarray().reshape(self.coverage.shape)
+
     def ifu_frac(self) -> tuple[list[int], np.ndarray]:
         """IFU numbers and their area fractions (n_ifu, ny, nx)."""
         ifus = self.ifus
-        frac = np.zeros((len(ifus),) + self.coverage.shape, np.float32)
-        for index, ifu in enumerate(ifus):
-            frac[index] = self.stack_frac[self.labels[:, 0] == ifu].sum(axis=0)
+        onehot = (self.labels[:, 0][:, None] == np.array(ifus)[None, :]).astype(float)
+        frac = np.asarray(self.stack_frac @ onehot).T.reshape((len(ifus),) + self.coverage.shape)
         return ifus, frac
 
 
@@ -179,48 +187,59 @@ def layout_from_geometry(subfield, slice_sky, x, y, width, crval1: float, crval2
     ox = _overlap(x - width / 2, x + width / 2, crval1 + np.arange(nx))
     oy = _overlap(y - 0.5, y + 0.5, crval2 + np.arange(ny))
     label_of = subfield * STACKS_PER_IFU + stack
-    codes = np.unique(label_of)
-    frac = np.zeros((codes.size, ny, nx), np.float64)
-    xc = np.zeros(codes.size)
-    hw = np.ones(codes.size)
-    for index, code in enumerate(codes):  # one small matrix product per (IFU, stack), not per spaxel
-        members = label_of == code
-        frac[index] = oy[members].T @ ox[members]
+    codes, label_index = np.unique(label_of, return_inverse=True)
+    order = np.argsort(label_index, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(np.bincount(label_index, minlength=codes.size))])
+    xc, hw = np.zeros(codes.size), np.ones(codes.size)
+    slice_for_row = np.full((codes.size, ny), -1, np.int64)  # the slice of a label that covers a row most
+    parts = []
+    for index in range(codes.size):  # one small block per (IFU, stack), not per spaxel
+        members = order[starts[index]:starts[index + 1]]
+        oym, oxm = oy[members], ox[members]
+        rows, cols = np.nonzero(oym.any(axis=0))[0], np.nonzero(oxm.any(axis=0))[0]
         lo, hi = (x - width / 2)[members].min(), (x + width / 2)[members].max()
         xc[index], hw[index] = (lo + hi) / 2, max((hi - lo) / 2, 1e-6)
-    coverage = frac.sum(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        frac = np.where(coverage > 0, frac / coverage, 0.0)
+        if rows.size == 0 or cols.size == 0:
+            continue
+        block = oym[:, rows].T @ oxm[:, cols]
+        keep = block > 0
+        pixel = rows[:, None] * nx + cols[None, :]
+        parts.append((np.full(int(keep.sum()), index), pixel[keep], block[keep]))
+        best = np.argmax(oym[:, rows], axis=0)
+        slice_for_row[index, rows] = members[best]
+    lab, pix, val = (np.concatenate([p[k] for p in parts]) if parts else np.zeros(0) for k in range(3))
+    lab, pix = lab.astype(np.int64), pix.astype(np.int64)
+    coverage = np.bincount(pix, val, ny * nx)
+    ranked = np.lexsort((-val, pix))  # per spaxel, the label covering most of it first
+    first = ranked[np.unique(pix[ranked], return_index=True)[1]]
+    dominant = np.full(ny * nx, -1, np.int64)
+    dominant[pix[first]] = lab[first]
+    frac = sparse.csr_matrix((val / coverage[pix], (pix, lab)), shape=(ny * nx, codes.size), dtype=np.float64)
+    coverage = coverage.reshape(ny, nx)
     ifu_yc = {int(i): float(y[subfield == i].mean()) for i in np.unique(subfield)}
     labels = np.column_stack([codes // STACKS_PER_IFU, codes % STACKS_PER_IFU]).astype(int)
-    # distance of each spaxel centre to the x edges of the stacks that cover it (slice-edge
+    # distance of each spaxel centre to the x edges of the stack that covers most of it (slice-edge
     # CCD pixels are partly illuminated: the cube is low within about a spaxel of a stack edge)
     xs = crval1 + np.arange(nx)
-    dist = np.full((ny, nx), np.inf)
-    for index in range(codes.size):
-        edge = np.minimum(np.abs(xs - (xc[index] - hw[index])), np.abs(xs - (xc[index] + hw[index])))
-        dist = np.where(frac[index] > 0, np.minimum(dist, edge[None, :]), dist)
-    # the slice that covers most of each spaxel (one small block per slice, not per spaxel)
-    slice_id = np.full((ny, nx), -1, np.int32)
-    best = np.zeros((ny, nx))
-    for index in range(subfield.size):
-        cols, rows = np.nonzero(ox[index])[0], np.nonzero(oy[index])[0]
-        if cols.size == 0 or rows.size == 0:
-            continue
-        block = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
-        area = oy[index, block[0], None] * ox[index, None, block[1]]
-        better = area > best[block]
-        best[block] = np.where(better, area, best[block])
-        slice_id[block] = np.where(better, index, slice_id[block])
-    return FieldLayout(labels, frac.astype(np.float32), coverage, ifu_yc, xc, hw, dist, slice_id, extent)
+    edges = np.minimum(np.abs(xs[None, :] - (xc - hw)[:, None]), np.abs(xs[None, :] - (xc + hw)[:, None]))
+    covered = dominant >= 0
+    col, row = np.arange(ny * nx) % nx, np.arange(ny * nx) // nx
+    dist = np.full(ny * nx, np.inf)
+    dist[covered] = edges[dominant[covered], col[covered]]
+    slice_id = np.full(ny * nx, -1, np.int32)
+    slice_id[covered] = slice_for_row[dominant[covered], row[covered]]
+    dist, slice_id = dist.reshape(ny, nx), slice_id.reshape(ny, nx)
+    return FieldLayout(labels, frac, coverage, ifu_yc, xc, hw, dist, slice_id, extent)
 
 
-def _extend_labels(layout: FieldLayout, covered: np.ndarray) -> np.ndarray:
-    """Label fractions with every uncovered spaxel given those of the nearest covered one."""
+def _extend_labels(layout: FieldLayout, covered: np.ndarray) -> sparse.csr_matrix:
+    """Label fractions (ny * nx, n_labels) with every uncovered spaxel given those of the nearest covered one."""
     if covered.all() or not covered.any():
         return layout.stack_frac
-    _, (iy, ix) = distance_transform_edt(~covered, return_indices=True)
-    return layout.stack_frac[:, iy, ix]
+    # nearest along the row first (the IFUs are stacked in rows: a spaxel beyond the end of a
+    # slice row belongs to that row's IFU), then across rows
+    _, (iy, ix) = distance_transform_edt(~covered, sampling=(16.0, 1.0), return_indices=True)
+    return layout.stack_frac[(iy * covered.shape[1] + ix).ravel()]
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,16 +288,45 @@ def _curvature_penalty(nbx: int, nby: int) -> np.ndarray:
 
 @dataclass
 class _Design:
-    """Spatial design matrix over a set of spaxels: sparse columns in named groups."""
+    """Spatial design matrix over a set of spaxels, in named groups of columns.
 
-    matrix: sparse.csr_matrix
+    Parameter order: the global polynomial (``dense``, n x Pg), the sparse groups (IFU, stack,
+    vignetting: ``sparse_part``, n x Ps) and the slice random effects (``slice_ids``: one
+    non-zero of 1 per row, -1 for none; ``nslice`` columns).
+    """
+
+    dense: np.ndarray
+    sparse_part: sparse.csr_matrix
     groups: dict[str, slice]
     prior: np.ndarray  # prior precision per column (0 = none)
     penalty: dict[str, np.ndarray] = field(default_factory=dict)  # group -> extra precision block
+    slice_ids: np.ndarray | None = None
+    nslice: int = 0
+    hyper: dict[str, np.ndarray] = field(default_factory=dict)  # prior-scale name -> its columns
+
+    @property
+    def nparams(self) -> int:
+        return self.dense.shape[1] + self.sparse_part.shape[1] + self.nslice
+
+    def part(self, group: str, beta: np.ndarray) -> np.ndarray:
+        """The contribution of one group of terms at every row."""
+        s = self.groups[group]
+        pg = self.dense.shape[1]
+        if group == "global":
+            return self.dense @ beta[s]
+        if group == "slice":
+            out = np.zeros(self.dense.shape[0])
+            inside = self.slice_ids >= 0
+            out[inside] = beta[s][self.slice_ids[inside]]
+            return out
+        return self.sparse_part[:, s.start - pg:s.stop - pg] @ beta[s]
+
+    def predict(self, beta: np.ndarray) -> np.ndarray:
+        return sum(self.part(group, beta) for group in self.groups)
 
 
 def _spatial_design(rows_y: np.ndarray, rows_x: np.ndarray, shape: tuple[int, int], opts: JointOptions,
-                    order: tuple[int, int], fracs: np.ndarray | None, layout: FieldLayout | None,
+                    order: tuple[int, int], fracs: sparse.csr_matrix | None, layout: FieldLayout | None,
                     crval: tuple[float, float], with_ifu: bool, with_stack: bool,
                     vign: dict | None, with_vign: bool, chroma: bool, with_slice: bool = False) -> _Design:
     """Design matrix of one coefficient image over the spaxels (rows_y, rows_x)."""
@@ -294,13 +342,14 @@ def _spatial_design(rows_y: np.ndarray, rows_x: np.ndarray, shape: tuple[int, in
     glob = (pv[:, :, None] * pu[:, None, :]).reshape(len(u), -1)
     gprior = np.full(glob.shape[1], 1.0 / opts.sigma_global ** 2)
     gprior[0] = 1e-8  # the constant is free (each plane is normalised)
-    blocks, groups, priors, start = [sparse.csr_matrix(glob)], {"global": slice(0, glob.shape[1])}, \
+    blocks, groups, priors, start = [None], {"global": slice(0, glob.shape[1])}, \
         [gprior], glob.shape[1]
+    hyper: dict[str, np.ndarray] = {}  # prior scales estimated from the data (empirical Bayes)
     n = len(u)
     if layout is not None and (with_ifu or with_stack):
-        f = fracs[:, rows_y, rows_x]  # (n_labels, n)
-        lab, row = np.nonzero(f > 1e-4)
-        val = f[lab, row].astype(float)
+        f = fracs[rows_y * nx + rows_x].tocoo()  # (n, n_labels)
+        big = f.data > 1e-4
+        row, lab, val = f.row[big].astype(np.int64), f.col[big].astype(np.int64), f.data[big].astype(float)
         if with_ifu:
             ifus = layout.ifus
             position = {ifu: k for k, ifu in enumerate(ifus)}
@@ -320,6 +369,10 @@ def _spatial_design(rows_y: np.ndarray, rows_x: np.ndarray, shape: tuple[int, in
             blocks.append(block)
             groups["ifu"] = slice(start, start + block.shape[1])
             priors.append(np.tile(1.0 / np.square(sig), len(ifus)))
+            names = ["ifu_chroma"] if chroma else [None, "ifu_x_slope", "ifu_y_slope"]
+            for k, name in enumerate(names):
+                if name:
+                    hyper[name] = start + nt * np.arange(len(ifus)) + k
             start += block.shape[1]
         if with_stack:
             x_world = rows_x.astype(float)[row] + crval[0]
@@ -334,6 +387,8 @@ def _spatial_design(rows_y: np.ndarray, rows_x: np.ndarray, shape: tuple[int, in
             groups["stack"] = slice(start, start + block.shape[1])
             priors.append(np.tile(1.0 / np.square([opts.sigma_stack_level, opts.sigma_stack_slope]),
                                   len(layout.labels)))
+            hyper["stack_level"] = start + nt * np.arange(len(layout.labels))
+            hyper["stack_slope"] = start + nt * np.arange(len(layout.labels)) + 1
             start += block.shape[1]
     penalty = {}
     if vign is not None and with_vign:
@@ -357,23 +412,23 @@ def _spatial_design(rows_y: np.ndarray, rows_x: np.ndarray, shape: tuple[int, in
         priors.append(np.full(block.shape[1], 1.0 / opts.sigma_vign ** 2))
         penalty["vign"] = _curvature_penalty(nbx, nby)[np.ix_(keep, keep)]
         start += block.shape[1]
+    sid, nslice = None, 0
     if with_slice and layout is not None and layout.slice_id is not None:
         # slice random effects: one level per slice (what ILLUM would correct), last group,
         # one non-zero per row (each fitted spaxel lies in one slice), prior set by _solve
-        sid = layout.slice_id[rows_y, rows_x]
+        sid = layout.slice_id[rows_y, rows_x].astype(np.int64)
         nslice = int(layout.slice_id.max()) + 1
-        inside = sid >= 0
-        block = sparse.coo_matrix((np.ones(int(inside.sum())), (np.nonzero(inside)[0], sid[inside])),
-                                  shape=(n, nslice)).tocsr()
-        blocks.append(block)
         groups["slice"] = slice(start, start + nslice)
         priors.append(np.zeros(nslice))
         start += nslice
-    return _Design(sparse.hstack(blocks, format="csr"), groups, np.concatenate(priors), penalty)
+    rest = (sparse.hstack(blocks[1:], format="csr") if len(blocks) > 1
+            else sparse.csr_matrix((n, 0)))
+    return _Design(glob, rest, groups, np.concatenate(priors), penalty, sid, nslice, hyper)
 
 
 def _solve(design: _Design, target: np.ndarray, weight: np.ndarray, curvature: float,
-           slice_sigma: float | None = None) -> np.ndarray:
+           slice_sigma: float | None = None, sigmas: dict[str, float] | None = None,
+           posterior: bool = False):
     """Weighted least squares with Gaussian priors and the vignetting curvature penalty.
 
     ``curvature`` is the prior standard deviation of the second differences of the
@@ -382,47 +437,89 @@ def _solve(design: _Design, target: np.ndarray, weight: np.ndarray, curvature: f
     have a diagonal block in the normal equations: they are eliminated first (Schur
     complement), so the dense system stays the size of the other terms.
     """
-    a = design.matrix
-    cut = design.groups["slice"].start if "slice" in design.groups else a.shape[1]
-    ap, asl = a[:, :cut], a[:, cut:]
-    apw = ap.multiply(weight[:, None]).tocsr()
-    normal = (ap.T @ apw).toarray()
-    rhs = apw.T @ target
-    normal[np.diag_indices_from(normal)] += design.prior[:cut]
+    g, sp = design.dense, design.sparse_part
+    pg, ps = g.shape[1], sp.shape[1]
+    gw = g * weight[:, None]
+    normal = np.empty((pg + ps, pg + ps))
+    normal[:pg, :pg] = gw.T @ g
+    rhs = np.concatenate([gw.T @ target, np.zeros(ps)])
+    if ps:
+        spw = sparse.diags(weight) @ sp
+        normal[pg:, pg:] = (sp.T @ spw).toarray()
+        normal[:pg, pg:] = np.asarray(spw.T @ g).T
+        normal[pg:, :pg] = normal[:pg, pg:].T
+        rhs[pg:] = spw.T @ target
+    prior = design.prior[:pg + ps].copy()
+    for name, columns in design.hyper.items():
+        if sigmas and name in sigmas:
+            prior[columns] = 1.0 / sigmas[name] ** 2
+    normal[np.diag_indices_from(normal)] += prior
     for group, block in design.penalty.items():
         s = design.groups[group]
         normal[s, s] += block / curvature ** 2
-    if cut < a.shape[1]:
+    if design.nslice:
+        sid, inside = design.slice_ids, design.slice_ids >= 0
+        ids, w_in = sid[inside], weight[inside]
         precision = 1.0 / max(slice_sigma or 1.0, 1e-6) ** 2
-        diag = np.asarray(asl.T @ weight).ravel() + precision  # one-hot rows: diagonal block
-        cross = (apw.T @ asl).toarray()  # (P, S)
-        rhs_s = asl.T @ (weight * target)
-        normal -= (cross / diag) @ cross.T
-        rhs = rhs - cross @ (rhs_s / diag)
+        diag = np.bincount(ids, w_in, design.nslice) + precision  # one-hot rows: diagonal block
+        cross = np.empty((pg + ps, design.nslice))
+        for c in range(pg):
+            cross[c] = np.bincount(ids, gw[inside, c], design.nslice)
+        if ps:
+            onehot = sparse.csr_matrix((w_in, (ids, np.nonzero(inside)[0])), shape=(design.nslice, len(sid)))
+            cross[pg:] = (onehot @ sp).toarray().T
+        rhs_s = np.bincount(ids, w_in * target[inside], design.nslice)
+        scaled = cross / diag
+        normal -= scaled @ cross.T
+        rhs = rhs - scaled @ rhs_s
     try:
-        beta = cho_solve(cho_factor(normal, lower=False, check_finite=False), rhs, check_finite=False)
+        factor = cho_factor(normal, lower=False, check_finite=False)
+        beta = cho_solve(factor, rhs, check_finite=False)
+        variance = (np.diag(cho_solve(factor, np.eye(len(rhs)), check_finite=False)) if posterior
+                    else None)
     except (LinAlgError, ValueError):
         beta = np.linalg.lstsq(normal, rhs, rcond=None)[0]
-    if cut < a.shape[1]:
+        variance = np.diag(np.linalg.pinv(normal)) if posterior else None
+    if design.nslice:
         beta = np.concatenate([beta, (rhs_s - cross.T @ beta) / diag])
-    return beta
+    return (beta, variance) if posterior else beta
 
 
 def _slice_sigma(design: _Design, beta: np.ndarray, resid: np.ndarray, weight: np.ndarray,
                  previous: float) -> float:
     """Empirical-Bayes scatter of the slice levels: variance of the per-slice mean residuals
     (slice terms put back) beyond their noise."""
-    s = design.groups["slice"]
-    onehot = design.matrix[:, s]
-    wsum = np.asarray(onehot.T @ weight).ravel()
+    inside = design.slice_ids >= 0
+    ids = design.slice_ids[inside]
+    wsum = np.bincount(ids, weight[inside], design.nslice)
     have = wsum > 0
     if have.sum() < 3:
         return previous
-    part = resid + onehot @ beta[s]
-    mean = np.asarray(onehot.T @ (weight * part)).ravel()[have] / wsum[have]
+    part = resid + design.part("slice", beta)
+    mean = np.bincount(ids, (weight * part)[inside], design.nslice)[have] / wsum[have]
     spread = _mad_sigma(mean)  # robust: a badly fitted corner must not inflate it
     var = spread * spread - float(np.median(1.0 / wsum[have]))
     return math.sqrt(max(var, 1e-10))
+
+
+def _start_sigma(opts: JointOptions, name: str) -> float:
+    return {"ifu_x_slope": opts.sigma_ifu_slope, "ifu_y_slope": opts.sigma_ifu_slope,
+            "ifu_chroma": opts.sigma_ifu_chroma, "stack_level": opts.sigma_stack_level,
+            "stack_slope": opts.sigma_stack_slope}[name]
+
+
+def _prior_scale(beta: np.ndarray, variance: np.ndarray, sigma: float, opts: JointOptions) -> float:
+    """Empirical-Bayes scale of a group of terms (method of moments): the scatter of their
+    unshrunk estimates beyond their noise.  ``beta`` and ``variance`` are the posterior means
+    and variances under the prior scale ``sigma``; the data precision of each term is its
+    posterior precision less the prior's (diagonal approximation)."""
+    if beta.size < 3:
+        return sigma
+    prior_precision = 1.0 / sigma ** 2
+    data_precision = np.maximum(1.0 / np.maximum(variance, 1e-300) - prior_precision, 1e-300)
+    unshrunk = beta * (1.0 / np.maximum(variance, 1e-300)) / data_precision
+    var = float(np.mean(unshrunk ** 2 - 1.0 / data_precision))
+    return min(max(math.sqrt(max(var, 0.0)), opts.sigma_floor), opts.sigma_cap)
 
 
 def _tukey(z: np.ndarray, c: float) -> np.ndarray:
@@ -465,6 +562,7 @@ class JointFit:
     residual_rms: float = math.nan
     noise_scale: float = math.nan
     slice_sigma: float = math.nan
+    prior_sigmas: dict[str, float] = field(default_factory=dict)
     lambda_order: int = 0
     rejected_spaxels: int = 0
     clipped_voxels: int = 0
@@ -477,7 +575,7 @@ class JointFit:
             values = self.vignetting[self.zone]
             vpeak = float(np.expm1(values[np.argmax(np.abs(values))]))
         return {"model": "joint", "lambda_order": self.lambda_order, "residual_rms": self.residual_rms,
-                "slice_sigma": self.slice_sigma,
+                "slice_sigma": self.slice_sigma, "prior_sigmas": self.prior_sigmas,
                 "noise_scale": self.noise_scale, "rejected_spaxels": self.rejected_spaxels,
                 "clipped_voxels": self.clipped_voxels, "vignetting_peak": vpeak,
                 "ifu_terms": {str(k): v for k, v in self.ifu_terms.items()},
@@ -540,7 +638,8 @@ def fit_joint(cube: np.ndarray, wavelengths: np.ndarray, layout: FieldLayout | N
         covered_any &= layout.edge_distance >= opts.edge_exclusion  # not fitted, evaluated
     fracs = None
     if layout is not None:
-        fracs = _extend_labels(layout, layout.coverage > 0)
+        # spaxels barely covered (field edges) take the labels of their row neighbours
+        fracs = _extend_labels(layout, layout.coverage > opts.min_coverage)
 
     # per-plane levels and the Poisson weights of the voxels
     alpha = np.array([np.median(y[k][valid[k]]) if valid[k].any() else 0.0 for k in range(nz)])
@@ -554,14 +653,15 @@ def fit_joint(cube: np.ndarray, wavelengths: np.ndarray, layout: FieldLayout | N
     phis = np.zeros((nr, ny, nx))
     sys_var = np.zeros(nr)
     slice_sigma = opts.slice_sigma_start
+    sigmas: dict[str, float] = {}  # empirical-Bayes prior scales (start: the options' values)
     fit_result = {}
     for iteration in range(max(1, opts.iterations)):
         use = valid & ~clip
         wvox = np.where(use, level / kappa, 0.0)  # inverse relative variance
         gram = np.einsum("kyx,kr,kt->yxrt", wvox, leg, leg, optimize=True)
         rhs = np.einsum("kyx,kr->yxr", wvox * (y - alpha[:, None, None]), leg, optimize=True)
-        ok = (valid.sum(axis=0) >= max(opts.min_planes, nr + 1)) & covered_any & (use.sum(axis=0) > nr)
-        gram_ok = gram[ok] + np.eye(nr) * 1e-12
+        ok = (valid.sum(axis=0) >= max(opts.min_planes, nr + 1)) & covered_any
+        gram_ok = gram[ok] + np.eye(nr) * (1e-9 * np.trace(gram[ok], axis1=1, axis2=2)[:, None, None] + 1e-30)
         try:
             inv = np.linalg.inv(gram_ok)
         except np.linalg.LinAlgError:
@@ -589,9 +689,14 @@ def fit_joint(cube: np.ndarray, wavelengths: np.ndarray, layout: FieldLayout | N
             target = coeffs[r, ry, rx]
             noise = variances[r, ry, rx]
             weight = rob[ry, rx] / (noise + sys_var[r])
-            beta = _solve(designs[r], target, weight, opts.sigma_vign_curvature, slice_sigma)
+            beta, post = _solve(designs[r], target, weight, opts.sigma_vign_curvature, slice_sigma, sigmas,
+                                posterior=True)
+            if opts.empirical_bayes:
+                for name, columns in designs[r].hyper.items():
+                    sigmas[name] = _prior_scale(beta[columns], post[columns],
+                                                sigmas.get(name, _start_sigma(opts, name)), opts)
             fit_result[r] = beta
-            model = designs[r].matrix @ beta
+            model = designs[r].predict(beta)
             resid = target - model
             if "slice" in designs[r].groups:
                 slice_sigma = min(_slice_sigma(designs[r], beta, resid, weight, slice_sigma), opts.slice_sigma_max)
@@ -606,24 +711,25 @@ def fit_joint(cube: np.ndarray, wavelengths: np.ndarray, layout: FieldLayout | N
                 rob = np.zeros((ny, nx))
                 rob[ry, rx] = _tukey(z / scale, opts.tukey)
         # levels, noise scale and voxel clipping from the full model on the fitted spaxels
+        # (the plane levels only shift every A_r by a constant, which the global terms absorb)
         model_cube = np.einsum("kr,ryx->kyx", leg, phis)
-        resid = np.where(valid & ok, y - model_cube, np.nan)
-        alpha = alpha + np.array([np.nanmedian(resid[k] - alpha[k]) if np.isfinite(resid[k]).any() else 0.0
-                                  for k in range(nz)])
-        resid = resid - alpha[:, None, None]
+        fitted = valid & ok & ~clip
+        resid = y - model_cube
+        count = fitted.sum(axis=(1, 2))
+        alpha = np.where(count > 0, np.where(fitted, resid, 0.0).sum(axis=(1, 2)) / np.maximum(count, 1), alpha)
+        resid -= alpha[:, None, None]
         level = np.exp(np.clip(model_cube + alpha[:, None, None], -50, 50))
         e2d = resid * resid * level
-        good = np.isfinite(e2d) & ~clip
-        kappa = float(np.median(e2d[good]) / 0.4549) if good.any() else 1.0
-        kappa = max(kappa, 1e-30)
-        with np.errstate(invalid="ignore"):
-            clip = valid & ok & (np.abs(resid) * np.sqrt(level / kappa) > opts.voxel_clip)
+        sample = e2d[fitted][::7]  # the noise scale from a subsample of the voxels (a median)
+        kappa = max(float(np.median(sample) / 0.4549) if sample.size else 1.0, 1e-30)
+        clip = valid & ok & (e2d > opts.voxel_clip ** 2 * kappa)
         log.debug("joint model iteration %d: kappa %.3g, %d clipped voxels, %d rejected spaxels",
                   iteration + 1, kappa, int(clip.sum()), int((rob[ok] == 0).sum()))
 
     fit = _assemble(fit_result, designs, rows, leg, (nz, ny, nx), layout, fracs, crval, zone, vinfo, opts,
                     order, rob, kappa, clip, sys_var)
     fit.slice_sigma = slice_sigma if opts.slice_terms and layout is not None else math.nan
+    fit.prior_sigmas = dict(sigmas)
     return fit
 
 
@@ -647,7 +753,7 @@ def _assemble(beta: dict, designs: dict, rows, leg, shape, layout, fracs, crval,
         for group, s in full.groups.items():
             if group not in parts:
                 continue
-            part = full.matrix[:, s] @ beta[r][s]
+            part = full.part(group, beta[r])
             parts[group][r] = part
             phi[r] += part
         if layout is not None:
