@@ -17,6 +17,8 @@ from pathlib import Path
 from . import __version__
 from .params import PARAMETERS, ParameterError, config_text, format_value, make_settings, read_config
 
+ILLUM_MODELS = ("eso", "joint")  # --illum-model (musetwilight.illumination.MODELS)
+
 LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
               "error": logging.ERROR, "off": logging.CRITICAL + 10}
 
@@ -50,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=1, help="random seed of the simulation")
     demo.add_argument("--report", type=Path, default=None, metavar="DIR",
                       help="where the QA report goes [OUT/report]")
+    demo.add_argument("--illum-model", choices=ILLUM_MODELS, default="eso",
+                      help="TWILIGHT_CUBE model; with joint the report compares both with the truth [eso]")
+    demo.add_argument("--family", default=None, help="truth family of the simulated set (see simulate --family)")
     demo.set_defaults(handler=demo_from_args)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         module = importlib.import_module(f"{__package__}.{module_name}")
@@ -81,6 +86,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report", type=Path, default=None, metavar="DIR",
                         help="write the QA report (HTML page and PNG plots) into DIR")
     parser.add_argument("--timings-json", type=Path, default=None, help="write the per-stage timings to this JSON file")
+    parser.add_argument("--illum-model", choices=ILLUM_MODELS, default=None,
+                        help="TWILIGHT_CUBE model (not an ESO parameter): eso (ESO's, bit-compatible) or joint "
+                             "(one fit of the whole cube: smooth in wavelength, per-IFU and per-stack terms, "
+                             "a vignetting surface; see the man page) [eso]")
     parser.add_argument("sof", nargs="?", type=Path, help="set-of-frames file: one 'path TAG' line per input")
 
 
@@ -132,7 +141,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         logging.getLogger().addHandler(handler)
     progress = Progress()
     result = recipe.run(args.sof, settings, args.output_dir, skip_cube=args.skip_cube,
-                        scales=merge.external_scales(args.scales), workers=args.workers, progress=progress)
+                        scales=merge.external_scales(args.scales), workers=args.workers, progress=progress,
+                        illum_model=args.illum_model)
     progress.done()
     for name, path in result.paths.items():
         print(f"{name}: {path}")
@@ -148,11 +158,12 @@ def run_from_args(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_report(directory: Path, result, truth=None) -> Path:
+def _write_report(directory: Path, result, truth=None, alternatives=None) -> Path:
     from .report import ReportError, write_report
 
     try:
-        return write_report(directory, result.datacube_skyflat, result.twilight_cube, truth=truth)
+        return write_report(directory, result.datacube_skyflat, result.twilight_cube, truth=truth,
+                            fit=getattr(result, "illumination_fit", None), alternatives=alternatives)
     except ReportError as err:
         raise RuntimeError(f"QA report not written: {err}") from None
 
@@ -161,15 +172,20 @@ def demo_from_args(args: argparse.Namespace) -> int:
     from . import recipe
     from .simulate import simulate_dataset
 
-    data = simulate_dataset(args.out / "data", scale=args.scale, seed=args.seed)
+    data = simulate_dataset(args.out / "data", scale=args.scale, seed=args.seed, family=args.family)
     print(f"simulated {data.scale} set ({data.mode}, IFUs {','.join(map(str, data.ifus))}): {data.sof}")
     progress = Progress()
-    result = recipe.run(data.sof, make_settings(), args.out / "products", progress=progress)
+    result = recipe.run(data.sof, make_settings(), args.out / "products", progress=progress,
+                        illum_model=args.illum_model)
     progress.done()
     for name, path in result.paths.items():
         print(f"{name}: {path}")
     print(f"injected truth: {data.truth_path}")
-    print(f"QA report: {_write_report(args.report or args.out / 'report', result, data.truth_path)}")
+    alternatives = None
+    if args.illum_model != "eso":  # the report shows ESO's model beside it, from the same cube
+        eso_run = recipe.run(data.sof, make_settings(), None, skip_cube=result.paths["DATACUBE_SKYFLAT"])
+        alternatives = {"eso": eso_run.twilight_cube}
+    print(f"QA report: {_write_report(args.report or args.out / 'report', result, data.truth_path, alternatives)}")
     print(f"total time: {result.timings['total']:.1f} s")
     return 0
 

@@ -113,7 +113,7 @@ class JointOptions:
     vign_lambda_order: int = 0
     tukey: float = 4.685
     voxel_clip: float = 5.0
-    iterations: int = 4
+    iterations: int = 3
     min_planes: int = 6
     edge_exclusion: float = 1.5
     min_coverage: float = 0.25
@@ -482,7 +482,7 @@ def _solve(design: _Design, target: np.ndarray, weight: np.ndarray, curvature: f
         variance = np.diag(np.linalg.pinv(normal)) if posterior else None
     if design.nslice:
         beta = np.concatenate([beta, (rhs_s - cross.T @ beta) / diag])
-    return (beta, variance) if posterior else beta
+    return beta, variance
 
 
 def _slice_sigma(design: _Design, beta: np.ndarray, resid: np.ndarray, weight: np.ndarray,
@@ -602,10 +602,13 @@ def vignetting_zone(shape: tuple[int, int], mask: np.ndarray | None, margin: int
 
 def fit_joint(cube: np.ndarray, wavelengths: np.ndarray, layout: FieldLayout | None = None,
               vignetting: np.ndarray | None = None, nfm: bool = False, crval: tuple[float, float] = (0.0, 0.0),
-              options: JointOptions | None = None) -> JointFit:
+              options: JointOptions | None = None, data_wavelengths: np.ndarray | None = None) -> JointFit:
     """Fit the joint model to a DATACUBE_SKYFLAT cube (nz, ny, nx; NaN or <= 0 = no data).
 
-    ``wavelengths`` (nz) are the plane wavelengths, ``layout`` the IFU / stack coverage of the
+    ``wavelengths`` (nz) are the plane wavelengths (where the model is evaluated),
+    ``data_wavelengths`` the mean wavelength of the data in each plane (where it is fitted;
+    default the same: they differ in the end planes, which the wavelength cut halves),
+    ``layout`` the IFU / stack coverage of the
     spaxels (None: no per-IFU or per-stack terms), ``vignetting`` the vignetted-area mask
     (WFM: adapted VIGNETTING_MASK, NFM: the top rows; None: no vignetting surface),
     ``crval`` the world position of spaxel (0, 0) (for the IFU y slopes).
@@ -621,9 +624,11 @@ def fit_joint(cube: np.ndarray, wavelengths: np.ndarray, layout: FieldLayout | N
     if not valid.any():
         raise InputError("joint illumination model: the cube has no usable voxel")
     lam = np.asarray(wavelengths, float)
-    w = _unit(lam, lam.min(), lam.max()) if nz > 1 else np.zeros(1)
+    lam_data = lam if data_wavelengths is None else np.asarray(data_wavelengths, float)
+    lo, hi = (lam.min(), lam.max()) if nz > 1 else (lam[0] - 1.0, lam[0] + 1.0)
     order = min(opts.lambda_order, max(nz - 1, 0))
-    leg = _legendre(w, order)  # (nz, R + 1)
+    leg = _legendre(_unit(lam_data, lo, hi), order)  # (nz, R + 1): the fit
+    leg_out = _legendre(_unit(lam, lo, hi), order)  # the product
     nr = order + 1
 
     zone = vignetting_zone((ny, nx), vignetting, opts.vign_margin, nfm)
@@ -641,93 +646,89 @@ def fit_joint(cube: np.ndarray, wavelengths: np.ndarray, layout: FieldLayout | N
         # spaxels barely covered (field edges) take the labels of their row neighbours
         fracs = _extend_labels(layout, layout.coverage > opts.min_coverage)
 
-    # per-plane levels and the Poisson weights of the voxels
-    alpha = np.array([np.median(y[k][valid[k]]) if valid[k].any() else 0.0 for k in range(nz)])
-    level = np.where(valid, cube, 0.0)
-    kappa = 1.0
-    clip = np.zeros_like(valid)
-    rob = np.ones((ny, nx))
-    coeffs = np.zeros((nr, ny, nx))
+    # the spaxels that enter the fit, and their voxels as (nz, n) arrays
+    ok = (valid.sum(axis=0) >= max(opts.min_planes, nr + 1)) & covered_any
+    if not ok.any():
+        raise InputError("joint illumination model: no spaxel has enough planes with data")
+    ry, rx = np.nonzero(ok)
+    rows = (ry, rx, ok)
+    yv, vv = y[:, ok], valid[:, ok]
+    level = np.where(vv, cube[:, ok], 0.0)  # Poisson weights: data first, then the model
     designs: dict[int, _Design] = {}
-    rows = None
-    phis = np.zeros((nr, ny, nx))
+    for r in range(nr):
+        chroma = r > 0
+        designs[r] = _spatial_design(
+            ry, rx, (ny, nx), opts, opts.chroma_order if chroma else opts.global_order, fracs, layout,
+            crval, layout is not None and opts.ifu_terms and r <= opts.ifu_lambda_order,
+            layout is not None and opts.stack_terms and r <= opts.stack_lambda_order,
+            vinfo, vinfo is not None and r <= opts.vign_lambda_order, chroma,
+            with_slice=r == 0 and opts.slice_terms)
+    n = ry.size
+    alpha = np.array([np.median(yv[k][vv[k]]) if vv[k].any() else 0.0 for k in range(nz)])
+    kappa = 1.0
+    clip = np.zeros_like(vv)
+    rob = np.ones(n)
+    phis = np.zeros((nr, n))
     sys_var = np.zeros(nr)
     slice_sigma = opts.slice_sigma_start
     sigmas: dict[str, float] = {}  # empirical-Bayes prior scales (start: the options' values)
     fit_result = {}
+    eye = np.eye(nr)
     for iteration in range(max(1, opts.iterations)):
-        use = valid & ~clip
-        wvox = np.where(use, level / kappa, 0.0)  # inverse relative variance
-        gram = np.einsum("kyx,kr,kt->yxrt", wvox, leg, leg, optimize=True)
-        rhs = np.einsum("kyx,kr->yxr", wvox * (y - alpha[:, None, None]), leg, optimize=True)
-        ok = (valid.sum(axis=0) >= max(opts.min_planes, nr + 1)) & covered_any
-        gram_ok = gram[ok] + np.eye(nr) * (1e-9 * np.trace(gram[ok], axis1=1, axis2=2)[:, None, None] + 1e-30)
+        # per spaxel: the spectrum (minus the plane levels) in Legendre polynomials
+        wvox = np.where(vv & ~clip, level / kappa, 0.0)  # inverse relative variance
+        gram = np.einsum("kn,kr,kt->nrt", wvox, leg, leg, optimize=True)
+        rhs = np.einsum("kn,kr->nr", wvox * (yv - alpha[:, None]), leg, optimize=True)
+        gram += eye * (1e-9 * np.trace(gram, axis1=1, axis2=2)[:, None, None] + 1e-30)
         try:
-            inv = np.linalg.inv(gram_ok)
+            inv = np.linalg.inv(gram)
         except np.linalg.LinAlgError:
-            inv = np.linalg.pinv(gram_ok)
-        a = np.einsum("nrt,nt->nr", inv, rhs[ok])
-        var = np.einsum("nrr->nr", inv)
-        coeffs[:] = 0.0
-        coeffs[:, ok] = a.T
-        variances = np.full((nr, ny, nx), np.inf)
-        variances[:, ok] = var.T
-        if rows is None or not np.array_equal(rows[2], ok):
-            ry, rx = np.nonzero(ok)
-            rows = (ry, rx, ok)
-            designs = {}
-            for r in range(nr):
-                chroma = r > 0
-                designs[r] = _spatial_design(
-                    ry, rx, (ny, nx), opts, opts.chroma_order if chroma else opts.global_order, fracs, layout,
-                    crval, layout is not None and opts.ifu_terms and r <= opts.ifu_lambda_order,
-                    layout is not None and opts.stack_terms and r <= opts.stack_lambda_order,
-                    vinfo, vinfo is not None and r <= opts.vign_lambda_order, chroma,
-                    with_slice=r == 0 and opts.slice_terms)
-        ry, rx, _ = rows
+            inv = np.linalg.pinv(gram)
+        coeffs = np.einsum("nrt,nt->rn", inv, rhs)
+        variances = np.einsum("nrr->rn", inv)
+        # the coefficient images with the spatial model
         for r in range(nr):
-            target = coeffs[r, ry, rx]
-            noise = variances[r, ry, rx]
-            weight = rob[ry, rx] / (noise + sys_var[r])
+            target, noise = coeffs[r], variances[r]
+            weight = rob / (noise + sys_var[r])
             beta, post = _solve(designs[r], target, weight, opts.sigma_vign_curvature, slice_sigma, sigmas,
-                                posterior=True)
-            if opts.empirical_bayes:
+                                posterior=opts.empirical_bayes and bool(designs[r].hyper))
+            if post is not None:
                 for name, columns in designs[r].hyper.items():
                     sigmas[name] = _prior_scale(beta[columns], post[columns],
                                                 sigmas.get(name, _start_sigma(opts, name)), opts)
             fit_result[r] = beta
-            model = designs[r].predict(beta)
-            resid = target - model
+            phis[r] = designs[r].predict(beta)
+            resid = target - phis[r]
             if "slice" in designs[r].groups:
                 slice_sigma = min(_slice_sigma(designs[r], beta, resid, weight, slice_sigma), opts.slice_sigma_max)
             # structure term: the scatter about the model beyond the noise (robust)
-            sigma = _mad_sigma(resid[rob[ry, rx] > 0])
+            sigma = _mad_sigma(resid[rob > 0])
             sys_var[r] = max(sigma * sigma - float(np.median(noise)), 0.0) + 1e-12
-            phis[r] = 0.0
-            phis[r, ry, rx] = model
             if r == 0:
                 z = resid / np.sqrt(noise + sys_var[0])
-                scale = _mad_sigma(z) or 1.0
-                rob = np.zeros((ny, nx))
-                rob[ry, rx] = _tukey(z / scale, opts.tukey)
-        # levels, noise scale and voxel clipping from the full model on the fitted spaxels
+                rob = _tukey(z / (_mad_sigma(z) or 1.0), opts.tukey)
+        if iteration == opts.iterations - 1:
+            break
+        # plane levels, noise scale and voxel clipping from the full model
         # (the plane levels only shift every A_r by a constant, which the global terms absorb)
-        model_cube = np.einsum("kr,ryx->kyx", leg, phis)
-        fitted = valid & ok & ~clip
-        resid = y - model_cube
-        count = fitted.sum(axis=(1, 2))
-        alpha = np.where(count > 0, np.where(fitted, resid, 0.0).sum(axis=(1, 2)) / np.maximum(count, 1), alpha)
-        resid -= alpha[:, None, None]
-        level = np.exp(np.clip(model_cube + alpha[:, None, None], -50, 50))
+        model = leg @ phis
+        fitted = vv & ~clip
+        resid = yv - model
+        count = fitted.sum(axis=1)
+        alpha = np.where(count > 0, np.where(fitted, resid, 0.0).sum(axis=1) / np.maximum(count, 1), alpha)
+        resid -= alpha[:, None]
+        level = np.exp(np.clip(model + alpha[:, None], -50, 50))
         e2d = resid * resid * level
         sample = e2d[fitted][::7]  # the noise scale from a subsample of the voxels (a median)
         kappa = max(float(np.median(sample) / 0.4549) if sample.size else 1.0, 1e-30)
-        clip = valid & ok & (e2d > opts.voxel_clip ** 2 * kappa)
+        clip = vv & (e2d > opts.voxel_clip ** 2 * kappa)
         log.debug("joint model iteration %d: kappa %.3g, %d clipped voxels, %d rejected spaxels",
-                  iteration + 1, kappa, int(clip.sum()), int((rob[ok] == 0).sum()))
+                  iteration + 1, kappa, int(clip.sum()), int((rob == 0).sum()))
+    robust = np.zeros((ny, nx))
+    robust[ok] = rob
 
-    fit = _assemble(fit_result, designs, rows, leg, (nz, ny, nx), layout, fracs, crval, zone, vinfo, opts,
-                    order, rob, kappa, clip, sys_var)
+    fit = _assemble(fit_result, designs, rows, leg_out, (nz, ny, nx), layout, fracs, crval, zone, vinfo, opts,
+                    order, robust, kappa, clip, sys_var)
     fit.slice_sigma = slice_sigma if opts.slice_terms and layout is not None else math.nan
     fit.prior_sigmas = dict(sigmas)
     return fit
@@ -840,7 +841,11 @@ def postprocess_joint(cube: np.ndarray, header: Mapping[str, Any], settings: Map
              (options or JointOptions()).lambda_order,
              f"{len(layout.ifus)} IFUs / {len(layout.labels)} slice stacks" if layout is not None
              else "no IFU layout", "vignetted zone" if vign is not None else "no vignetting")
-    fit = fit_joint(cube, lam, layout, vign, nfm, crval, options)
+    # the data of a plane come from lambda +- step/2 within lambdamin..lambdamax (drizzle)
+    lmin = float(settings["lambdamin"]) if "lambdamin" in settings else -np.inf
+    lmax = float(settings["lambdamax"]) if "lambdamax" in settings else np.inf
+    lam_data = (np.clip(lam - step / 2, lmin, lmax) + np.clip(lam + step / 2, lmin, lmax)) / 2
+    fit = fit_joint(cube, lam, layout, vign, nfm, crval, options, data_wavelengths=lam_data)
 
     vlog = fit.vignetting if fit.vignetting is not None else 0.0
     illum = _normalise_planes(np.exp(fit.log_model - vlog))

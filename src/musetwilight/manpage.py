@@ -34,6 +34,23 @@ DESCRIPTION = (
 )
 
 
+ILLUM_MODEL_HELP = (
+    "--illum-model=eso|joint (musetwilight only, not one of ESO's parameters; default eso): the model of "
+    "TWILIGHT_CUBE. eso is ESO's, bit-compatible (each plane on its own: 5x7 median filter, 2D polynomial of "
+    "--xorder/--yorder, a separate vignetting fit). joint fits the whole cube at once, in log space: the "
+    "illumination is smooth in wavelength (Legendre polynomials), the field is a global 2D polynomial plus "
+    "terms of each IFU (level, x and y slopes; the recipe scales every IFU by its integrated flux, and each "
+    "IFU has its own relay optics) and of each slicer stack (level, x slope), with the IFU and stack of each "
+    "spaxel from GEOMETRY_TABLE; the vignetted area (VIGNETTING_MASK in WFM, the top --vignnfmmask rows in "
+    "NFM) gets a smooth surface fitted together with the field; slice-to-slice efficiencies are fitted as "
+    "random effects and left out (they are ILLUM's job); weights follow the photon noise and the measured "
+    "structure; outliers and partly illuminated slice-edge spaxels do not enter the fit. The product keeps "
+    "ESO's format (DATA planes of mean 1, the same extensions) and is applied by muse_scibasic unchanged; "
+    "the primary header says MUSETWILIGHT ILLUM MODEL = 'joint'. --xorder, --yorder and --vignsmooth/"
+    "--vignxpar/--vignypar do not apply to it."
+)
+
+
 def render(show_hidden: bool = False, width: int = 80) -> str:
     """The whole manual page as text."""
     wrap = textwrap.TextWrapper(width=width, initial_indent="  ", subsequent_indent="  ")
@@ -69,6 +86,8 @@ def render(show_hidden: bool = False, width: int = 80) -> str:
         allowed = f" <{' | '.join(parameter.choices)}>" if parameter.choices else ""
         text = f"  --{parameter.name:<20}: {parameter.help}{allowed} [{format_value(parameter.default)}]"
         lines.append(option_wrap.fill(text))
+    lines += ["", "  Options of musetwilight beyond ESO's recipe:", ""]
+    lines.append(option_wrap.fill("  " + ILLUM_MODEL_HELP))
     lines += ["", "RELEASE", f"  musetwilight {__version__} (parameters of ESO muse_twilight 2.8.7)", ""]
     return "\n".join(lines)
 

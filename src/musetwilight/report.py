@@ -613,14 +613,19 @@ def _read_products(datacube_skyflat, twilight_cube) -> _Products:
 
 def write_report(report_dir: str | os.PathLike, datacube_skyflat: fits.HDUList | str | os.PathLike | None,
                  twilight_cube: fits.HDUList | str | os.PathLike, truth: dict | str | os.PathLike | None = None,
-                 title: str = DEFAULT_TITLE) -> Path:
+                 title: str = DEFAULT_TITLE, *, fit=None,
+                 alternatives: dict[str, fits.HDUList | str | os.PathLike] | None = None) -> Path:
     """Write the QA report (PNGs, ``summary.json`` and ``index.html``) into ``report_dir``.
 
     ``datacube_skyflat`` and ``twilight_cube`` are the products as HDULists or paths;
     ``datacube_skyflat`` may be None (a run that started from an existing cube).
     ``truth`` is the simulator's truth (dict or ``truth.json`` path): with it the page
     also compares the recovered throughput, illumination and spectrum with the injected
-    ones (:func:`compare_with_truth`).  Returns the path of ``index.html``.  Raises
+    ones (:func:`compare_with_truth`).  ``fit`` is what ``--illum-model=joint`` fitted
+    (:class:`musetwilight.illumination.JointFit`, ``RunResult.illumination_fit``): its per-IFU
+    and per-stack terms and vignetting surface get a section; ``alternatives`` maps a model
+    name to another TWILIGHT_CUBE of the same cube (e.g. ``{"eso": ...}`` for a joint run),
+    compared side by side with the truth.  Returns the path of ``index.html``.  Raises
     :class:`ReportError` when Matplotlib is missing or a product cannot be read.
     """
     _figure_class()
@@ -628,7 +633,8 @@ def write_report(report_dir: str | os.PathLike, datacube_skyflat: fits.HDUList |
     products = _read_products(datacube_skyflat, twilight_cube)
     out = Path(report_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return _write(out, products, truth, title)
+    extra = {name: _read_products(datacube_skyflat, cube) for name, cube in (alternatives or {}).items()}
+    return _write(out, products, truth, title, fit, extra)
 
 
 def compare_with_truth(datacube_skyflat: fits.HDUList | str | os.PathLike | None,
@@ -707,7 +713,8 @@ def _compare(products: _Products, truth: dict | None, flux: dict[int, float], re
     return result
 
 
-def _write(out: Path, products: _Products, truth: dict | None, title: str) -> Path:
+def _write(out: Path, products: _Products, truth: dict | None, title: str, fit=None,
+           alternatives: dict[str, _Products] | None = None) -> Path:
     plotter = _Plotter(out, products)
     flux = _intflux(products)
     reference = min(flux) if flux else None
@@ -740,6 +747,8 @@ def _write(out: Path, products: _Products, truth: dict | None, title: str) -> Pa
 
     if truth:
         sections.append(("Simulation: recovered versus injected", _truth_section(plotter, comparison)))
+    model_sections, model_numbers = _model_sections(plotter, products, truth, fit, alternatives or {})
+    sections.extend(model_sections)
 
     cards = _qc_cards(products)
     header, rows = _qc_pivot(cards)
@@ -754,7 +763,7 @@ def _write(out: Path, products: _Products, truth: dict | None, title: str) -> Pa
     sections.append(("QC keywords", "".join(qc_html)))
 
     summary = {"title": title, "intflux": {str(i): v for i, v in flux.items()}, "reference_ifu": reference,
-               **comparison.numbers, "plots": [p.file for p in plotter.plots]}
+               **comparison.numbers, **model_numbers, "plots": [p.file for p in plotter.plots]}
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=_json_default))
     index = out / "index.html"
     index.write_text(_page(title, _run_info(products, flux, reference), sections), encoding="utf-8")
@@ -923,3 +932,127 @@ def recovery_metrics(twilight: np.ndarray, expected: dict, field: np.ndarray) ->
         out["depth"] = {"injected": injected, "recovered": recovered, "error": recovered - injected,
                         "peak_injected": float(excess[vign][np.argmax(np.abs(excess[vign]))]), "n": int(deep.sum())}
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# the illumination model: what --illum-model=joint fitted, and both models against the truth
+
+
+def _model_name(products: _Products) -> str:
+    return str(products.twi_primary.get("MUSETWILIGHT ILLUM MODEL", "eso")).strip() or "eso"
+
+
+def _fit_section(plotter: _Plotter, fit, products: _Products, truth: dict | None) -> str:
+    """Per-IFU and per-stack terms, the fitted components and the vignetting profile of a joint fit."""
+    parts = [f"<p>Wavelength order {fit.lambda_order}; structure beyond the noise about the smooth model "
+             f"{100 * fit.residual_rms:.3f} % per spaxel, slice-to-slice scatter (left to ILLUM, not in the "
+             f"cube) {100 * fit.slice_sigma:.3f} %; {fit.rejected_spaxels} spaxels given zero weight, "
+             f"{fit.clipped_voxels} voxels clipped.</p>"]
+    if fit.ifu_terms:
+        rows = []
+        for ifu, t in sorted(fit.ifu_terms.items()):
+            stacks = [fit.stack_terms.get((ifu, k), {}).get("level", math.nan) for k in range(4)]
+            rows.append([ifu, 100 * t.get("level", math.nan), 100 * t.get("x_slope", math.nan),
+                         100 * t.get("y_slope", math.nan), 100 * t.get("chroma", math.nan),
+                         *(100 * v for v in stacks)])
+        parts.append("<p>Per-IFU terms (log units, %): level (free: the recipe scales every IFU by its "
+                     "integrated flux), slopes across the field (x) and over the IFU's 12 slice rows (y), "
+                     "level change per unit of the wavelength coordinate (5000..9000 A -> -1..1), and the "
+                     "level of each slice stack.</p>")
+        parts.append(_table(["IFU", "level %", "x slope %", "y slope %", "chromatic %", "stack 1 %", "stack 2 %",
+                             "stack 3 %", "stack 4 %"], rows))
+    panels = [(fit.global_field, "global field (log, wavelength mean)"),
+              (fit.ifu_stack, "per-IFU + per-stack terms (log)")]
+    if fit.vignetting is not None:
+        panels.append((np.where(fit.zone, np.expm1(fit.vignetting), np.nan), "vignetting surface - 1"))
+    field = products.field_mask()
+    fig = plotter.Figure(figsize=(5.2 * len(panels), 4.4), layout="constrained")
+    for ax, (image, label) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        plotter.image(ax, np.where(field, image, np.nan) if "vignetting" not in label else image, label)
+    parts.append(_figure_html(plotter.save(fig, "joint_components.png", "Joint model components",
+                                           "The fitted global field, the per-IFU and per-stack terms and the "
+                                           "vignetting surface (zone only).")))
+    if fit.vignetting is not None and fit.zone is not None and fit.zone.any():
+        parts.append(_figure_html(_vignetting_profile(plotter, fit, products, truth)))
+    return "".join(parts)
+
+
+def _vignetting_profile(plotter: _Plotter, fit, products: _Products, truth: dict | None):
+    """The fitted vignetting against the distance into the zone (and the injected one)."""
+    from scipy.ndimage import distance_transform_edt
+
+    zone = fit.zone
+    depth_into = distance_transform_edt(zone)
+    fig = plotter.Figure(figsize=(7.0, 3.8), layout="constrained")
+    ax = fig.subplots()
+    sel = zone & products.field_mask()
+    ax.plot(depth_into[sel], np.expm1(fit.vignetting[sel]) * 100, ".", ms=2, color="tab:blue",
+            label="fitted (joint)")
+    if truth:
+        try:
+            expected = expected_twilight(truth, products.sky_primary or products.twi_primary, products.wcs,
+                                         products.twi_cube.shape)
+            ax.plot(depth_into[sel], expected["excess"][sel] * 100, ".", ms=2, color="tab:orange",
+                    label="injected")
+        except (KeyError, ValueError):
+            pass
+    ax.set_xlabel("distance into the vignetted zone [spaxels]")
+    ax.set_ylabel("vignetting factor - 1 [%]")
+    ax.legend(fontsize=8)
+    ax.set_title("Vignetting profile", fontsize=10)
+    return plotter.save(fig, "joint_vignetting_profile.png", "Vignetting profile",
+                        "The fitted vignetting surface of every field spaxel in the zone against its distance "
+                        "from the zone edge" + (", with the injected one." if truth else "."))
+
+
+def _model_sections(plotter: _Plotter, products: _Products, truth: dict | None, fit,
+                    alternatives: dict[str, _Products]) -> tuple[list[tuple[str, str]], dict]:
+    sections, numbers = [], {}
+    if fit is not None:
+        sections.append(("Joint illumination model: what it fitted", _fit_section(plotter, fit, products, truth)))
+        numbers["joint_fit"] = fit.summary()
+    if not truth or products.sky_primary is None:
+        return sections, numbers
+    models = {_model_name(products): products, **alternatives}
+    try:
+        expected = expected_twilight(truth, products.sky_primary, products.wcs, products.twi_cube.shape)
+    except (KeyError, ValueError) as err:
+        sections.append(("TWILIGHT_CUBE models versus the truth",
+                         f'<p class="note">No expected cube: {html.escape(str(err))}.</p>'))
+        return sections, numbers
+    field = products.field_mask()
+    metrics = {name: recovery_metrics(p.twi_cube, expected, field) for name, p in models.items()}
+    numbers["models_vs_truth"] = metrics
+    names = list(metrics)
+    rows = []
+    for region, label in (("field", "unvignetted field"), ("vignetted", "vignetted zone"),
+                          ("ifu_boundary", "IFU boundaries"), ("stack_boundary", "slice-stack boundaries")):
+        if not any(metrics[n][region]["n"] for n in names):
+            continue
+        rows.append([f"{label}: rms %", *(100 * metrics[n][region]["rms"] for n in names)])
+        rows.append([f"{label}: max %", *(100 * metrics[n][region]["max_abs"] for n in names)])
+    if all("depth" in metrics[n] for n in names):
+        rows.append(["vignetting excess injected %", *(100 * metrics[n]["depth"]["injected"] for n in names)])
+        rows.append(["vignetting excess recovered %", *(100 * metrics[n]["depth"]["recovered"] for n in names)])
+    parts = ["<p>Recovered / expected - 1 of each TWILIGHT_CUBE, all planes, each plane normalised by its "
+             "median over the unvignetted field. Expected: the injected sky-versus-lamp field times the "
+             "recipe's per-IFU flux scaling (report.expected_twilight).</p>",
+             _table(["", *names], rows)]
+    fig = plotter.Figure(figsize=(5.2 * len(names), 4.4), layout="constrained")
+    maps = {}
+    with _quiet_nanmean(), np.errstate(invalid="ignore", divide="ignore"):
+        for name in names:
+            ratio = models[name].twi_cube / expected["cube"]
+            plain = field & (np.abs(expected["excess"]) <= VIGNETTED_ZONE) & np.isfinite(expected["cube"][0])
+            norms = np.array([np.median(r[plain]) for r in ratio])
+            maps[name] = np.where(field, np.nanmean(ratio / norms[:, None, None], axis=0) - 1.0, np.nan) * 100
+    finite = np.concatenate([m[np.isfinite(m)] for m in maps.values()]) if maps else np.zeros(1)
+    limit = float(np.percentile(np.abs(finite), 99)) if finite.size else 1.0
+    for ax, name in zip(fig.subplots(1, len(names), squeeze=False)[0], names):
+        plotter.image(ax, maps[name], f"{name}: recovered / injected - 1 [%]", vmin=-limit, vmax=limit,
+                      cmap="RdBu_r")
+    parts.append(_figure_html(plotter.save(fig, "models_vs_truth.png", "Both models against the truth",
+                                           "Wavelength mean of recovered / expected - 1 for each model, "
+                                           "same colour scale.")))
+    sections.append(("TWILIGHT_CUBE models versus the truth", "".join(parts)))
+    return sections, numbers
