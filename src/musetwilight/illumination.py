@@ -97,29 +97,32 @@ class JointOptions:
     ifu_terms: bool = True
     ifu_lambda_order: int = 1
     sigma_ifu_level: float = 1.0
-    sigma_ifu_slope: float = 0.01
-    sigma_ifu_chroma: float = 0.01
+    sigma_ifu_slope: float = 0.003
+    sigma_ifu_chroma: float = 0.003
     stack_terms: bool = True
     stack_lambda_order: int = 0
-    sigma_stack_level: float = 0.01
-    sigma_stack_slope: float = 0.01
+    sigma_stack_level: float = 0.003
+    sigma_stack_slope: float = 0.003
     vign_intervals: tuple[int, int] = (8, 8)
     nfm_intervals: tuple[int, int] = (4, 10)
     vign_margin: int = 3
-    sigma_vign_curvature: float = 0.3
+    vign_curvature: tuple[float, float] = (0.03, 0.03)  # WFM corner: x, y [log per spaxel^2]
+    nfm_curvature: tuple[float, float] = (0.001, 0.03)  # NFM top band: x, y [log per spaxel^2]
     sigma_vign: float = 1.0
     sigma_global: float = 0.5
     slice_sigma_max: float = 0.02
     vign_lambda_order: int = 0
     tukey: float = 4.685
     voxel_clip: float = 5.0
-    iterations: int = 3
+    iterations: int = 2
+    inner_iterations: int = 3
     min_planes: int = 6
     edge_exclusion: float = 1.5
     min_coverage: float = 0.25
     slice_terms: bool = True
     slice_sigma_start: float = 0.005
     empirical_bayes: bool = True
+    eb_min_terms: int = 8
     sigma_floor: float = 1e-4
     sigma_cap: float = 0.02
 
@@ -272,8 +275,9 @@ def _clamped_columns(nbx: int, nby: int, interior: tuple[bool, bool, bool, bool]
     return (iy[:, None] * nbx + ix[None, :]).ravel()
 
 
-def _curvature_penalty(nbx: int, nby: int) -> np.ndarray:
-    """Sum of squared second differences of a (nby, nbx) coefficient grid along both axes."""
+def _curvature_penalty(nbx: int, nby: int, sigma: tuple[float, float]) -> np.ndarray:
+    """Prior precision of a (nby, nbx) coefficient grid: squared second differences along x and
+    along y, with prior standard deviations ``sigma`` = (x, y) (log units)."""
     def second(n):
         if n < 3:
             return np.zeros((0, n))
@@ -283,7 +287,7 @@ def _curvature_penalty(nbx: int, nby: int) -> np.ndarray:
         return d
     dx = np.kron(np.eye(nby), second(nbx))
     dy = np.kron(second(nby), np.eye(nbx))
-    return dx.T @ dx + dy.T @ dy
+    return dx.T @ dx / sigma[0] ** 2 + dy.T @ dy / sigma[1] ** 2
 
 
 @dataclass
@@ -410,7 +414,7 @@ def _spatial_design(rows_y: np.ndarray, rows_x: np.ndarray, shape: tuple[int, in
         blocks.append(block)
         groups["vign"] = slice(start, start + block.shape[1])
         priors.append(np.full(block.shape[1], 1.0 / opts.sigma_vign ** 2))
-        penalty["vign"] = _curvature_penalty(nbx, nby)[np.ix_(keep, keep)]
+        penalty["vign"] = _curvature_penalty(nbx, nby, vign["curvature"])[np.ix_(keep, keep)]
         start += block.shape[1]
     sid, nslice = None, 0
     if with_slice and layout is not None and layout.slice_id is not None:
@@ -426,7 +430,7 @@ def _spatial_design(rows_y: np.ndarray, rows_x: np.ndarray, shape: tuple[int, in
     return _Design(glob, rest, groups, np.concatenate(priors), penalty, sid, nslice, hyper)
 
 
-def _solve(design: _Design, target: np.ndarray, weight: np.ndarray, curvature: float,
+def _solve(design: _Design, target: np.ndarray, weight: np.ndarray,
            slice_sigma: float | None = None, sigmas: dict[str, float] | None = None,
            posterior: bool = False):
     """Weighted least squares with Gaussian priors and the vignetting curvature penalty.
@@ -456,7 +460,7 @@ def _solve(design: _Design, target: np.ndarray, weight: np.ndarray, curvature: f
     normal[np.diag_indices_from(normal)] += prior
     for group, block in design.penalty.items():
         s = design.groups[group]
-        normal[s, s] += block / curvature ** 2
+        normal[s, s] += block
     if design.nslice:
         sid, inside = design.slice_ids, design.slice_ids >= 0
         ids, w_in = sid[inside], weight[inside]
@@ -513,7 +517,7 @@ def _prior_scale(beta: np.ndarray, variance: np.ndarray, sigma: float, opts: Joi
     unshrunk estimates beyond their noise.  ``beta`` and ``variance`` are the posterior means
     and variances under the prior scale ``sigma``; the data precision of each term is its
     posterior precision less the prior's (diagonal approximation)."""
-    if beta.size < 3:
+    if beta.size < opts.eb_min_terms:  # too few terms to measure their scatter: the option's scale
         return sigma
     prior_precision = 1.0 / sigma ** 2
     data_precision = np.maximum(1.0 / np.maximum(variance, 1e-300) - prior_precision, 1e-300)
@@ -637,7 +641,14 @@ def fit_joint(cube: np.ndarray, wavelengths: np.ndarray, layout: FieldLayout | N
         zy, zx = np.nonzero(zone)
         vinfo = {"zone": zone, "x0": float(zx.min()), "x1": float(zx.max()), "y0": float(zy.min()),
                  "y1": float(zy.max()), "intervals": opts.nfm_intervals if nfm else opts.vign_intervals,
-                 "interior": (zx.min() > 0, zx.max() < nx - 1, zy.min() > 0, zy.max() < ny - 1)}
+                 "interior": (zx.min() > 0, zx.max() < nx - 1, zy.min() > 0, zy.max() < ny - 1),
+                 "curvature": opts.nfm_curvature if nfm else opts.vign_curvature}
+        # the curvature prior is in log per spaxel^2: second differences of the coefficients
+        # are curvature x (knot spacing)^2
+        kx, ky = vinfo["intervals"]
+        hx = max(float(zx.max() - zx.min()), 1.0) / kx
+        hy = max(float(zy.max() - zy.min()), 1.0) / ky
+        vinfo["curvature"] = (vinfo["curvature"][0] * hx * hx, vinfo["curvature"][1] * hy * hy)
     covered_any = valid.any(axis=0)
     if layout is not None and layout.edge_distance is not None and opts.edge_exclusion > 0:
         covered_any &= layout.edge_distance >= opts.edge_exclusion  # not fitted, evaluated
@@ -686,27 +697,32 @@ def fit_joint(cube: np.ndarray, wavelengths: np.ndarray, layout: FieldLayout | N
             inv = np.linalg.pinv(gram)
         coeffs = np.einsum("nrt,nt->rn", inv, rhs)
         variances = np.einsum("nrr->rn", inv)
-        # the coefficient images with the spatial model
+        # the coefficient images with the spatial model; the weights, the slice scatter and
+        # the prior scales are re-estimated between solves (cheap next to the spectra)
         for r in range(nr):
             target, noise = coeffs[r], variances[r]
-            weight = rob / (noise + sys_var[r])
-            beta, post = _solve(designs[r], target, weight, opts.sigma_vign_curvature, slice_sigma, sigmas,
-                                posterior=opts.empirical_bayes and bool(designs[r].hyper))
-            if post is not None:
-                for name, columns in designs[r].hyper.items():
-                    sigmas[name] = _prior_scale(beta[columns], post[columns],
-                                                sigmas.get(name, _start_sigma(opts, name)), opts)
+            for inner in range(max(1, opts.inner_iterations)):
+                weight = rob / (noise + sys_var[r])
+                # prior scales from the second solve on (the first, with the options' scales and
+                # no structure term yet, sets up the weights)
+                estimate = opts.empirical_bayes and bool(designs[r].hyper) and (iteration > 0 or inner > 0)
+                beta, post = _solve(designs[r], target, weight, slice_sigma, sigmas, posterior=estimate)
+                if post is not None:
+                    for name, columns in designs[r].hyper.items():
+                        sigmas[name] = _prior_scale(beta[columns], post[columns],
+                                                    sigmas.get(name, _start_sigma(opts, name)), opts)
+                phis[r] = designs[r].predict(beta)
+                resid = target - phis[r]
+                if "slice" in designs[r].groups:
+                    slice_sigma = min(_slice_sigma(designs[r], beta, resid, weight, slice_sigma),
+                                      opts.slice_sigma_max)
+                # structure term: the scatter about the model beyond the noise (robust)
+                sigma = _mad_sigma(resid[rob > 0])
+                sys_var[r] = max(sigma * sigma - float(np.median(noise)), 0.0) + 1e-12
+                if r == 0:
+                    z = resid / np.sqrt(noise + sys_var[0])
+                    rob = _tukey(z / (_mad_sigma(z) or 1.0), opts.tukey)
             fit_result[r] = beta
-            phis[r] = designs[r].predict(beta)
-            resid = target - phis[r]
-            if "slice" in designs[r].groups:
-                slice_sigma = min(_slice_sigma(designs[r], beta, resid, weight, slice_sigma), opts.slice_sigma_max)
-            # structure term: the scatter about the model beyond the noise (robust)
-            sigma = _mad_sigma(resid[rob > 0])
-            sys_var[r] = max(sigma * sigma - float(np.median(noise)), 0.0) + 1e-12
-            if r == 0:
-                z = resid / np.sqrt(noise + sys_var[0])
-                rob = _tukey(z / (_mad_sigma(z) or 1.0), opts.tukey)
         if iteration == opts.iterations - 1:
             break
         # plane levels, noise scale and voxel clipping from the full model
