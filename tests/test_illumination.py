@@ -80,7 +80,7 @@ def test_layout_covers_each_spaxel_once_and_knows_the_stacks():
     well = layout.coverage > 0.5
     assert np.all(frac[0][:12][well[:12]] > 0.97) and np.all(frac[1][12:24][well[12:24]] > 0.97)
     mixed = ((fracs > 0.01) & (fracs < 0.99)).any(axis=0)
-    assert 2 * ny <= mixed.sum() <= 8 * ny  # the spaxels across the three inner stack edges
+    assert ny <= mixed.sum() <= 8 * ny  # spaxels across the three inner stack edges (or in their gaps)
     assert layout.slice_id[covered].min() >= 0 and len(np.unique(layout.slice_id[covered])) == 3 * 48
     assert np.all(layout.edge_distance[covered] <= 5.0) and layout.edge_distance[covered].min() < 0.5
 

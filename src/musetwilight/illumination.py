@@ -119,7 +119,7 @@ class JointOptions:
     inner_iterations: int = 3
     min_planes: int = 6
     edge_exclusion: float = 1.5
-    min_coverage: float = 0.25
+    min_coverage: float = 0.0
     slice_terms: bool = True
     slice_sigma_start: float = 0.005
     empirical_bayes: bool = True
@@ -190,6 +190,7 @@ def layout_from_geometry(subfield, slice_sky, x, y, width, crval1: float, crval2
     subfield, stack, x, y, width = subfield[keep], stack[keep], x[keep], y[keep], width[keep]
     ox = _overlap(x - width / 2, x + width / 2, crval1 + np.arange(nx))
     oy = _overlap(y - 0.5, y + 0.5, crval2 + np.arange(ny))
+    oy[oy < 0.2] = 0.0  # a sliver of the next slice row (geometry jitter) does not make a spaxel its own
     label_of = subfield * STACKS_PER_IFU + stack
     codes, label_index = np.unique(label_of, return_inverse=True)
     order = np.argsort(label_index, kind="stable")

@@ -808,7 +808,7 @@ def _truth_section(plotter: _Plotter, comparison: _Comparison) -> str:
 # truth recovery of the 3D illumination model (both --illum-model choices, same definition)
 
 #: Subsamples per spaxel in x where the expected field is averaged (stack edges fall inside spaxels).
-EXPECTED_SUBSAMPLES = 8
+EXPECTED_SUBSAMPLES = 32
 #: Injected vignetting weaker than this (|V - 1|) does not count as the vignetted zone.
 VIGNETTED_ZONE = 0.002
 
@@ -842,11 +842,11 @@ def expected_twilight(truth: dict, header: fits.Header, wcs: fits.Header, shape:
     carries, minus 1: 1/V - 1 in WFM, V - 1 in NFM), ``ifu`` (IFU of each spaxel, 0 none),
     ``ifu_boundary`` and ``stack_boundary`` (spaxels next to an IFU / slice-stack edge).
     """
-    from .simulate import field_from_truth, layout_membership, truth_layout
+    from .simulate import field_from_truth, slice_membership, truth_geometry
 
     nz, ny, nx = shape
     fm = field_from_truth(truth)
-    layout = truth_layout(truth)
+    geometry = truth_geometry(truth)
     if used_illum is None:
         used_illum = _used_illum(header)
     step = float(wcs.get("CD3_3", wcs.get("CDELT3", 1.0)))
@@ -857,7 +857,8 @@ def expected_twilight(truth: dict, header: fits.Header, wcs: fits.Header, shape:
     xs = x0 + np.arange(nx)[:, None] + (np.arange(m)[None, :] + 0.5) / m - 0.5  # (nx, m)
     X = np.broadcast_to(xs[None], (ny, nx, m))
     Y = np.broadcast_to((y0 + np.arange(ny))[:, None, None], (ny, nx, m))
-    ifu_sub, stack_sub = layout_membership(layout, X, Y)
+    # each subsample takes the IFU and stack of the slice it falls on (none in the gaps)
+    ifu_sub, stack_sub = slice_membership(geometry, x0, y0, nx, ny, m)
     weight = np.zeros(ifu_sub.shape)
     for n, entry in (truth.get("ifus") or {}).items():
         key = f"ESO DRS MUSE FLAT FLUX SKY{int(n)}"

@@ -445,13 +445,42 @@ def layout_membership(layout: dict, x, y) -> tuple[np.ndarray, np.ndarray]:
     return ifu, stack
 
 
+def slice_membership(geometry: np.ndarray, x0: float, y0: float, nx: int, ny: int,
+                     sub: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """IFU number (0: none) and slice stack (-1: none) on a grid, slice by slice.
+
+    The grid has rows at y0 + j and, in x, ``sub`` positions across each unit cell centred on
+    x0 + i (shape (ny, nx, sub)).  A slice covers x - width/2 .. x + width/2, y - 0.5 .. y + 0.5
+    (GEOMETRY_TABLE units): the exact footprint, where :func:`layout_membership` uses each
+    stack's bounding box.
+    """
+    xs = (x0 + np.arange(nx)[:, None] + (np.arange(sub)[None, :] + 0.5) / sub - 0.5).ravel()
+    ifu = np.zeros((ny, nx * sub), int)
+    stack = np.full((ny, nx * sub), -1)
+    for g in geometry:  # one slice at a time, on its own rows and columns only
+        j0, j1 = int(np.ceil(g["y"] - 0.5 - y0)), int(np.floor(g["y"] + 0.5 - y0))
+        i0 = int(np.searchsorted(xs, g["x"] - g["width"] / 2, side="left"))
+        i1 = int(np.searchsorted(xs, g["x"] + g["width"] / 2, side="right"))
+        j0, j1 = max(j0, 0), min(j1, ny - 1)
+        if j1 < j0 or i1 <= i0:
+            continue
+        ifu[j0:j1 + 1, i0:i1] = int(g["SubField"])
+        stack[j0:j1 + 1, i0:i1] = (int(g["SliceSky"]) - 1) // 12
+    return ifu.reshape(ny, nx, sub), stack.reshape(ny, nx, sub)
+
+
+def truth_geometry(truth: dict) -> np.ndarray:
+    """The GEOMETRY_TABLE of a simulated set (rebuilt from its seed, scale and mode)."""
+    o = truth["options"]
+    return build_instrument(LAYOUTS[o["scale"]], o["mode"], int(o["seed"])).geometry
+
+
 def truth_layout(truth: dict) -> dict[int, dict]:
     """The slice-stack layout of a simulated set (truth.json's family layout, else rebuilt from its seed)."""
     fam = truth.get("family")
     if fam and fam.get("layout"):
         return {int(k): v for k, v in fam["layout"].items()}
-    o = truth["options"]
-    return stack_layout(build_instrument(LAYOUTS[o["scale"]], o["mode"], int(o["seed"])).geometry)
+    return stack_layout(truth_geometry(truth))
 
 
 @dataclass
