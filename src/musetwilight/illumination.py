@@ -391,7 +391,8 @@ class _Design:
     penalty: dict[str, np.ndarray] = field(default_factory=dict)  # group -> extra precision block
     slice_ids: np.ndarray | None = None
     nslice: int = 0
-    hyper: dict[str, np.ndarray] = field(default_factory=dict)  # prior-scale name -> its columns
+    hyper: dict[str, np.ndarray] = field(default_factory=dict)  # prior-scale name -> the columns setting it
+    shared: dict[str, np.ndarray] = field(default_factory=dict)  # ... and further columns taking it
 
     @property
     def nparams(self) -> int:
@@ -434,6 +435,15 @@ def _spatial_design(rows_y: np.ndarray, rows_x: np.ndarray, shape: tuple[int, in
     blocks, groups, priors, start = [None], {"global": slice(0, glob.shape[1])}, \
         [gprior], glob.shape[1]
     hyper: dict[str, np.ndarray] = {}  # prior scales estimated from the data (empirical Bayes)
+    shared: dict[str, np.ndarray] = {}  # columns that take a prior scale without setting it
+    inzone_label = None
+    if vign is not None and layout is not None and (with_ifu or with_stack):
+        # labels mostly inside the vignetted zone: their terms trade off against the vignetting
+        # surface there, so they share the prior scale without setting it
+        f = fracs[rows_y * nx + rows_x]
+        zone_rows = vign["zone"][rows_y, rows_x].astype(float)
+        total = np.asarray(f.sum(axis=0)).ravel()
+        inzone_label = np.asarray(f.T @ zone_rows).ravel() > 0.5 * np.maximum(total, 1e-12)
     n = len(u)
     if layout is not None and (with_ifu or with_stack):
         f = fracs[rows_y * nx + rows_x].tocoo()  # (n, n_labels)
@@ -459,9 +469,14 @@ def _spatial_design(rows_y: np.ndarray, rows_x: np.ndarray, shape: tuple[int, in
             groups["ifu"] = slice(start, start + block.shape[1])
             priors.append(np.tile(1.0 / np.square(sig), len(ifus)))
             names = ["ifu_chroma"] if chroma else [None, "ifu_x_slope", "ifu_y_slope"]
+            outside = np.ones(len(ifus), bool)
+            if inzone_label is not None:
+                for k, ifu in enumerate(ifus):
+                    outside[k] = not np.all(inzone_label[layout.labels[:, 0] == ifu])
             for k, name in enumerate(names):
                 if name:
-                    hyper[name] = start + nt * np.arange(len(ifus)) + k
+                    hyper[name] = (start + nt * np.arange(len(ifus)) + k)[outside]
+                    shared[name] = (start + nt * np.arange(len(ifus)) + k)[~outside]
             start += block.shape[1]
         if with_stack:
             x_world = rows_x.astype(float)[row] + crval[0]
@@ -476,8 +491,10 @@ def _spatial_design(rows_y: np.ndarray, rows_x: np.ndarray, shape: tuple[int, in
             groups["stack"] = slice(start, start + block.shape[1])
             priors.append(np.tile(1.0 / np.square([opts.sigma_stack_level, opts.sigma_stack_slope]),
                                   len(layout.labels)))
-            hyper["stack_level"] = start + nt * np.arange(len(layout.labels))
-            hyper["stack_slope"] = start + nt * np.arange(len(layout.labels)) + 1
+            outside = np.ones(len(layout.labels), bool) if inzone_label is None else ~inzone_label
+            for k, name in enumerate(("stack_level", "stack_slope")):
+                hyper[name] = (start + nt * np.arange(len(layout.labels)) + k)[outside]
+                shared[name] = (start + nt * np.arange(len(layout.labels)) + k)[~outside]
             start += block.shape[1]
     penalty = {}
     if vign is not None and with_vign:
@@ -512,7 +529,7 @@ def _spatial_design(rows_y: np.ndarray, rows_x: np.ndarray, shape: tuple[int, in
         start += nslice
     rest = (sparse.hstack(blocks[1:], format="csr") if len(blocks) > 1
             else sparse.csr_matrix((n, 0)))
-    return _Design(glob, rest, groups, np.concatenate(priors), penalty, sid, nslice, hyper)
+    return _Design(glob, rest, groups, np.concatenate(priors), penalty, sid, nslice, hyper, shared)
 
 
 def _solve(design: _Design, target: np.ndarray, weight: np.ndarray,
@@ -542,6 +559,7 @@ def _solve(design: _Design, target: np.ndarray, weight: np.ndarray,
     for name, columns in design.hyper.items():
         if sigmas and name in sigmas:
             prior[columns] = 1.0 / sigmas[name] ** 2
+            prior[design.shared.get(name, columns[:0])] = 1.0 / sigmas[name] ** 2
     normal[np.diag_indices_from(normal)] += prior
     for group, block in design.penalty.items():
         s = design.groups[group]
