@@ -21,30 +21,41 @@ This module fits the whole cube at once, in log space (all factors are multiplic
 
 - ``alpha_k``: the level of plane k (twilight spectrum over lamp; arbitrary, each output plane
   is normalised to mean 1 over all spaxels, as ESO does);
-- ``L_r``: Legendre polynomials in the wavelength mapped onto -1..1: smooth in wavelength;
-- ``Phi_r(s)`` for spaxel s: a global field (Legendre tensor in u, v, the cube extent mapped
-  onto -1..1) + per-IFU terms (level, x slope u, y slope eta = (y - yc)/6 over the IFU's 12
-  slice rows) + per-stack terms (level, x slope over the stack width) + the vignetting (a
-  cubic B-spline surface over the vignetted zone: VIGNETTING_MASK in WFM or the top
-  ``vignnfmmask`` rows in NFM, widened by a margin; zero outside).  Per-IFU and per-stack
-  terms enter a spaxel with the fraction of its area that the IFU's / stack's slices cover
-  (from GEOMETRY_TABLE), so a stack edge inside a spaxel is modelled as such.
+- ``L_r``: Legendre polynomials in the wavelength mapped onto -1..1: smooth in wavelength,
+  fitted at the mean wavelength of each plane's data (the end planes are halved by the
+  wavelength cut) and evaluated at the plane centres;
+- ``Phi_r(s)`` for spaxel s: a global field (Legendre tensor in u, v: the whole instrument
+  field of GEOMETRY_TABLE mapped onto -1..1, with a weak Gaussian prior) + per-IFU terms
+  (level; x slope u; y slope eta = (y - yc)/6 over the IFU's 12 slice rows; in A_1 a
+  chromatic level) + per-stack terms (level, x slope over the stack width) + the vignetting (a
+  cubic B-spline surface over the vignetted zone: the adapted VIGNETTING_MASK in WFM or the top
+  ``vignnfmmask`` rows in NFM, widened by a margin; zero, with zero slope, on its sides inside
+  the field; a curvature prior in log per spaxel^2).  Per-IFU and per-stack terms enter a
+  spaxel with the fraction of its area that the IFU's / stack's slices cover (from
+  GEOMETRY_TABLE), so a stack edge inside a spaxel is modelled as such; spaxels outside the
+  slices take the terms of their row neighbours;
+- ``A_0`` also has one random level per slice (what ILLUM corrects: slice efficiencies left
+  by the lamp flat), with a scatter estimated from the data; it is marginalised in the fit
+  (so the smooth terms get their real uncertainty) and left out of the product.
 
-It is solved as a sequence of small weighted least-squares problems that together are the
-joint fit: per spaxel, the spectrum (minus ``alpha``) is fitted with the ``L_r`` (inverse
-variance weights from the Poisson level of the model, scale from the residuals); the
-coefficient images ``A_r(s)`` are then fitted with the spatial model (sparse normal
-equations, weights 1 / (noise variance of A_r + a structure term estimated from the
-residuals), Gaussian priors on the per-IFU slopes and per-stack terms, a curvature penalty on
-the vignetting surface); ``alpha`` is updated and the loop repeated.  Per-IFU levels have no
-prior (the recipe's flux scaling makes them arbitrary).  Robustness: Tukey biweights on the
-spaxel residuals of ``A_0`` (partly illuminated slice-edge spaxels, bad columns) and a
-5-sigma clip of voxel residuals (cosmic rays).  Planes without data take the smooth
-wavelength model; spaxels outside the field take the global field and the terms of the
-nearest IFU and stack.
+It is solved as a sequence of weighted least-squares problems that together are the joint
+fit: per spaxel, the spectrum (minus ``alpha``) is fitted with the ``L_r`` (inverse-variance
+weights from the Poisson level of the model, the scale from the residuals; a Numba kernel);
+the coefficient images ``A_r(s)`` are then fitted with the spatial model (sparse normal
+equations, the slice levels eliminated by a Schur complement; weights 1 / (noise variance of
+A_r + a structure term estimated from the residuals)); ``alpha``, the voxel weights and the
+clipping are updated and the loop repeated.  Per-IFU levels have no prior: the recipe's flux
+scaling makes them arbitrary.  The prior scales of the per-IFU slopes and of the per-stack
+terms are estimated from the data (empirical Bayes, from groups of at least 8 terms; terms of
+IFUs inside the vignetted zone share them without setting them), so that terms the data do
+not support shrink towards zero.  Robustness: Tukey biweights on the spaxel residuals of
+``A_0``, a 5-sigma clip of voxel residuals (cosmic rays), and the partly illuminated spaxels
+next to slice-stack edges are not fitted, only evaluated.  Planes without data take the
+smooth wavelength model.
 
 The options (:class:`JointOptions`) were chosen on the training seeds (0-4) of the truth
-families of :mod:`musetwilight.simulate` (``benchmarks/bench_illumination.py``).
+families of :mod:`musetwilight.simulate` (``benchmarks/bench_illumination.py``); the
+benchmark reports on seeds 5-9.
 
 Pure functions on NumPy arrays; the TWILIGHT_CUBE keeps ESO's layout
 (:func:`postprocess_joint` returns a :class:`musetwilight.smooth.TwilightResult`).
@@ -86,10 +97,14 @@ class JointOptions:
     Orders are maximum powers; ``global_order`` is for the wavelength-mean image ``A_0``,
     ``chroma_order`` for ``A_r``, r >= 1.  Per-IFU terms enter ``A_r`` for
     r <= ``ifu_lambda_order``, per-stack and vignetting terms for r <= their own orders.
-    Priors are standard deviations (log units); ``vign_spacing`` is the B-spline knot spacing
-    in spaxels (at least ``vign_min_knots`` intervals per axis), ``vign_margin`` how far
-    (spaxels) the zone reaches beyond the mask, ``vign_curvature`` the weight of its
-    curvature penalty (relative to the data weights).
+    ``sigma_*`` are prior standard deviations (log units): where empirical Bayes applies they
+    are only the starting values (and the scales of groups too small to estimate).
+    ``vign_intervals`` / ``nfm_intervals`` are the B-spline knot intervals (x, y) over the
+    zone, ``vign_margin`` how far (spaxels) the zone reaches beyond the mask,
+    ``vign_curvature`` / ``nfm_curvature`` the prior standard deviations of the surface's
+    second derivatives (log per spaxel^2, x and y).  ``iterations`` outer loops (spectra and
+    voxel weights), ``inner_iterations`` spatial solves per loop; ``edge_exclusion``: spaxels
+    closer than this (spaxels) to a stack edge are not fitted.
     """
 
     lambda_order: int = 3
