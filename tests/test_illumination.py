@@ -296,3 +296,13 @@ def test_scibasic_applies_the_joint_twilight_cube(corner_runs, tmp_path):
     assert np.median(np.abs(ratio - 1)) < 0.01
     assert joint.header["ESO DRS MUSE FLAT FLUX SKY"] == pytest.approx(
         runs["joint"].twilight_cube[0].header["ESO DRS MUSE FLAT FLUX SKY1"])
+
+
+def test_man_page_and_cli_document_the_option():
+    from musetwilight import cli, manpage
+
+    text = manpage.render()
+    assert "--illum-model=eso|joint" in text and "default eso" in text
+    args = cli.build_parser().parse_args(["run", "--illum-model", "joint", "set.sof"])
+    assert args.illum_model == "joint"
+    assert cli.build_parser().parse_args(["run", "set.sof"]).illum_model is None

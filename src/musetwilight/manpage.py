@@ -46,8 +46,8 @@ ILLUM_MODEL_HELP = (
     "random effects and left out (they are ILLUM's job); weights follow the photon noise and the measured "
     "structure; outliers and partly illuminated slice-edge spaxels do not enter the fit. The product keeps "
     "ESO's format (DATA planes of mean 1, the same extensions) and is applied by muse_scibasic unchanged; "
-    "the primary header says MUSETWILIGHT ILLUM MODEL = 'joint'. --xorder, --yorder and --vignsmooth/"
-    "--vignxpar/--vignypar do not apply to it."
+    "the primary header says MUSETWILIGHT ILLUM MODEL = 'joint'. The polynomial orders (xorder, yorder) "
+    "and the vignetting smoothing (vignsmooth, vignxpar, vignypar) do not apply to it."
 )
 
 
