@@ -63,8 +63,11 @@ Pure functions on NumPy arrays; the TWILIGHT_CUBE keeps ESO's layout
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
+import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -109,7 +112,7 @@ class JointOptions:
 
     lambda_order: int = 3
     global_order: tuple[int, int] = (2, 2)
-    chroma_order: tuple[int, int] = (2, 2)
+    chroma_order: tuple[int, int] = (3, 3)
     ifu_terms: bool = True
     ifu_lambda_order: int = 1
     sigma_ifu_level: float = 1.0
@@ -123,7 +126,7 @@ class JointOptions:
     nfm_intervals: tuple[int, int] = (4, 10)
     vign_margin: int = 3
     vign_curvature: tuple[float, float] = (0.03, 0.03)  # WFM corner: x, y [log per spaxel^2]
-    nfm_curvature: tuple[float, float] = (0.001, 0.03)  # NFM top band: x, y [log per spaxel^2]
+    nfm_curvature: tuple[float, float] = (0.001, 0.01)  # NFM top band: x, y [log per spaxel^2]
     sigma_vign: float = 1.0
     sigma_global: float = 0.5
     slice_sigma_max: float = 0.02
@@ -260,6 +263,53 @@ def _extend_labels(layout: FieldLayout, covered: np.ndarray) -> sparse.csr_matri
     # slice row belongs to that row's IFU), then across rows
     _, (iy, ix) = distance_transform_edt(~covered, sampling=(16.0, 1.0), return_indices=True)
     return layout.stack_frac[(iy * covered.shape[1] + ix).ravel()]
+
+
+# --------------------------------------------------------------------------------------------
+# OpenBLAS threads
+
+
+@contextmanager
+def single_threaded_blas():
+    """Run the enclosed code with one OpenBLAS thread (restored afterwards).
+
+    The matrices of the joint fit are small (a few hundred rows); OpenBLAS's threads then
+    cost more than they give, and on a busy machine their spin-waits make the fit several
+    times slower.  The libraries loaded by NumPy and SciPy are found in /proc/self/maps and set
+    through their ``*openblas_set_num_threads*`` entry points (as threadpoolctl does); where
+    that is not possible nothing changes.
+    """
+    restore = []
+    try:
+        maps = open("/proc/self/maps").read()
+        paths = sorted(set(re.findall(r"(/\S*openblas\S*\.so\S*)", maps)))
+    except OSError:
+        paths = []
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix in ("scipy_openblas", "openblas"):
+            for suffix in ("64_", ""):
+                try:
+                    getter = getattr(lib, f"{prefix}_get_num_threads{suffix}")
+                    setter = getattr(lib, f"{prefix}_set_num_threads{suffix}")
+                except AttributeError:
+                    continue
+                getter.restype = ctypes.c_int
+                setter.argtypes = [ctypes.c_int]
+                restore.append((setter, int(getter())))
+                setter(1)
+                break
+            else:
+                continue
+            break
+    try:
+        yield
+    finally:
+        for setter, threads in restore:
+            setter(threads)
 
 
 # --------------------------------------------------------------------------------------------
@@ -975,7 +1025,8 @@ def postprocess_joint(cube: np.ndarray, header: Mapping[str, Any], settings: Map
     lmin = float(settings["lambdamin"]) if "lambdamin" in settings else -np.inf
     lmax = float(settings["lambdamax"]) if "lambdamax" in settings else np.inf
     lam_data = (np.clip(lam - step / 2, lmin, lmax) + np.clip(lam + step / 2, lmin, lmax)) / 2
-    fit = fit_joint(cube, lam, layout, vign, nfm, crval, options, data_wavelengths=lam_data)
+    with single_threaded_blas():
+        fit = fit_joint(cube, lam, layout, vign, nfm, crval, options, data_wavelengths=lam_data)
 
     vlog = fit.vignetting if fit.vignetting is not None else 0.0
     illum = _normalise_planes(np.exp(fit.log_model - vlog))
