@@ -126,7 +126,7 @@ class JointOptions:
     nfm_intervals: tuple[int, int] = (4, 10)
     vign_margin: int = 3
     vign_curvature: tuple[float, float] = (0.03, 0.03)  # WFM corner: x, y [log per spaxel^2]
-    nfm_curvature: tuple[float, float] = (0.001, 0.01)  # NFM top band: x, y [log per spaxel^2]
+    nfm_curvature: tuple[float, float] = (0.001, 0.03)  # NFM top band: x, y [log per spaxel^2]
     sigma_vign: float = 1.0
     sigma_global: float = 0.5
     slice_sigma_max: float = 0.02
