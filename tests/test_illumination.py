@@ -306,3 +306,22 @@ def test_man_page_and_cli_document_the_option():
     args = cli.build_parser().parse_args(["run", "--illum-model", "joint", "set.sof"])
     assert args.illum_model == "joint"
     assert cli.build_parser().parse_args(["run", "set.sof"]).illum_model is None
+
+
+def test_joint_keeps_a_vignetting_model_where_esos_polyfit_fails():
+    """A tiny vignetted corner: ESO's 4x4 polyfit has too few spaxels and silently drops the
+    vignetting model (empty vign_fit); the joint model's surface is regularised and stays."""
+    from musetwilight.smooth import postprocess
+
+    cube, lam, layout, truth, covered = _cube(_smooth_field)
+    geo, x0, y0, nx, ny = _geometry()
+    header = {"ESO INS MODE": "WFM-NOAO-N", "CRVAL1": x0, "CRVAL2": y0, "CRVAL3": 5000.0, "CD3_3": 250.0}
+    mask = np.zeros((2 * (ny - 1), 2 * (nx - 1)), np.int16)
+    mask[:4, :4] = 1
+    theirs = postprocess(cube, header, make_settings(), mask)
+    assert theirs.vign_fit.size == 0 and any("polyfit failed" in w for w in theirs.warnings)
+    ours, fit = illumination.postprocess_joint(cube, header, make_settings(), mask, layout=layout)
+    assert ours.vign_fit.shape == (ny, nx) and np.all(np.isfinite(ours.vign_fit))
+    assert not ours.warnings
+    # no vignetting was injected: the surface stays flat
+    assert np.abs(ours.vign_fit - 1).max() < 0.01
