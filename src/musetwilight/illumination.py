@@ -127,6 +127,7 @@ class JointOptions:
     vign_margin: int = 3
     vign_curvature: tuple[float, float] = (0.03, 0.03)  # WFM corner: x, y [log per spaxel^2]
     nfm_curvature: tuple[float, float] = (0.001, 0.03)  # NFM top band: x, y [log per spaxel^2]
+    vign_edge_stiffness: float = 30.0
     sigma_vign: float = 1.0
     sigma_global: float = 0.5
     slice_sigma_max: float = 0.02
@@ -425,18 +426,30 @@ def _clamped_columns(nbx: int, nby: int, interior: tuple[bool, bool, bool, bool]
     return (iy[:, None] * nbx + ix[None, :]).ravel()
 
 
-def _curvature_penalty(nbx: int, nby: int, sigma: tuple[float, float]) -> np.ndarray:
+def _curvature_penalty(nbx: int, nby: int, sigma: tuple[float, float],
+                       free: tuple[bool, bool, bool, bool] = (False, False, False, False),
+                       edge_factor: float = 1.0) -> np.ndarray:
     """Prior precision of a (nby, nbx) coefficient grid: squared second differences along x and
-    along y, with prior standard deviations ``sigma`` = (x, y) (log units)."""
-    def second(n):
+    along y, with prior standard deviations ``sigma`` = (x, y) (log units).
+
+    On the sides marked ``free`` (left, right, bottom, top: the field edge, where the spaxels
+    are not fitted) the outermost second difference has ``edge_factor`` times the precision:
+    the surface continues about linearly over the unfitted edge instead of bending freely.
+    """
+    def second(n, low, high):
         if n < 3:
             return np.zeros((0, n))
         d = np.zeros((n - 2, n))
         rows = np.arange(n - 2)
         d[rows, rows], d[rows, rows + 1], d[rows, rows + 2] = 1.0, -2.0, 1.0
-        return d
-    dx = np.kron(np.eye(nby), second(nbx))
-    dy = np.kron(second(nby), np.eye(nbx))
+        scale = np.ones(n - 2)
+        if low:
+            scale[0] = math.sqrt(edge_factor)
+        if high:
+            scale[-1] = math.sqrt(edge_factor)
+        return d * scale[:, None]
+    dx = np.kron(np.eye(nby), second(nbx, free[0], free[1]))
+    dy = np.kron(second(nby, free[2], free[3]), np.eye(nbx))
     return dx.T @ dx / sigma[0] ** 2 + dy.T @ dy / sigma[1] ** 2
 
 
@@ -581,7 +594,9 @@ def _spatial_design(rows_y: np.ndarray, rows_x: np.ndarray, shape: tuple[int, in
         blocks.append(block)
         groups["vign"] = slice(start, start + block.shape[1])
         priors.append(np.full(block.shape[1], 1.0 / opts.sigma_vign ** 2))
-        penalty["vign"] = _curvature_penalty(nbx, nby, vign["curvature"])[np.ix_(keep, keep)]
+        free = tuple(not side for side in vign["interior"])
+        penalty["vign"] = _curvature_penalty(nbx, nby, vign["curvature"], free,
+                                             opts.vign_edge_stiffness)[np.ix_(keep, keep)]
         start += block.shape[1]
     sid, nslice = None, 0
     if with_slice and layout is not None and layout.slice_id is not None:
