@@ -248,7 +248,7 @@ def layout_from_geometry(subfield, slice_sky, x, y, width, crval1: float, crval2
     edges = np.minimum(np.abs(xs[None, :] - (xc - hw)[:, None]), np.abs(xs[None, :] - (xc + hw)[:, None]))
     covered = dominant >= 0
     col, row = np.arange(ny * nx) % nx, np.arange(ny * nx) // nx
-    dist = np.full(ny * nx, np.inf)
+    dist = np.zeros(ny * nx)  # no slice there: data only by the resampling's spill, not fitted
     dist[covered] = edges[dominant[covered], col[covered]]
     slice_id = np.full(ny * nx, -1, np.int32)
     slice_id[covered] = slice_for_row[dominant[covered], row[covered]]
@@ -861,6 +861,7 @@ def fit_joint(cube: np.ndarray, wavelengths: np.ndarray, layout: FieldLayout | N
             vinfo, vinfo is not None and r <= opts.vign_lambda_order, chroma,
             with_slice=r == 0 and opts.slice_terms)
     n = ry.size
+    in_zone = zone[ry, rx] if zone is not None else np.zeros(n, bool)
     alpha = np.array([np.median(yv[k][vv[k]]) if vv[k].any() else 0.0 for k in range(nz)])
     kappa = 1.0
     clip = np.zeros_like(vv)
@@ -899,8 +900,14 @@ def fit_joint(cube: np.ndarray, wavelengths: np.ndarray, layout: FieldLayout | N
                 sigma = _mad_sigma(resid[rob > 0])
                 sys_var[r] = max(sigma * sigma - float(np.median(noise)), 0.0) + 1e-12
                 if r == 0:
+                    # Tukey weights on the residuals scaled per region: inside the vignetted
+                    # zone the surface follows the data less closely than the field does
+                    # elsewhere, and one scale for both would reject the deepest spaxels
                     z = resid / np.sqrt(noise + sys_var[0])
-                    rob = _tukey(z / (_mad_sigma(z) or 1.0), opts.tukey)
+                    scale = np.full(n, _mad_sigma(z[~in_zone]) if (~in_zone).any() else 1.0)
+                    if in_zone.any():
+                        scale[in_zone] = max(_mad_sigma(z[in_zone]), scale[0])
+                    rob = _tukey(z / np.where(scale > 0, scale, 1.0), opts.tukey)
             fit_result[r] = beta
         if iteration == opts.iterations - 1:
             break
