@@ -77,6 +77,36 @@ class VignSmooth(StrEnum):
     MEDIAN = "median"
 
 
+class IllumModel(StrEnum):
+    """The model of TWILIGHT_CUBE: musetwilight's own option, not one of ESO's 24 parameters
+    (so it is in no product header's parameter list, EsoRex config or python-cpl parameter).
+
+    ``eso`` (the default) is ESO's model, bit for bit (:func:`musetwilight.core.smooth.postprocess`);
+    ``joint`` is one fit of the whole cube (:mod:`musetwilight.core.illumination`).  Chosen
+    with ``--illum-model`` (musetwilight run, demo, batch), ``illum_model=`` of
+    :func:`musetwilight.recipe.run` or $MUSETWILIGHT_ILLUM_MODEL (also for musetwilight-esorex
+    and the python-cpl facade).
+    """
+
+    ESO = "eso"
+    JOINT = "joint"
+
+    @classmethod
+    def parse(cls, value: str | IllumModel | None, source: str = "illum model") -> IllumModel:
+        """The model named by ``value`` (any case, surrounding blanks ignored; None: ``eso``);
+        ParameterError naming ``source`` and the choices otherwise."""
+        if value is None:
+            return cls.ESO
+        if isinstance(value, cls):
+            return value
+        text = str(value).strip().lower()
+        try:
+            return cls(text)
+        except ValueError:
+            raise ParameterError(f"{source}: {str(value)!r} is not a TWILIGHT_CUBE model (choose one of "
+                                 f"{', '.join(m.value for m in cls)})") from None
+
+
 _UNSIGNED = re.compile(r"^[0-9]+$")
 
 

@@ -30,9 +30,10 @@ import numpy as np
 from astropy.io import fits
 
 from . import memory
-from .core import combine, fluxscale, illum, pixtable
+from .core import combine, fluxscale, illum, illumination, pixtable
 from .core.basicproc import Calibrations, process_exposures
 from .core.cube import CubeGrid, grid_from_limits, white_light
+from .core.illumination import JointFit
 from .core.pixtable import PixTable
 from .core.resample import ResampleOptions, resample_tables
 from .core.smooth import TwilightResult, postprocess
@@ -44,13 +45,14 @@ from .io.preflight import preflight
 from .io.spill import SpilledTable, table_limits
 from .measure import StageClock
 from .memory import MemoryPlan
-from .params import Settings, make_settings
+from .params import IllumModel, Settings, make_settings
 from .threads import default_workers
 
 log = logging.getLogger("musetwilight.recipe")
 
 SKIP_ENV = "MUSE_TWILIGHT_SKIP"
 SCALES_ENV = "MUSE_TWILIGHT_SCALES"
+ILLUM_MODEL_ENV = "MUSETWILIGHT_ILLUM_MODEL"  # --illum-model for callers without it (EsoRex, python-cpl)
 ROWS_PER_TILE = 8_000_000  # pixel-table rows resampled at a time in low-memory mode (about 2/3 of a full IFU)
 LOW_MEMORY_PIXELS = 4_000_000  # CCDs larger than this (full MUSE: 16.8 M) use low-memory mode
 
@@ -72,7 +74,9 @@ class RunOptions:
     ``max_memory`` caps the memory the run may use, in bytes ($MUSETWILIGHT_MAX_MEMORY;
     the cgroup, ``ulimit -v`` and a Dask worker's limit are found by themselves): the run then
     reduces fewer IFUs at once, keeps the tables on disk, resamples smaller tiles, or refuses
-    at once (:mod:`musetwilight.memory`).
+    at once (:mod:`musetwilight.memory`).  ``illum_model`` chooses the TWILIGHT_CUBE model
+    (:class:`~musetwilight.params.IllumModel`: ESO's, the default, or the joint one;
+    $MUSETWILIGHT_ILLUM_MODEL when not given): not one of ESO's 24 parameters.
     """
 
     skip_cube: Path | None = None
@@ -83,18 +87,24 @@ class RunOptions:
     progress: Callable[[str], None] | None = None
     scratch_dir: Path | None = None
     max_memory: int | None = None
+    illum_model: IllumModel = IllumModel.ESO
 
     @classmethod
     def resolve(cls, environ: Mapping[str, str] | None = None, *, skip_cube=None, scales=None,
-                workers: int | None = None, scratch_dir=None, **rest) -> RunOptions:
+                workers: int | None = None, scratch_dir=None, illum_model: str | IllumModel | None = None,
+                **rest) -> RunOptions:
         """Options from the caller's values, the environment filling in what is not given."""
         environ = os.environ if environ is None else environ
         skip = skip_cube or environ.get(SKIP_ENV) or None
         if scales is None:
             scales = fluxscale.parse_scales(environ.get(SCALES_ENV))
+        if illum_model is None:
+            model = IllumModel.parse(environ.get(ILLUM_MODEL_ENV) or None, f"${ILLUM_MODEL_ENV}")
+        else:
+            model = IllumModel.parse(illum_model, "illum_model")
         return cls(Path(skip) if skip else None, tuple(scales) if scales is not None else None,
                    workers or default_workers(environ), scratch_dir=space.scratch_root(scratch_dir, environ),
-                   **rest)
+                   illum_model=model, **rest)
 
     def stage(self, message: str) -> None:
         (self.progress or log.info)(message)
@@ -111,6 +121,7 @@ class RunResult:
     skipped_ifus: dict[int, IfuSkip] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)  # wall seconds per stage, total, peak memory
     stages: dict[str, dict[str, float]] = field(default_factory=dict)  # wall, CPU and peak memory per stage
+    illumination_fit: JointFit | None = None  # what the joint model fitted (None: ESO's model)
 
     def ifus(self, kind: Literal["absent", "failed"]) -> list[int]:
         """The skipped IFUs of one kind, sorted."""
@@ -131,7 +142,8 @@ def run(frames: FrameSet | str | os.PathLike, settings: Settings | Mapping | Non
     ``frames`` is an SOF file or a FrameSet, ``settings`` the recipe parameters (a
     Settings or a mapping of names to values), ``options`` those of
     :class:`RunOptions` (``skip_cube``, ``scales``, ``workers``, ``low_memory``,
-    ``mapper``, ``progress``).  With ``output_dir=None`` nothing is written.
+    ``mapper``, ``progress``, ``scratch_dir``, ``max_memory``, ``illum_model``).  With
+    ``output_dir=None`` nothing is written.
 
     Examples
     --------
@@ -168,7 +180,7 @@ def run(frames: FrameSet | str | os.PathLike, settings: Settings | Mapping | Non
         with clock.stage("smooth"):
             twilight = smooth_skyflat(skyflat, inputs, settings, mode, opts)
             result = RunResult(skyflat.hdulist, twilight_cube(skyflat, twilight, inputs, settings, mode),
-                               skipped_ifus=reductions.skipped, memory=plan)
+                               skipped_ifus=reductions.skipped, memory=plan, illumination_fit=twilight.fit)
         if lock is not None:
             opts.stage(f"writing the products into {output_dir}")
             with clock.stage("write"):
@@ -456,26 +468,69 @@ def _cube_grid(tables: list, dlambda: float) -> CubeGrid:
 # --------------------------------------------------------------------------- TWILIGHT_CUBE
 
 
+@dataclass
+class SmoothModel:
+    """The smooth illumination model of the cube: TWILIGHT_CUBE's planes and diagnostics, which
+    model made them and, for the joint one, what it fitted."""
+
+    result: TwilightResult
+    model: IllumModel = IllumModel.ESO
+    fit: JointFit | None = None
+
+
 def smooth_skyflat(skyflat: Skyflat, inputs: Inputs, settings: Settings, mode: str,
-                   options: RunOptions) -> TwilightResult:
-    """ESO's smooth illumination model of the cube (vignetting mask in WFM only, as ESO)."""
-    options.stage("smoothing the cube planes and modelling the vignetting")
+                   options: RunOptions) -> SmoothModel:
+    """The smooth illumination model of the cube (vignetting mask in WFM only, as ESO):
+    ESO's (:func:`~musetwilight.core.smooth.postprocess`) or, with ``options.illum_model``
+    joint, :func:`~musetwilight.core.illumination.postprocess_joint` (the IFU and slice-stack
+    layout from GEOMETRY_TABLE)."""
     vignetting = None
     if inputs.vignetting and not is_nfm(mode):
         vignetting = formats.read_vignetting_mask(inputs.vignetting).mask
     header = skyflat.data_header
     wavelengths = None
     if "CRVAL3" in header and "CD3_3" in header:
-        wavelengths = float(header["CRVAL3"]) + np.arange(skyflat.cube.shape[0]) * float(header["CD3_3"])
-    return postprocess(skyflat.cube, settings, mode, white=skyflat.white, vignetting_mask=vignetting,
-                       wavelengths=wavelengths)
+        offsets = np.arange(skyflat.cube.shape[0]) + 1.0 - float(header.get("CRPIX3", 1.0))
+        wavelengths = float(header["CRVAL3"]) + offsets * float(header["CD3_3"])
+    if options.illum_model is IllumModel.JOINT:
+        options.stage("fitting the joint illumination and vignetting model to the cube")
+        crval = _field_origin(header)
+        ny, nx = skyflat.cube.shape[1:]
+        geometry = formats.read_geometry_table(inputs.geometry)
+        layout = illumination.layout_from_geometry(
+            geometry["SubField"], geometry["SliceSky"], geometry["x"], geometry["y"], geometry["width"],
+            crval[0], crval[1], nx, ny, skyflat_ifus(skyflat.primary))
+        result, fit = illumination.postprocess_joint(skyflat.cube, settings, mode, white=skyflat.white,
+                                                     vignetting_mask=vignetting, wavelengths=wavelengths,
+                                                     crval=crval, layout=layout)
+        return SmoothModel(result, IllumModel.JOINT, fit)
+    options.stage("smoothing the cube planes and modelling the vignetting")
+    return SmoothModel(postprocess(skyflat.cube, settings, mode, white=skyflat.white, vignetting_mask=vignetting,
+                                   wavelengths=wavelengths))
 
 
-def twilight_cube(skyflat: Skyflat, result: TwilightResult, inputs: Inputs, settings: Settings,
+def _field_origin(header: fits.Header) -> tuple[float, float]:
+    """Field coordinates (GEOMETRY_TABLE's x, y) of the cube's first spaxel."""
+    return (float(header.get("CRVAL1", 1.0)) + 1.0 - float(header.get("CRPIX1", 1.0)),
+            float(header.get("CRVAL2", 1.0)) + 1.0 - float(header.get("CRPIX2", 1.0)))
+
+
+def skyflat_ifus(primary: fits.Header) -> list[int] | None:
+    """The IFUs in a DATACUBE_SKYFLAT (those with an ESO DRS MUSE FLAT FLUX SKYn keyword), or
+    None when it names none."""
+    prefix = "ESO DRS MUSE FLAT FLUX SKY"
+    ifus = sorted(int(key[len(prefix):]) for key in primary if key.startswith(prefix) and key[len(prefix):].isdigit())
+    return ifus or None
+
+
+def twilight_cube(skyflat: Skyflat, smoothed: SmoothModel, inputs: Inputs, settings: Settings,
                   mode: str) -> fits.HDUList:
-    """TWILIGHT_CUBE's HDUList: the model, with the provenance of this run."""
+    """TWILIGHT_CUBE's HDUList: the model, with the provenance of this run (and, made by the
+    joint model, MUSETWILIGHT ILLUM MODEL = 'joint')."""
     from_existing_cube = skyflat.hdulist is None
     primary = products.twilight_primary(skyflat.primary, inputs, settings,
                                         with_vignetting=bool(inputs.vignetting) and not is_nfm(mode),
-                                        from_existing_cube=from_existing_cube)
-    return products.twilight_cube_hdulist(result, primary, skyflat.data_header, drop_qc=not from_existing_cube)
+                                        from_existing_cube=from_existing_cube,
+                                        illum_model=None if smoothed.model is IllumModel.ESO else smoothed.model)
+    return products.twilight_cube_hdulist(smoothed.result, primary, skyflat.data_header,
+                                          drop_qc=not from_existing_cube)

@@ -72,6 +72,7 @@ _DROPPED = re.compile(
 _STRUCTURAL = {"SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "NAXIS3", "EXTEND", "XTENSION",
                "PCOUNT", "GCOUNT", "COMMENT", "HISTORY", ""}
 QC_TWILIGHT_PREFIX = "ESO QC TWILIGHT"
+ILLUM_MODEL_KEY = "MUSETWILIGHT ILLUM MODEL"  # TWILIGHT_CUBE made by a model other than ESO's (the joint one)
 
 
 # --------------------------------------------------------------------------- primary headers
@@ -521,11 +522,15 @@ def skyflat_primary(headers: Mapping[int, fits.Header], flux: MergedFlux, inputs
 
 
 def twilight_primary(skyflat_header: fits.Header, inputs: Inputs, settings, with_vignetting: bool,
-                     from_existing_cube: bool) -> fits.Header:
+                     from_existing_cube: bool, illum_model: str | None = None) -> fits.Header:
     """TWILIGHT_CUBE's primary header from DATACUBE_SKYFLAT's: its provenance (from an
-    existing cube ESO lists only the vignetting mask, and keeps the QC keywords)."""
+    existing cube ESO lists only the vignetting mask, and keeps the QC keywords) and, for a
+    model other than ESO's (``illum_model``), :data:`ILLUM_MODEL_KEY` naming it."""
     keep = [(c.keyword, c.value, c.comment) for c in skyflat_header.cards
             if c.keyword.startswith("ESO DRS MUSE FLAT FLUX")
             or (from_existing_cube and c.keyword.startswith(QC_TWILIGHT_PREFIX))]
-    return product_primary_header(skyflat_header, TWILIGHT_CUBE.tag, inputs.used_raw(),
-                                  inputs.used_calib(with_vignetting, from_existing_cube), settings, keep)
+    header = product_primary_header(skyflat_header, TWILIGHT_CUBE.tag, inputs.used_raw(),
+                                    inputs.used_calib(with_vignetting, from_existing_cube), settings, keep)
+    if illum_model is not None:
+        header["HIERARCH " + ILLUM_MODEL_KEY] = (str(illum_model), "TWILIGHT_CUBE model (--illum-model)")
+    return header

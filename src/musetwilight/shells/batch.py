@@ -11,7 +11,9 @@ Dask path.
 Every set is reduced with the same settings and without the environment overrides
 ($MUSE_TWILIGHT_SKIP names one cube, $MUSE_TWILIGHT_SCALES one set's scales, and a
 worker's environment is not the submitter's); the scratch directory is the worker's
-own ($MUSETWILIGHT_SCRATCH_DIR or $TMPDIR) unless one is given.
+own ($MUSETWILIGHT_SCRATCH_DIR or $TMPDIR) unless one is given.  The TWILIGHT_CUBE model
+(``illum_model``, else the submitter's $MUSETWILIGHT_ILLUM_MODEL, else ESO's) is the same for
+every set too.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from ..io import outdir
 from ..io.products import PRODUCTS, complete_set
 from ..io.space import SCRATCH_ENV
 from ..memory import MEMORY_ENV
-from ..params import Settings, make_settings
+from ..params import IllumModel, Settings, make_settings
 
 log = logging.getLogger("musetwilight.batch")
 
@@ -53,13 +55,14 @@ class SetJob:
     """One twilight set of a batch: its SOF (absolute), its output directory, where its
     scratch files go (None: the worker's $MUSETWILIGHT_SCRATCH_DIR or $TMPDIR) and the most
     memory its reduction may use in bytes (None: the worker's $MUSETWILIGHT_MAX_MEMORY, its
-    cgroup or Dask memory limit, what the machine has)."""
+    cgroup or Dask memory limit, what the machine has) and the TWILIGHT_CUBE model."""
 
     name: str
     sof: Path
     output_dir: Path
     scratch_dir: Path | None = None
     max_memory: int | None = None
+    illum_model: IllumModel = IllumModel.ESO
 
 
 @dataclass
@@ -124,14 +127,20 @@ class BatchReport:
 
 
 def plan_jobs(sofs: Iterable[str | Path], output_root: str | Path,
-              scratch_dir: str | Path | None = None, max_memory: int | None = None) -> list[SetJob]:
+              scratch_dir: str | Path | None = None, max_memory: int | None = None,
+              illum_model: str | IllumModel | None = None) -> list[SetJob]:
     """One job per SOF, named after the SOF's path relative to the common root of all SOFs
     (without its suffix) and writing into ``<output_root>/<name>``.
 
     ``nights/2024-03-01/twilight.sof`` and ``nights/2024-03-02/twilight.sof`` become
     ``2024-03-01/twilight`` and ``2024-03-02/twilight``; SOFs in one directory keep their stem.
     The same SOF twice, or two SOFs differing only in their suffix, are an error.
+    ``illum_model`` None is $MUSETWILIGHT_ILLUM_MODEL here, else ESO's model.
     """
+    from ..recipe import ILLUM_MODEL_ENV
+
+    model = (IllumModel.parse(illum_model, "illum_model") if illum_model is not None
+             else IllumModel.parse(os.environ.get(ILLUM_MODEL_ENV) or None, f"${ILLUM_MODEL_ENV}"))
     root = Path(output_root).expanduser().resolve()
     paths = [Path(os.path.abspath(Path(sof).expanduser())) for sof in sofs]
     if not paths:
@@ -145,7 +154,7 @@ def plan_jobs(sofs: Iterable[str | Path], output_root: str | Path,
             what = "is given twice" if seen[name] == path else f"and {path} would both be reduced into {root / name}"
             raise ParameterError(f"{seen[name]} {what}: give each set once, under a distinct name")
         seen[name] = path
-        jobs.append(SetJob(name, path, root / name, Path(scratch_dir) if scratch_dir else None, max_memory))
+        jobs.append(SetJob(name, path, root / name, Path(scratch_dir) if scratch_dir else None, max_memory, model))
     return jobs
 
 
@@ -180,7 +189,7 @@ def reduce_set(job: SetJob, settings: Settings, *, workers: int | None = None,
         environ = {name: os.environ[name] for name in (SCRATCH_ENV, MEMORY_ENV) if name in os.environ}
         result = recipe.run(job.sof, settings, job.output_dir, workers=workers, environ=environ,
                             scratch_dir=job.scratch_dir, max_memory=job.max_memory, progress=progress,
-                            mapper=mapper)
+                            mapper=mapper, illum_model=job.illum_model)
         outcome.paths = {name: str(path) for name, path in result.paths.items()}
         outcome.skipped_ifus = sorted(result.skipped_ifus)
         outcome.failed_ifus = result.ifus("failed")
@@ -196,7 +205,8 @@ def run_batch(sofs: Iterable[str | Path], settings: Settings | None = None, outp
               *, client=None, workers: int | None = None, distribute_ifus: bool = True,
               resume: bool = False, max_in_flight: int | None = None,
               progress: Callable[[str], None] | None = None, scratch_dir: str | Path | None = None,
-              max_memory: int | None = None, no_worker_timeout: float = NO_WORKER_TIMEOUT_S) -> BatchReport:
+              max_memory: int | None = None, no_worker_timeout: float = NO_WORKER_TIMEOUT_S,
+              illum_model: str | IllumModel | None = None) -> BatchReport:
     """Reduce every SOF into ``<output_root>/<name>/`` (:func:`plan_jobs`) and report each set's outcome.
 
     Without ``client`` the sets run one after the other in this process (``workers``
@@ -209,10 +219,11 @@ def run_batch(sofs: Iterable[str | Path], settings: Settings | None = None, outp
     leaves no partial product: :func:`clear_partial`; after ``no_worker_timeout`` seconds
     without any worker the pending sets fail.  ``scratch_dir`` is where the sets' scratch
     files go (default: each worker's own), ``max_memory`` the most memory one set's reduction
-    may use (bytes; :mod:`musetwilight.memory`).
+    may use (bytes; :mod:`musetwilight.memory`), ``illum_model`` the TWILIGHT_CUBE model of
+    every set (None: $MUSETWILIGHT_ILLUM_MODEL of this process, else ESO's).
     """
     settings = settings if settings is not None else make_settings()
-    jobs = plan_jobs(sofs, output_root, scratch_dir, max_memory)
+    jobs = plan_jobs(sofs, output_root, scratch_dir, max_memory, illum_model)
     start = time.perf_counter()
     outcomes: dict[str, SetOutcome] = {}
     todo = []

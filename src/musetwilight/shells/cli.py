@@ -20,7 +20,7 @@ from pathlib import Path
 from .. import __version__
 from ..errors import MuseTwilightError, OutputError, ParameterError, os_error_text
 from ..instrument import NUM_IFUS, ifu_ranges
-from ..params import PARAMETERS, RECIPE, Settings, config_text, format_value, make_settings, read_config
+from ..params import PARAMETERS, RECIPE, IllumModel, Settings, config_text, format_value, make_settings, read_config
 
 LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
               "error": logging.ERROR, "off": logging.CRITICAL + 10}
@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=1, help="random seed of the simulation")
     demo.add_argument("--report", type=Path, default=None, metavar="DIR",
                       help="where the QA report goes [OUT/report]")
+    demo.add_argument("--family", default=None,
+                      help="truth family of the simulated set (as simulate --family)")
+    add_illum_model_argument(demo, " (with joint the report compares both models with the injected truth)")
     demo.set_defaults(handler=demo_from_args)
 
     simulate = command("simulate", help="write a simulated MUSE twilight data set (raw frames, calibrations, SOF)",
@@ -158,6 +161,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=_positive_int, default=None, help="IFUs reduced in parallel [cores]")
     add_scratch_argument(parser)
     add_memory_argument(parser)
+    add_illum_model_argument(parser)
     parser.add_argument("--skip-cube", type=Path, default=None,
                         help="start from this DATACUBE_SKYFLAT (as ESO's MUSE_TWILIGHT_SKIP)")
     parser.add_argument("--scales", default=None,
@@ -166,6 +170,23 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write the QA report (HTML page and PNG plots) into DIR")
     parser.add_argument("--timings-json", type=Path, default=None, help="write the per-stage timings to this JSON file")
     parser.add_argument("sof", nargs="?", type=Path, help="set-of-frames file: one 'path TAG' line per input")
+
+
+def add_illum_model_argument(parser: argparse.ArgumentParser, more: str = "") -> None:
+    from ..recipe import ILLUM_MODEL_ENV
+
+    parser.add_argument("--illum-model", type=_illum_model, default=None, metavar="eso|joint",
+                        help="the TWILIGHT_CUBE model (musetwilight's option, not one of ESO's parameters): eso, "
+                             "ESO's, bit for bit; joint, one fit of the whole cube (smooth in wavelength, per-IFU "
+                             f"and per-stack terms, a vignetting surface; see musetwilight man){more} "
+                             f"[${ILLUM_MODEL_ENV}, else eso]")
+
+
+def _illum_model(text: str) -> IllumModel:
+    try:
+        return IllumModel.parse(text, "--illum-model")
+    except ParameterError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def add_scratch_argument(parser: argparse.ArgumentParser) -> None:
@@ -195,7 +216,7 @@ def _memory_size(text: str) -> int:
 
 def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     from ..instrument import MODES
-    from ..tools.simulate import SCALES
+    from ..tools.simulate import FAMILY_COMPONENTS, SCALES
 
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--scale", choices=SCALES, default="mini", help="mini (tests) or full (real size)")
@@ -212,6 +233,12 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="raw frames named and keyworded as ESO's archive files (MUSE.<DATE-OBS>.fits, TPL ...)")
     parser.add_argument("--fpack", action="store_true",
                         help="raw frames tile-compressed (.fits.fz), as the archive delivers them (implies --archive)")
+    parser.add_argument("--family", default=None,
+                        help="truth family: " + ", ".join(FAMILY_COMPONENTS) + " joined by '+' (chromatic, "
+                             "per-IFU, per-stack fields, WFM corner / NFM edge vignetting shapes; formulas in "
+                             "truth.json)")
+    parser.add_argument("--brightness", type=float, default=1.0,
+                        help="sky level relative to the default twilight (noise: deep > 1 > shallow) [1]")
 
 
 def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
@@ -253,6 +280,7 @@ def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--summary-json", type=Path, metavar="FILE", help="also write the summary as JSON")
     add_scratch_argument(parser)
     add_memory_argument(parser)
+    add_illum_model_argument(parser)
     add_recipe_parameters(parser, "recipe parameters (as esorex muse_twilight, the same for every set)")
 
 
@@ -368,7 +396,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     progress = Progress()
     result = recipe.run(args.sof, settings, args.output_dir, skip_cube=args.skip_cube,
                         scales=parse_scales(args.scales), workers=args.workers, progress=progress,
-                        scratch_dir=args.scratch_dir, max_memory=args.max_memory)
+                        scratch_dir=args.scratch_dir, max_memory=args.max_memory, illum_model=args.illum_model)
     progress.done()
     for name, path in result.paths.items():
         print(f"{name}: {path}")
@@ -406,9 +434,10 @@ def _after_products(what: str, write) -> bool:
     return True
 
 
-def _write_report(directory: Path, result, sof: Path, truth=None) -> Path | None:
-    """The QA report's index.html (with the IFU outlines from the set's GEOMETRY_TABLE), or None
-    (with a warning saying why) when it could not be made."""
+def _write_report(directory: Path, result, sof: Path, truth=None, alternatives=None) -> Path | None:
+    """The QA report's index.html (with the IFU outlines from the set's GEOMETRY_TABLE, what the
+    joint model fitted and the ``alternatives``' TWILIGHT_CUBEs), or None (with a warning saying
+    why) when it could not be made."""
     from ..io.frames import parse_sof
     from ..tools.report import ReportError, write_report
 
@@ -416,7 +445,8 @@ def _write_report(directory: Path, result, sof: Path, truth=None) -> Path | None
     try:
         geometry = parse_sof(sof).single("GEOMETRY_TABLE")
         _after_products("QA report", lambda: written.append(
-            write_report(directory, result.datacube_skyflat, result.twilight_cube, truth=truth, geometry=geometry)))
+            write_report(directory, result.datacube_skyflat, result.twilight_cube, truth=truth, geometry=geometry,
+                         fit=result.illumination_fit, alternatives=alternatives)))
     except (ReportError, MuseTwilightError) as err:
         log.warning("QA report not written (the products are): %s", err)
     return written[0] if written else None
@@ -426,15 +456,21 @@ def demo_from_args(args: argparse.Namespace) -> int:
     from .. import recipe
     from ..tools.simulate import simulate_dataset
 
-    data = simulate_dataset(args.out / "data", scale=args.scale, seed=args.seed)
+    data = simulate_dataset(args.out / "data", scale=args.scale, seed=args.seed, family=args.family)
     print(f"simulated {data.scale} set ({data.mode}, IFUs {','.join(map(str, data.ifus))}): {data.sof}")
     progress = Progress()
-    result = recipe.run(data.sof, make_settings(), args.out / "products", progress=progress)
+    result = recipe.run(data.sof, make_settings(), args.out / "products", progress=progress,
+                        illum_model=args.illum_model)
     progress.done()
     for name, path in result.paths.items():
         print(f"{name}: {path}")
     print(f"injected truth: {data.truth_path}")
-    report = _write_report(args.report or args.out / "report", result, data.sof, data.truth_path)
+    alternatives = None
+    if result.illumination_fit is not None:  # the report shows ESO's model beside it, from the same cube
+        eso_run = recipe.run(data.sof, make_settings(), None, skip_cube=result.paths["DATACUBE_SKYFLAT"],
+                             illum_model="eso")
+        alternatives = {"eso": eso_run.twilight_cube}
+    report = _write_report(args.report or args.out / "report", result, data.sof, data.truth_path, alternatives)
     if report:
         print(f"QA report: {report}")
     print(f"total time: {result.timings['total']:.1f} s")
@@ -447,7 +483,8 @@ def simulate_from_args(args: argparse.Namespace) -> int:
     result = simulate_dataset(args.out, scale=args.scale, seed=args.seed, nexp=args.nexp, ifus=args.ifus,
                               illum=args.illum, dark=args.dark, badpix=args.badpix,
                               vignetting=args.vignetting, mode=args.mode, saturate=args.saturate,
-                              archive=args.archive, fpack=args.fpack)
+                              archive=args.archive, fpack=args.fpack, family=args.family,
+                              brightness=args.brightness)
     print(f"simulated {result.scale} set ({result.mode}, IFUs {','.join(map(str, result.ifus))}) "
           f"in {result.out_dir}")
     print(f"SOF: {result.sof}")
@@ -479,7 +516,7 @@ def batch_from_args(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     progress = Progress()
     options = dict(settings=settings, output_root=args.output_root, resume=args.resume, progress=progress,
-                   scratch_dir=args.scratch_dir, max_memory=args.max_memory)
+                   scratch_dir=args.scratch_dir, max_memory=args.max_memory, illum_model=args.illum_model)
     if args.scheduler or args.workers:
         try:
             quiet = logging.WARNING if args.verbose + getattr(args, "verbose_after", 0) <= 0 else None

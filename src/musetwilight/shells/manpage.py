@@ -34,6 +34,26 @@ DESCRIPTION = (
 )
 
 
+ILLUM_MODEL_HELP = (
+    "--illum-model=eso|joint (musetwilight run, demo and batch; elsewhere, e.g. musetwilight-esorex or "
+    "the python-cpl facade, the environment variable MUSETWILIGHT_ILLUM_MODEL; musetwilight only, not one "
+    "of ESO's parameters, so it is in no configuration file and no product's parameter list; default eso): "
+    "the model of TWILIGHT_CUBE. eso is ESO's, bit-compatible (each plane on its own: 5x7 median filter, "
+    "2D polynomial of --xorder/--yorder, a separate vignetting fit). joint fits the whole cube at once, in "
+    "log space: the illumination is smooth in wavelength (Legendre polynomials), the field is a global 2D "
+    "polynomial plus terms of each IFU (level, x and y slopes; the recipe scales every IFU by its "
+    "integrated flux, and each IFU has its own relay optics) and of each slicer stack (level, x slope), "
+    "with the IFU and stack of each spaxel from GEOMETRY_TABLE; the vignetted area (VIGNETTING_MASK in "
+    "WFM, the top --vignnfmmask rows in NFM) gets a smooth surface fitted together with the field; "
+    "slice-to-slice efficiencies are fitted as random effects and left out (they are ILLUM's job); "
+    "weights follow the photon noise and the measured structure; outliers and partly illuminated "
+    "slice-edge spaxels do not enter the fit. The product keeps ESO's format (DATA planes of mean 1, the "
+    "same extensions) and is applied by muse_scibasic unchanged; the primary header says MUSETWILIGHT "
+    "ILLUM MODEL = 'joint'. The polynomial orders (xorder, yorder) and the vignetting smoothing "
+    "parameters do not apply to it."
+)
+
+
 def render(show_hidden: bool = False, width: int = 80,
            synopsis: str = "musetwilight run [--<parameter>=<value> ...] [--output-dir DIR] sof") -> str:
     """The whole manual page as text (``synopsis``: the command line it shows)."""
@@ -70,5 +90,7 @@ def render(show_hidden: bool = False, width: int = 80,
         allowed = f" <{' | '.join(parameter.alternatives)}>" if parameter.choices else ""
         text = f"  --{parameter.name:<20}: {parameter.help}{allowed} [{format_value(parameter.default)}]"
         lines.append(option_wrap.fill(text))
+    lines += ["", "  Options of musetwilight beyond ESO's recipe:", ""]
+    lines.append(option_wrap.fill("  " + ILLUM_MODEL_HELP))
     lines += ["", "RELEASE", f"  musetwilight {__version__} (parameters of ESO muse_twilight 2.8.7)", ""]
     return "\n".join(lines)

@@ -37,7 +37,7 @@ from astropy.io import fits
 from .. import __version__
 from ..errors import MuseTwilightError
 from ..instrument import ifu_ranges, is_nfm
-from ..io.products import DATACUBE_SKYFLAT, TWILIGHT_CUBE
+from ..io.products import DATACUBE_SKYFLAT, ILLUM_MODEL_KEY, TWILIGHT_CUBE
 
 DEFAULT_TITLE = "musetwilight QA report"
 QC_RE = re.compile(r"^ESO QC TWILIGHT(\d+) (.+)$")
@@ -857,7 +857,8 @@ def _read_products(datacube_skyflat, twilight_cube) -> _Products:
 
 def write_report(report_dir: str | os.PathLike, datacube_skyflat: fits.HDUList | str | os.PathLike | None,
                  twilight_cube: fits.HDUList | str | os.PathLike, truth: dict | str | os.PathLike | None = None,
-                 title: str = DEFAULT_TITLE, geometry=None) -> Path:
+                 title: str = DEFAULT_TITLE, geometry=None, *, fit=None,
+                 alternatives: dict[str, fits.HDUList | str | os.PathLike] | None = None) -> Path:
     """Write the QA report (PNGs, ``summary.json`` and ``index.html``) into ``report_dir``.
 
     ``datacube_skyflat`` and ``twilight_cube`` are the products as HDULists or paths;
@@ -866,8 +867,12 @@ def write_report(report_dir: str | os.PathLike, datacube_skyflat: fits.HDUList |
     also compares the recovered throughput, illumination and spectrum with the injected
     ones (:func:`compare_with_truth`).  ``geometry`` (the run's GEOMETRY_TABLE, a path
     or a table) puts the outlines of the IFUs, slice stacks and slices on the field
-    images.  Returns the path of ``index.html``.  Raises :class:`ReportError` when
-    Matplotlib is missing or a product cannot be read.
+    images.  ``fit`` is what ``--illum-model=joint`` fitted
+    (:class:`musetwilight.core.illumination.JointFit`, ``RunResult.illumination_fit``): its
+    per-IFU and per-stack terms and vignetting surface get a section; ``alternatives`` maps a
+    model name to another TWILIGHT_CUBE of the same cube (e.g. ``{"eso": ...}`` for a joint
+    run), compared side by side with the truth.  Returns the path of ``index.html``.  Raises
+    :class:`ReportError` when Matplotlib is missing or a product cannot be read.
     """
     _figure_class()
     truth = _load_truth(truth)
@@ -878,7 +883,8 @@ def write_report(report_dir: str | os.PathLike, datacube_skyflat: fits.HDUList |
         raise ReportError(f"cannot draw the IFU outlines: {err}") from None
     out = Path(report_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return _write(out, products, truth, title, outlines)
+    extra = {name: _read_products(datacube_skyflat, cube) for name, cube in (alternatives or {}).items()}
+    return _write(out, products, truth, title, outlines, fit, extra)
 
 
 def compare_with_truth(datacube_skyflat: fits.HDUList | str | os.PathLike | None,
@@ -963,7 +969,8 @@ def _compare(products: _Products, truth: dict | None, flux: dict[int, float], re
     return result
 
 
-def _write(out: Path, products: _Products, truth: dict | None, title: str, outlines: list[Footprint]) -> Path:
+def _write(out: Path, products: _Products, truth: dict | None, title: str, outlines: list[Footprint], fit=None,
+           alternatives: dict[str, _Products] | None = None) -> Path:
     plotter = _Plotter(out, products, outlines)
     flux = _intflux(products)
     reference = min(flux) if flux else None
@@ -1007,6 +1014,8 @@ def _write(out: Path, products: _Products, truth: dict | None, title: str, outli
 
     if truth:
         sections.append(("Simulation: recovered versus injected", _truth_section(plotter, comparison)))
+    model_sections, model_numbers = _model_sections(plotter, products, truth, fit, alternatives or {})
+    sections.extend(model_sections)
 
     cards = _qc_cards(products)
     header, rows = _qc_pivot(cards)
@@ -1021,7 +1030,7 @@ def _write(out: Path, products: _Products, truth: dict | None, title: str, outli
     sections.append(("QC keywords", "".join(qc_html)))
 
     summary = {"title": title, "intflux": {str(i): v for i, v in flux.items()}, "reference_ifu": reference,
-               **comparison.numbers, "plots": [p.file for p in plotter.plots]}
+               **comparison.numbers, **model_numbers, "plots": [p.file for p in plotter.plots]}
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=_json_default))
     index = out / "index.html"
     index.write_text(_page(title, _run_info(products, flux, reference), sections), encoding="utf-8")
@@ -1065,3 +1074,268 @@ def _truth_section(plotter: _Plotter, comparison: _Comparison) -> str:
         parts.insert(0, _table(["comparison", "N", "rms of ratio - 1 (difference)", "max |ratio - 1| (|difference|)"],
                                rows))
     return "".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# truth recovery of the 3D illumination model (both --illum-model choices, same definition)
+
+#: Subsamples per spaxel in x where the expected field is averaged (stack edges fall inside spaxels).
+EXPECTED_SUBSAMPLES = 32
+#: Injected vignetting weaker than this (|V - 1|) does not count as the vignetted zone.
+VIGNETTED_ZONE = 0.002
+
+
+def _used_illum(header: fits.Header) -> bool:
+    """Whether the reduction used an ILLUM exposure (a raw frame of that category in PRO REC1)."""
+    return any(str(card.value).strip() == "ILLUM" for card in header.cards
+               if re.match(r"^ESO PRO REC1 RAW\d+ CATG$", card.keyword))
+
+
+def expected_twilight(truth: dict, header: fits.Header, wcs: fits.Header, shape: tuple[int, int, int],
+                      used_illum: bool | None = None) -> dict:
+    """The TWILIGHT_CUBE a perfect smooth model would make from a simulated set, on the cube grid.
+
+    TWILIGHT_CUBE is what science pixel tables are divided by, so it must hold the relative
+    sky-versus-lamp illumination: the injected sky field (with NFM edge vignetting) over the
+    lamp field (WFM corner vignetting, divided in by the flat-field), per plane.  The recipe
+    also divides every IFU by its integrated flux relative to the reference IFU (``ESO DRS
+    MUSE FLAT FLUX SKYn``, which scibasic propagates so that the science merge restores the
+    IFU levels), so within IFU n the cube holds that field times t_n g_n / FLUX_SKYn, with t_n
+    the injected throughput and g_n its mean slice efficiency (1 / mean(1 / eff) after the
+    ILLUM correction, which levels the slices).  That per-IFU factor is part of the expected
+    cube: both models see it in the data and a global field alone cannot hold it.  The
+    slice-to-slice efficiencies themselves are not (smooth models leave them to ILLUM).  The
+    field is averaged over :data:`EXPECTED_SUBSAMPLES` positions across each spaxel in x
+    (slice-stack edges fall inside spaxels); the overall level of each plane is arbitrary.
+
+    ``header`` is a product primary header (FLUX SKY keywords, PRO REC1 raw frames), ``wcs``
+    the cube's DATA header and ``shape`` (nz, ny, nx).  Returns a dict of arrays: ``cube``
+    (expected, NaN outside the IFUs), ``excess`` (injected vignetting as the factor the cube
+    carries, minus 1: 1/V - 1 in WFM, V - 1 in NFM), ``ifu`` (IFU of each spaxel, 0 none),
+    ``ifu_boundary`` and ``stack_boundary`` (spaxels next to an IFU / slice-stack edge).
+    """
+    from .simulate import field_from_truth, slice_membership, truth_geometry
+
+    nz, ny, nx = shape
+    fm = field_from_truth(truth)
+    geometry = truth_geometry(truth)
+    if used_illum is None:
+        used_illum = _used_illum(header)
+    step = float(wcs.get("CD3_3", wcs.get("CDELT3", 1.0)))
+    lam = float(wcs.get("CRVAL3", 1.0)) + (np.arange(nz) + 1.0 - float(wcs.get("CRPIX3", 1.0))) * step
+    x0 = float(wcs.get("CRVAL1", 1.0)) + (1.0 - float(wcs.get("CRPIX1", 1.0)))
+    y0 = float(wcs.get("CRVAL2", 1.0)) + (1.0 - float(wcs.get("CRPIX2", 1.0)))
+    m = EXPECTED_SUBSAMPLES
+    xs = x0 + np.arange(nx)[:, None] + (np.arange(m)[None, :] + 0.5) / m - 0.5  # (nx, m)
+    X = np.broadcast_to(xs[None], (ny, nx, m))
+    Y = np.broadcast_to((y0 + np.arange(ny))[:, None, None], (ny, nx, m))
+    # each subsample takes the IFU and stack of the slice it falls on (none in the gaps)
+    ifu_sub, stack_sub = slice_membership(geometry, x0, y0, nx, ny, m)
+    weight = np.zeros(ifu_sub.shape)
+    for n, entry in (truth.get("ifus") or {}).items():
+        key = f"ESO DRS MUSE FLAT FLUX SKY{int(n)}"
+        if key not in header:
+            continue
+        eff = np.asarray(entry["slice_efficiency"], float)
+        g = 1.0 / np.mean(1.0 / eff) if used_illum else float(np.mean(eff))
+        weight[ifu_sub == int(n)] = float(entry["throughput"]) * g / float(header[key])
+    inside = (weight > 0) & (stack_sub >= 0)
+    count = inside.sum(axis=2)
+    lamp = fm.lamp(X, Y)
+    vign = fm.vignetting(X, Y)
+    kind = ((truth.get("vignetting") or {}).get("model") or {}).get("kind")
+    factor = 1.0 / vign if kind == "corner" else (vign if kind == "top" else np.ones_like(vign))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        excess = np.where(count > 0, (np.where(inside, factor, 0).sum(axis=2)) / count, np.nan) - 1.0
+        cube = np.full(shape, np.nan)
+        contextual = getattr(fm, "contextual", False)
+        for k in range(nz):
+            sky = fm.sky(X, Y, lam[k], ifu_sub, stack_sub) if contextual else fm.sky(X, Y)
+            value = np.where(inside, sky / lamp * weight, 0.0).sum(axis=2) / count
+            cube[k] = np.where(count > 0, value, np.nan)
+    ifu = np.where(count > 0, np.max(np.where(inside, ifu_sub, 0), axis=2), 0)
+    ifu_boundary = np.zeros((ny, nx), bool)
+    ifu_boundary[1:] |= (ifu[1:] != ifu[:-1]) & (ifu[1:] > 0) & (ifu[:-1] > 0)
+    ifu_boundary[:-1] |= (ifu[1:] != ifu[:-1]) & (ifu[1:] > 0) & (ifu[:-1] > 0)
+    stack_c = np.where(inside, stack_sub, -1)
+    mixed = (stack_c.max(axis=2) != np.where(inside, stack_sub, 9).min(axis=2)) | (count < m)
+    stack_boundary = mixed & (count > 0)
+    stack_boundary[:, 1:] |= mixed[:, :-1] & (count[:, 1:] > 0)
+    stack_boundary[:, :-1] |= mixed[:, 1:] & (count[:, :-1] > 0)
+    return {"cube": cube, "excess": excess, "ifu": ifu, "ifu_boundary": ifu_boundary,
+            "stack_boundary": stack_boundary, "used_illum": used_illum, "wavelengths": lam}
+
+
+def _ratio_stats(dev: np.ndarray) -> dict[str, float | int]:
+    dev = dev[np.isfinite(dev)]
+    if dev.size == 0:
+        return {"n": 0, "rms": math.nan, "max_abs": math.nan}
+    return {"n": int(dev.size), "rms": float(np.sqrt(np.mean(dev * dev))), "max_abs": float(np.max(np.abs(dev)))}
+
+
+def recovery_metrics(twilight: np.ndarray, expected: dict, field: np.ndarray) -> dict:
+    """Recovered / injected - 1 of a TWILIGHT_CUBE against :func:`expected_twilight`.
+
+    Per plane the ratio is normalised by its median over the unvignetted ``field`` spaxels
+    (the level of a plane is arbitrary).  Regions: ``field`` (unvignetted field), ``vignetted``
+    (injected |V - 1| > :data:`VIGNETTED_ZONE`), ``ifu_boundary`` and ``stack_boundary``
+    (unvignetted spaxels next to an IFU or slice-stack edge); each with n, rms and max_abs,
+    all planes pooled.  ``depth``: the injected vignetting excess averaged over the deep zone
+    (|excess| >= half its maximum in the field), the recovered one (ratio x (1 + excess) - 1)
+    and their difference ``error`` (recovered - injected), all as fractions.
+    """
+    exp = expected["cube"]
+    field = field & np.all(np.isfinite(exp), axis=0)
+    excess = expected["excess"]
+    vign = field & (np.abs(excess) > VIGNETTED_ZONE)
+    plain = field & ~vign
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.asarray(twilight, float) / exp
+    norms = np.array([np.median(plane[plain]) if plain.any() else np.nan for plane in ratio])
+    dev = ratio / norms[:, None, None] - 1.0
+    out = {"field": _ratio_stats(dev[:, plain]),
+           "vignetted": _ratio_stats(dev[:, vign]),
+           "ifu_boundary": _ratio_stats(dev[:, plain & expected["ifu_boundary"]]),
+           "stack_boundary": _ratio_stats(dev[:, plain & expected["stack_boundary"]])}
+    if vign.any():
+        peak = np.nanmax(np.abs(excess[vign]))
+        deep = vign & (np.abs(excess) >= 0.5 * peak)
+        injected = float(np.mean(excess[deep]))
+        recovered = float(np.mean((dev[:, deep] + 1.0) * (1.0 + excess[deep]) - 1.0))
+        out["depth"] = {"injected": injected, "recovered": recovered, "error": recovered - injected,
+                        "peak_injected": float(excess[vign][np.argmax(np.abs(excess[vign]))]), "n": int(deep.sum())}
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the illumination model: what --illum-model=joint fitted, and both models against the truth
+
+
+def _model_name(products: _Products) -> str:
+    return str(products.twi_primary.get(ILLUM_MODEL_KEY, "eso")).strip() or "eso"
+
+
+def _fit_section(plotter: _Plotter, fit, products: _Products, truth: dict | None) -> str:
+    """Per-IFU and per-stack terms, the fitted components and the vignetting profile of a joint fit."""
+    parts = [f"<p>Wavelength order {fit.lambda_order}; structure beyond the noise about the smooth model "
+             f"{100 * fit.residual_rms:.3f} % per spaxel, slice-to-slice scatter (left to ILLUM, not in the "
+             f"cube) {100 * fit.slice_sigma:.3f} %; {fit.rejected_spaxels} spaxels given zero weight, "
+             f"{fit.clipped_voxels} voxels clipped.</p>"]
+    if fit.ifu_terms:
+        rows = []
+        for ifu, t in sorted(fit.ifu_terms.items()):
+            stacks = [fit.stack_terms.get((ifu, k), {}).get("level", math.nan) for k in range(4)]
+            rows.append([ifu, 100 * t.get("level", math.nan), 100 * t.get("x_slope", math.nan),
+                         100 * t.get("y_slope", math.nan), 100 * t.get("chroma", math.nan),
+                         *(100 * v for v in stacks)])
+        parts.append("<p>Per-IFU terms (log units, %): level (free: the recipe scales every IFU by its "
+                     "integrated flux), slopes across the field (x) and over the IFU's 12 slice rows (y), "
+                     "level change per unit of the wavelength coordinate (5000..9000 A -> -1..1), and the "
+                     "level of each slice stack.</p>")
+        parts.append(_table(["IFU", "level %", "x slope %", "y slope %", "chromatic %", "stack 1 %", "stack 2 %",
+                             "stack 3 %", "stack 4 %"], rows))
+    field = products.field_mask()
+    panels = [(fit.global_field, "TWILIGHT_CUBE joint model:\nglobal field (wavelength mean)", "global field [log, %]"),
+              (fit.ifu_stack, "TWILIGHT_CUBE joint model:\nper-IFU + per-stack terms", "IFU + stack terms [log, %]")]
+    zone = fit.zone if fit.vignetting is not None else None
+    if zone is not None:
+        panels.append((np.where(zone, np.expm1(fit.vignetting), 0.0), "TWILIGHT_CUBE joint model:\nvignetting surface",
+                       "vignetting factor - 1 [%]"))
+    fig = plotter.Figure(figsize=(plotter.panel_width(4.6) * len(panels), 4.6), layout="constrained")
+    for ax, (image, title, label) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        values = 100 * (image - np.nanmean(image[field])) if "vignetting" not in title else 100 * image
+        plotter.image(ax, values, title, label, mask=~field, centre=0.0, contour=zone)
+    parts.append(_figure_html(plotter.save(
+        fig, "joint_components.png", "Joint model components",
+        "The fitted global field and the per-IFU and per-stack terms (log units, about their field mean) and "
+        "the vignetting surface (its factor - 1; 0 outside the zone" + ("; dashed: the vignetted zone" if zone
+                                                                          is not None and zone.any() else "")
+        + ")." + plotter.outline_note)))
+    if zone is not None and zone.any():
+        parts.append(_figure_html(_vignetting_profile(plotter, fit, products, truth)))
+    return "".join(parts)
+
+
+def _vignetting_profile(plotter: _Plotter, fit, products: _Products, truth: dict | None):
+    """The fitted vignetting against the distance into the zone (and the injected one)."""
+    from scipy.ndimage import distance_transform_edt
+
+    zone = fit.zone
+    depth_into = distance_transform_edt(zone)
+    fig = plotter.Figure(figsize=(8.0, 3.8), layout="constrained")
+    ax = fig.subplots()
+    sel = zone & products.field_mask()
+    ax.plot(depth_into[sel], np.expm1(fit.vignetting[sel]) * 100, ".", ms=2, color="tab:blue",
+            label="fitted (joint)")
+    injected = False
+    if truth and products.sky_primary is not None:
+        try:
+            expected = expected_twilight(truth, products.sky_primary, products.wcs, products.twi_cube.shape)
+        except (KeyError, ValueError):
+            expected = None
+        if expected is not None:
+            ax.plot(depth_into[sel], expected["excess"][sel] * 100, ".", ms=2, color="tab:orange", label="injected")
+            injected = True
+    ax.set_xlabel("distance into the vignetted zone [spaxels]")
+    ax.set_ylabel("vignetting factor - 1 [%]")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, markerscale=4)
+    ax.set_title("TWILIGHT_CUBE joint model: vignetting profile", fontsize=10)
+    return plotter.save(fig, "joint_vignetting_profile.png", "Vignetting profile",
+                        "The fitted vignetting surface of every field spaxel in the zone against its distance "
+                        "from the zone edge" + (", with the injected one." if injected else "."))
+
+
+def _model_sections(plotter: _Plotter, products: _Products, truth: dict | None, fit,
+                    alternatives: dict[str, _Products]) -> tuple[list[tuple[str, str]], dict]:
+    sections, numbers = [], {}
+    if fit is not None:
+        sections.append(("Joint illumination model: what it fitted", _fit_section(plotter, fit, products, truth)))
+        numbers["joint_fit"] = fit.summary()
+    if not truth or products.sky_primary is None:
+        return sections, numbers
+    models = {_model_name(products): products, **alternatives}
+    try:
+        expected = expected_twilight(truth, products.sky_primary, products.wcs, products.twi_cube.shape)
+    except (KeyError, ValueError) as err:
+        sections.append(("TWILIGHT_CUBE models versus the truth",
+                         f'<p class="note">No expected cube: {html.escape(str(err))}.</p>'))
+        return sections, numbers
+    field = products.field_mask()
+    metrics = {name: recovery_metrics(p.twi_cube, expected, field) for name, p in models.items()}
+    numbers["models_vs_truth"] = metrics
+    names = list(metrics)
+    rows = []
+    for region, label in (("field", "unvignetted field"), ("vignetted", "vignetted zone"),
+                          ("ifu_boundary", "IFU boundaries"), ("stack_boundary", "slice-stack boundaries")):
+        if not any(metrics[n][region]["n"] for n in names):
+            continue
+        rows.append([f"{label}: rms %", *(100 * metrics[n][region]["rms"] for n in names)])
+        rows.append([f"{label}: max %", *(100 * metrics[n][region]["max_abs"] for n in names)])
+    if all("depth" in metrics[n] for n in names):
+        rows.append(["vignetting excess injected %", *(100 * metrics[n]["depth"]["injected"] for n in names)])
+        rows.append(["vignetting excess recovered %", *(100 * metrics[n]["depth"]["recovered"] for n in names)])
+    parts = ["<p>Recovered / expected - 1 of each TWILIGHT_CUBE model, all planes, each plane normalised by its "
+             "median over the unvignetted field. Expected: the injected sky-versus-lamp field times the "
+             "recipe's per-IFU flux scaling (report.expected_twilight).</p>",
+             _table(["", *names], rows)]
+    maps = {}
+    with _quiet_nanmean(), np.errstate(invalid="ignore", divide="ignore"):
+        plain = field & (np.abs(expected["excess"]) <= VIGNETTED_ZONE) & np.isfinite(expected["cube"][0])
+        for name in names:
+            ratio = models[name].twi_cube / expected["cube"]
+            norms = np.array([np.median(r[plain]) if plain.any() else np.nan for r in ratio])
+            maps[name] = np.where(field, np.nanmean(ratio / norms[:, None, None], axis=0) - 1.0, np.nan) * 100
+    finite = np.concatenate([m[np.isfinite(m)] for m in maps.values()])
+    limit = float(np.percentile(np.abs(finite), 99)) if finite.size else 1.0
+    limit = max(limit, 1e-3)
+    zone = field & (np.abs(expected["excess"]) > VIGNETTED_ZONE)
+    fig = plotter.Figure(figsize=(plotter.panel_width(4.6) * len(names), 4.6), layout="constrained")
+    for ax, name in zip(fig.subplots(1, len(names), squeeze=False)[0], names):
+        plotter.image(ax, maps[name], f"TWILIGHT_CUBE model {name}:\nrecovered / injected - 1",
+                      "recovered / injected - 1 [%]", mask=~field, limits=(-limit, limit), contour=zone)
+    parts.append(_figure_html(plotter.save(
+        fig, "models_vs_truth.png", "TWILIGHT_CUBE models against the truth",
+        "Wavelength mean of recovered / expected - 1 for each model, on one colour scale"
+        + ("; dashed: the injected vignetted zone" if zone.any() else "") + "." + plotter.outline_note)))
+    sections.append(("TWILIGHT_CUBE models versus the truth", "".join(parts)))
+    return sections, numbers

@@ -383,6 +383,290 @@ class FieldModel:
 
 
 # --------------------------------------------------------------------------------------------
+# truth families (``family=``): richer sky-versus-lamp fields for the illumination benchmark
+
+#: Components a ``family`` string combines with ``+`` (e.g. ``"ifu+stack"``).
+FAMILY_COMPONENTS = ("smooth", "ifu", "stack", "corner", "edge")
+CORNER_SHAPES = ("cosine", "linear", "gaussian", "elliptic", "straight")
+EDGE_SHAPES = ("quadratic", "linear", "cosine", "cubic", "exponential")
+POLY_TERMS = ("a10", "a01", "a20", "a11", "a02")
+LAMBDA_REF, LAMBDA_HALF = 7000.0, 2000.0  # w = (lambda - 7000) / 2000 spans 5000..9000 A
+IFU_HALF_HEIGHT = 6.0  # eta = (y - yc_ifu) / 6 spans an IFU's 12 slice rows
+FAMILY_FORMULAS = {
+    "smooth": "G = 1 + sum_ij (a_ij + b_ij w + c_ij w^2) u^i v^j over ij in 10,01,20,11,02; "
+              "u = x/xscale, v = y/yscale, w = (lambda - 7000)/2000; a_ij as 'coeffs' (today's field)",
+    "ifu": "sky x (1 + d_n + gx_n u + gy_n eta + e_n w) in IFU n, eta = (y - yc_n)/6 "
+           "(yc_n: mean geometry y of its slices)",
+    "stack": "sky x (1 + s_nk + sx_nk zeta) in slice stack k (SliceSky 12k+1..12k+12) of IFU n, "
+             "zeta = (x - xc_nk)/hw_nk (centre and half width of the stack)",
+    "corner": "lamp flats x V, V = 1 - depth f(r), r = rho/radius clipped to 0..1, rho = distance "
+              "from (x0, y0); elliptic: rho = hypot(dx, dy/axis_ratio); straight: rho = (dx + dy)/sqrt 2; "
+              "f: cosine 0.5(1 + cos pi r), linear 1 - r, gaussian (exp(-r^2/2s^2) - exp(-1/2s^2))/"
+              "(1 - exp(-1/2s^2)) with s = 0.4, straight and elliptic (1 - r)^power / 0.5(1 + cos pi r)",
+    "edge": "sky x V, V = 1 - depth f(t), t = clip((y - ys(x))/(ytop - ys(x)), 0, 1), "
+            "ys(x) = ytop - height (1 + tilt u); f: quadratic t^2, linear t, cosine 0.5(1 - cos pi t), "
+            "cubic t^3, exponential (exp(3t) - 1)/(exp(3) - 1)",
+}
+
+
+def parse_family(family: str | None) -> tuple[str, ...]:
+    """The components of a ``family`` string (``None`` or ``""``: the default field, no family)."""
+    if not family:
+        return ()
+    parts = tuple(dict.fromkeys(p.strip() for p in str(family).split("+") if p.strip()))
+    unknown = [p for p in parts if p not in FAMILY_COMPONENTS]
+    if unknown or not parts:
+        raise ValueError(f"family: unknown component(s) {', '.join(unknown) or repr(family)}; "
+                         f"combine {', '.join(FAMILY_COMPONENTS)} with '+'")
+    return parts
+
+
+def stack_layout(geometry: np.ndarray) -> dict[int, dict]:
+    """Per IFU of a geometry table: mean slice y, y extent and the x extent of each slice stack."""
+    out = {}
+    for ifu in np.unique(geometry["SubField"]):
+        g = geometry[geometry["SubField"] == ifu]
+        stack = (g["SliceSky"] - 1) // 12
+        stacks = []
+        for k in range(4):
+            s = g[stack == k]
+            lo, hi = float((s["x"] - s["width"] / 2).min()), float((s["x"] + s["width"] / 2).max())
+            stacks.append([lo, hi])
+        out[int(ifu)] = {"yc": float(g["y"].mean()), "y": [float(g["y"].min() - 0.5), float(g["y"].max() + 0.5)],
+                         "stacks": stacks}
+    return out
+
+
+def layout_membership(layout: dict, x, y) -> tuple[np.ndarray, np.ndarray]:
+    """IFU number (0: none) and slice stack (-1: none) of positions, from :func:`stack_layout` extents."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    ifu = np.zeros(np.broadcast(x, y).shape, int)
+    stack = np.full(ifu.shape, -1)
+    for n, entry in layout.items():
+        lo, hi = entry["y"]
+        inside = (y >= lo) & (y < hi)
+        ifu[inside] = int(n)
+        for k, (xlo, xhi) in enumerate(entry["stacks"]):
+            stack[inside & (x >= xlo) & (x <= xhi)] = k
+    return ifu, stack
+
+
+def slice_membership(geometry: np.ndarray, x0: float, y0: float, nx: int, ny: int,
+                     sub: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """IFU number (0: none) and slice stack (-1: none) on a grid, slice by slice.
+
+    The grid has rows at y0 + j and, in x, ``sub`` positions across each unit cell centred on
+    x0 + i (shape (ny, nx, sub)).  A slice covers x - width/2 .. x + width/2, y - 0.5 .. y + 0.5
+    (GEOMETRY_TABLE units): the exact footprint, where :func:`layout_membership` uses each
+    stack's bounding box.
+    """
+    xs = (x0 + np.arange(nx)[:, None] + (np.arange(sub)[None, :] + 0.5) / sub - 0.5).ravel()
+    ifu = np.zeros((ny, nx * sub), int)
+    stack = np.full((ny, nx * sub), -1)
+    for g in geometry:  # one slice at a time, on its own rows and columns only
+        j0, j1 = int(np.ceil(g["y"] - 0.5 - y0)), int(np.floor(g["y"] + 0.5 - y0))
+        i0 = int(np.searchsorted(xs, g["x"] - g["width"] / 2, side="left"))
+        i1 = int(np.searchsorted(xs, g["x"] + g["width"] / 2, side="right"))
+        j0, j1 = max(j0, 0), min(j1, ny - 1)
+        if j1 < j0 or i1 <= i0:
+            continue
+        ifu[j0:j1 + 1, i0:i1] = int(g["SubField"])
+        stack[j0:j1 + 1, i0:i1] = (int(g["SliceSky"]) - 1) // 12
+    return ifu.reshape(ny, nx, sub), stack.reshape(ny, nx, sub)
+
+
+def truth_geometry(truth: dict) -> np.ndarray:
+    """The GEOMETRY_TABLE of a simulated set (rebuilt from its seed, scale and mode)."""
+    o = truth["options"]
+    return build_instrument(LAYOUTS[o["scale"]], o["mode"], int(o["seed"])).geometry
+
+
+def truth_layout(truth: dict) -> dict[int, dict]:
+    """The slice-stack layout of a simulated set (truth.json's family layout, else rebuilt from its seed)."""
+    fam = truth.get("family")
+    if fam and fam.get("layout"):
+        return {int(k): v for k, v in fam["layout"].items()}
+    return stack_layout(truth_geometry(truth))
+
+
+@dataclass
+class FamilyField(FieldModel):
+    """A truth family: :class:`FieldModel` plus chromatic, per-IFU, per-stack and shaped vignetting terms.
+
+    Formulas: :data:`FAMILY_FORMULAS`.  ``sky`` and ``illumination`` take the wavelength and,
+    per element, the IFU number and slice stack (0..3) of each position (the simulator knows
+    them exactly); without them they are found from ``layout`` (:meth:`membership`).
+    """
+
+    components: tuple[str, ...] = ()
+    chroma: dict = field(default_factory=dict)  # b_ij, c_ij
+    ifu_terms: dict = field(default_factory=dict)  # ifu -> {d, gx, gy, e}
+    stack_terms: dict = field(default_factory=dict)  # ifu -> [{s, sx}] x 4
+    layout: dict = field(default_factory=dict)  # ifu -> stack_layout entry
+
+    contextual = True  # the simulator passes lam, ifu and stack to sky()
+
+    def membership(self, x, y):
+        """IFU number (0: none) and stack (-1: none) of positions, from the layout's extents."""
+        return layout_membership(self.layout, x, y)
+
+    def _tables(self):
+        """Lookup tables [ifu] and [ifu, stack] of the per-IFU and per-stack parameters (0 = none)."""
+        ifu = np.zeros((NIFUS + 1, 5))  # d, gx, gy, e, yc
+        st = np.zeros((NIFUS + 1, 4, 4))  # s, sx, xc, hw
+        st[:, :, 3] = 1.0
+        for n, entry in self.layout.items():
+            n = int(n)
+            ifu[n, 4] = entry["yc"]
+            for k, (xlo, xhi) in enumerate(entry["stacks"]):
+                st[n, k, 2:] = ((xlo + xhi) / 2, (xhi - xlo) / 2)
+        for n, t in self.ifu_terms.items():
+            ifu[int(n), :4] = (t["d"], t["gx"], t["gy"], t["e"])
+        for n, terms in self.stack_terms.items():
+            for k, t in enumerate(terms):
+                st[int(n), k, :2] = (t["s"], t["sx"])
+        return ifu, st
+
+    def illumination(self, x, y, lam=None, ifu=None, stack=None):
+        """Sky-versus-lamp illumination (vignetting apart) at x, y [, lambda]; w = 0 without lambda."""
+        x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+        u, v = x / self.xscale, y / self.yscale
+        w = 0.0 if lam is None else (np.asarray(lam, dtype=float) - LAMBDA_REF) / LAMBDA_HALF
+        powers = {"a10": u, "a01": v, "a20": u * u, "a11": u * v, "a02": v * v}
+        out = np.ones(np.broadcast(x, y, w).shape)
+        for term in POLY_TERMS:
+            out = out + (self.coeffs[term] + self.chroma.get("b" + term[1:], 0.0) * w
+                         + self.chroma.get("c" + term[1:], 0.0) * w * w) * powers[term]
+        if "ifu" not in self.components and "stack" not in self.components:
+            return out
+        if ifu is None or stack is None:
+            ifu, stack = self.membership(x, y)
+        ifu = np.broadcast_to(np.asarray(ifu, int), out.shape)
+        stack = np.broadcast_to(np.asarray(stack, int), out.shape)
+        itab, stab = self._tables()
+        if "ifu" in self.components:
+            p = itab[ifu]
+            out = out * (1.0 + p[..., 0] + p[..., 1] * u + p[..., 2] * (y - p[..., 4]) / IFU_HALF_HEIGHT
+                         + p[..., 3] * w)
+        if "stack" in self.components:
+            q = stab[ifu, np.clip(stack, 0, 3)]
+            q = np.where((stack >= 0)[..., None], q, np.array([0.0, 0.0, 0.0, 1.0]))
+            out = out * (1.0 + q[..., 0] + q[..., 1] * (x - q[..., 2]) / q[..., 3])
+        return out
+
+    def vignetting(self, x, y):
+        g = self.vign
+        if not g or "shape" not in g:
+            return super().vignetting(x, y)
+        x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+        if g["kind"] == "corner":
+            dx, dy = x - g["x0"], y - g["y0"]
+            if g["shape"] == "elliptic":
+                rho = np.hypot(dx, dy / g["axis_ratio"])
+            elif g["shape"] == "straight":
+                rho = (dx + dy) / math.sqrt(2.0)
+            else:
+                rho = np.hypot(dx, dy)
+            r = np.clip(rho / g["radius"], 0.0, 1.0)
+            if g["shape"] == "linear":
+                f = 1.0 - r
+            elif g["shape"] == "gaussian":
+                floor = math.exp(-0.5 / 0.16)
+                f = (np.exp(-0.5 * r * r / 0.16) - floor) / (1.0 - floor)
+            elif g["shape"] == "straight":
+                f = (1.0 - r) ** g["power"]
+            else:  # cosine, elliptic
+                f = 0.5 * (1.0 + np.cos(np.pi * r))
+            return 1.0 - g["depth"] * f
+        ys = g["ytop"] - g["height"] * (1.0 + g["tilt"] * x / self.xscale)
+        t = np.clip((y - ys) / (g["ytop"] - ys), 0.0, 1.0)
+        f = {"quadratic": lambda t: t * t, "linear": lambda t: t, "cosine": lambda t: 0.5 * (1.0 - np.cos(np.pi * t)),
+             "cubic": lambda t: t ** 3,
+             "exponential": lambda t: (np.exp(3.0 * t) - 1.0) / (math.exp(3.0) - 1.0)}[g["shape"]](t)
+        return 1.0 - g["depth"] * f
+
+    def sky(self, x, y, lam=None, ifu=None, stack=None):
+        top = self.vign is not None and self.vign["kind"] == "top"
+        return self.illumination(x, y, lam, ifu, stack) * (self.vignetting(x, y) if top else 1.0)
+
+    def lamp(self, x, y, lam=None, ifu=None, stack=None):
+        return super().lamp(x, y)
+
+    def describe(self) -> dict:
+        """The family's parameters and formulas, for truth.json."""
+        return {"components": list(self.components),
+                "formulas": {c: FAMILY_FORMULAS[c] for c in ("smooth", *self.components)},
+                "lambda_ref": LAMBDA_REF, "lambda_half_range": LAMBDA_HALF,
+                "chroma": self.chroma,
+                "ifu_terms": {str(k): v for k, v in self.ifu_terms.items()},
+                "stack_terms": {str(k): v for k, v in self.stack_terms.items()},
+                "layout": {str(k): v for k, v in self.layout.items()}}
+
+
+def family_field(base: FieldModel, components: tuple[str, ...], seed: int, geometry: np.ndarray,
+                 grid: dict, nfm: bool) -> FamilyField:
+    """Draw a family's parameters (each component from its own random stream of ``seed``)."""
+
+    def stream(k: int) -> np.random.Generator:
+        return np.random.default_rng([seed, 7, k])
+
+    rng = stream(0)
+    chroma = {}
+    for term in POLY_TERMS:
+        chroma["b" + term[1:]] = float(rng.uniform(-0.03, 0.03))
+        chroma["c" + term[1:]] = float(rng.uniform(-0.015, 0.015))
+    layout = stack_layout(geometry)
+    ifu_terms, stack_terms = {}, {}
+    if "ifu" in components:
+        rng = stream(1)
+        for n in range(1, NIFUS + 1):
+            ifu_terms[n] = {"d": float(rng.uniform(-0.01, 0.01)), "gx": float(rng.uniform(-0.004, 0.004)),
+                            "gy": float(rng.uniform(-0.006, 0.006)), "e": float(rng.uniform(-0.004, 0.004))}
+    if "stack" in components:
+        rng = stream(2)
+        for n in range(1, NIFUS + 1):
+            stack_terms[n] = [{"s": float(rng.uniform(-0.004, 0.004)), "sx": float(rng.uniform(-0.003, 0.003))}
+                              for _ in range(4)]
+    vign = base.vign
+    if "corner" in components:
+        if nfm:
+            raise ValueError("family component 'corner' (WFM lamp vignetting) needs a WFM mode")
+        rng = stream(3)
+        shape = CORNER_SHAPES[int(rng.integers(len(CORNER_SHAPES)))]
+        radius = max(22.0, float(rng.uniform(0.2, 0.4)) * min(grid["nx"], grid["ny"]))
+        offset = float(rng.uniform(0.0, 0.15)) * radius
+        vign = {"kind": "corner", "shape": shape, "x0": grid["crval1"] - offset / math.sqrt(2.0),
+                "y0": grid["crval2"] - offset / math.sqrt(2.0), "radius": radius,
+                "depth": float(rng.uniform(0.08, 0.3)), "axis_ratio": float(rng.uniform(0.6, 1.6)),
+                "power": float(rng.uniform(1.0, 2.0)), "in": "lamp flats (MASTER_FLAT, ILLUM)"}
+    if "edge" in components:
+        if not nfm:
+            raise ValueError("family component 'edge' (NFM sky vignetting) needs the NFM mode")
+        rng = stream(4)
+        vign = {"kind": "top", "shape": EDGE_SHAPES[int(rng.integers(len(EDGE_SHAPES)))],
+                "ytop": float(geometry["y"].max()), "height": float(rng.uniform(12.0, 19.0)),
+                "tilt": float(rng.uniform(-0.15, 0.15)), "depth": float(rng.uniform(0.25, 0.6)),
+                "in": "sky (SKYFLAT)"}
+        vign["ystart"] = vign["ytop"] - vign["height"]
+    return FamilyField(base.coeffs, base.xscale, base.yscale, vign, components, chroma, ifu_terms,
+                       stack_terms, layout)
+
+
+def field_from_truth(truth: dict) -> FieldModel:
+    """The field model of a truth.json (a :class:`FamilyField` for a family set)."""
+    block = truth["field_illumination"]
+    vign = (truth.get("vignetting") or {}).get("model")
+    base = FieldModel(dict(block["coeffs"]), float(block["xscale"]), float(block["yscale"]), vign)
+    fam = truth.get("family")
+    if not fam:
+        return base
+    return FamilyField(base.coeffs, base.xscale, base.yscale, vign, tuple(fam["components"]), dict(fam["chroma"]),
+                       {int(k): v for k, v in fam["ifu_terms"].items()},
+                       {int(k): v for k, v in fam["stack_terms"].items()},
+                       {int(k): v for k, v in fam["layout"].items()})
+
+
+# --------------------------------------------------------------------------------------------
 # FITS helpers
 
 
@@ -454,6 +738,8 @@ class _Options:
     saturate: bool
     archive: bool = False
     fpack: bool = False
+    family: str | None = None  # truth family (FAMILY_COMPONENTS joined by '+'), None: today's field
+    brightness: float = 1.0  # sky level relative to the default twilight (noise from deep to shallow)
 
 
 def _cube_grid(inst: Instrument, ifus: list[int], lmin=5000.0, lmax=9000.0, maps=None) -> dict:
@@ -483,7 +769,7 @@ def _cube_grid_fast(inst: Instrument, ifus: list[int]) -> dict:
 
 def simulate_dataset(out_dir, *, scale="mini", seed=0, nexp=3, ifus=None, illum=False, dark=False,
                      badpix=False, vignetting=False, mode="WFM-NOAO-N", saturate=False, archive=False,
-                     fpack=False) -> SimulatedSet:
+                     fpack=False, family=None, brightness=1.0) -> SimulatedSet:
     """Write a simulated MUSE twilight set into ``out_dir`` and return where everything is.
 
     Deterministic in ``seed``.  ``ifus`` defaults to 1,2,3 (mini WFM), 1,23,24 (mini NFM)
@@ -491,7 +777,11 @@ def simulate_dataset(out_dir, *, scale="mini", seed=0, nexp=3, ifus=None, illum=
     the raw frames as ESO's archive does (``MUSE.<DATE-OBS>.fits``) and adds the keywords
     its files carry (ARCFILE, ORIGFILE, ESO TPL START/NEXP/EXPNO, ESO DPR ...); ``fpack``
     stores them tile-compressed (``.fits.fz``, RICE), as the archive delivers them.  The
-    data are the same either way.
+    data are the same either way.  ``family`` selects a truth family
+    (:data:`FAMILY_COMPONENTS` joined by ``+``, formulas in :data:`FAMILY_FORMULAS`,
+    parameters in truth.json's ``family``); ``corner`` implies ``vignetting``.
+    ``brightness`` scales the sky level (noise from deep, > 1, to shallow, < 1, twilights).
+    Without them the data are today's, byte for byte.
 
     Examples
     --------
@@ -510,8 +800,12 @@ def simulate_dataset(out_dir, *, scale="mini", seed=0, nexp=3, ifus=None, illum=
                                         else DEFAULT_IFUS[(scale, is_nfm(mode))])))
     if not ifus or min(ifus) < 1 or max(ifus) > NIFUS:
         raise ValueError(f"IFU numbers must be within 1..{NIFUS}: {ifus}")
+    components = parse_family(family)
+    if not brightness > 0:
+        raise ValueError(f"brightness must be positive, not {brightness!r}")
+    vignetting = vignetting or "corner" in components
     opts = _Options(scale, int(seed), int(nexp), ifus, illum, dark, badpix, vignetting, mode, saturate,
-                    bool(archive or fpack), bool(fpack))
+                    bool(archive or fpack), bool(fpack), "+".join(components) or None, float(brightness))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return _Writer(out, opts).run()
@@ -554,6 +848,8 @@ class _Writer:
             vign = {"kind": "corner", "x0": grid["crval1"], "y0": grid["crval2"], "radius": radius,
                     "depth": 0.2, "in": "lamp flats (MASTER_FLAT, ILLUM)"}
         self.field = FieldModel(coeffs, xscale, yscale, vign)
+        if o.family:  # truth family: own random streams, so everything else stays as without
+            self.field = family_field(self.field, parse_family(o.family), o.seed, geo, grid, self.inst.nfm)
         self.ifu_throughput = {i: (1.0 if i == 1 else float(rng.uniform(0.92, 1.08))) for i in range(1, 25)}
         # residual slice efficiencies after flat-fielding are small (strong jumps would be taken
         # for vignetting edges by ESO's vignmaskedges logic)
@@ -563,6 +859,8 @@ class _Writer:
         self.sky_level = [1.0 / (1.0 + 0.3 * k) for k in range(self.o.nexp)]
         # electrons per second per unit spectrum: ~28000 e- in the bluest pixels of a 10 s exposure
         self.rate = 1400.0
+        if o.brightness != 1.0:
+            self.rate *= o.brightness
         # rounded as written to the headers, so that data and header agree exactly
         self.gain = {i: np.round(rng.uniform(1.05, 1.15, 4), 4) for i in range(1, 25)}  # e-/adu
         self.ron = {i: np.round(rng.uniform(2.7, 3.3, 4), 4) for i in range(1, 25)}  # adu
@@ -618,7 +916,11 @@ class _Writer:
             flux *= notch_transmission(lam, self.o.mode)
         flux *= self.slice_eff[ifu][maps.slice_index[inside]].astype(np.float32)
         flux *= np.float32(self.ifu_throughput[ifu])
-        flux *= field_factor(maps.xpos[inside], maps.ypos[inside]).astype(np.float32)
+        if getattr(self.field, "contextual", False):  # truth families: wavelength, IFU, stack
+            stack = (CCD_TO_SKY[maps.slice_index[inside]] - 1) // 12
+            flux *= field_factor(maps.xpos[inside], maps.ypos[inside], lam, ifu, stack).astype(np.float32)
+        else:
+            flux *= field_factor(maps.xpos[inside], maps.ypos[inside]).astype(np.float32)
         flux *= maps.cover[inside]
         out = np.zeros(maps.lam.shape, dtype=np.float32)
         out[inside] = flux
@@ -1048,7 +1350,9 @@ class _Writer:
                             "pixel response (x lamp vignetting in WFM with --vignetting)"},
                 "options": {"scale": o.scale, "seed": o.seed, "nexp": o.nexp, "ifus": o.ifus,
                             "illum": o.illum, "dark": o.dark, "badpix": o.badpix,
-                            "vignetting": o.vignetting, "mode": o.mode, "saturate": o.saturate},
+                            "vignetting": o.vignetting, "mode": o.mode, "saturate": o.saturate,
+                            **({"family": o.family} if o.family else {}),
+                            **({"brightness": o.brightness} if o.brightness != 1.0 else {})},
                 "ccd": {"nx_quadrant": self.lay.nx, "ny_quadrant": self.lay.ny, "prscx": self.lay.prscx,
                         "prscy": self.lay.prscy, "ovscx": self.lay.ovscx, "ovscy": self.lay.ovscy,
                         "raw_shape": list(self.lay.raw_shape)},
@@ -1066,7 +1370,9 @@ class _Writer:
                 "vignetting": {"model": self.field.vign,
                                "map": self.field.vignetting(xpos, ypos).round(6).tolist()},
                 "cube_grid": g,
-                "ifus": {str(k): v for k, v in ifu_truth.items()}}
+                "ifus": {str(k): v for k, v in ifu_truth.items()},
+                **({"family": {**self.field.describe(), "brightness": o.brightness}} if o.family else {}),
+                **({"brightness": o.brightness} if o.brightness != 1.0 and not o.family else {})}
 
 
 def _fpack(path: Path) -> Path:
