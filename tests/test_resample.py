@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from parity import assert_bit_identical
 
 from musetwilight.core.cplmath import median
 from musetwilight.core.cube import CubeGrid, lround, make_grid, white_light
-from musetwilight.core.pixgrid import build_pixgrid
+from musetwilight.core.pixgrid import build_pixgrid, build_pixgrid_from_tables
 from musetwilight.core.resample import EURO3D_COSMICRAY, EURO3D_MISSDATA, ResampleOptions, resample_cube
 from musetwilight.errors import MergeError, ParameterError
 from musetwilight.params import CrType, Resample, make_settings
@@ -102,6 +103,35 @@ def test_pixgrid_keeps_table_order_and_clamps_to_the_edge():
     pix = build_pixgrid(grid, x, zeros, zeros + 5000, zeros, zeros, np.zeros(5, np.uint32))
     assert pix.offsets.tolist() == [0, 2, 5]
     assert pix.order.tolist() == [1, 3, 0, 2, 4]
+
+
+
+@pytest.mark.parametrize("threads", [2, 3, 7])
+def test_pixgrid_of_several_tables_is_the_same_sorted_by_several_threads(threads):
+    """The threads split the rows into consecutive runs (inside tables too); every row must land
+    where one thread puts it, the data divided by its table's divisor."""
+    rng = np.random.default_rng(4)
+    grid = CubeGrid(nx=6, ny=5, nz=3, crval1=0.0, crval2=0.0, crval3=5000.0, cd3=250.0)
+    tables = []
+    for nrow in (37, 0, 120, 5):
+        tables.append(SimpleNamespace(
+            xpos=rng.uniform(-1, 7, nrow).astype(np.float32), ypos=rng.uniform(-1, 6, nrow).astype(np.float32),
+            lambda_=rng.uniform(4900, 5600, nrow).astype(np.float32), data=rng.normal(size=nrow).astype(np.float32),
+            stat=rng.uniform(1, 2, nrow).astype(np.float32), dq=rng.integers(0, 3, nrow).astype(np.uint32)))
+    parts = list(zip(tables, (1.0, 2.0, 0.7, 3.0)))
+    for first, last in ((0, 4), (1, 3)):
+        serial = build_pixgrid_from_tables(grid, parts, first, last, threads=1)
+        shared = build_pixgrid_from_tables(grid, parts, first, last, threads=threads)
+        assert serial.offsets[-1] > 0
+        for name in ("offsets", "order", "xpos", "ypos", "lbda", "data", "stat", "dq"):
+            np.testing.assert_array_equal(getattr(shared, name), getattr(serial, name), err_msg=name)
+    whole = build_pixgrid_from_tables(grid, parts, threads=threads)
+    rows = np.concatenate([np.arange(len(t.xpos)) for t in tables])
+    table_of = np.repeat(np.arange(len(tables)), [len(t.xpos) for t in tables])
+    divisor = np.array([d for _, d in parts])[table_of[whole.order]]
+    data = np.concatenate([t.data for t in tables])[whole.order]
+    np.testing.assert_array_equal(whole.data, (data.astype(np.float64) / divisor).astype(np.float32))
+    assert sorted(whole.order.tolist()) == list(range(len(rows)))
 
 
 # --------------------------------------------------------------------------- kernels

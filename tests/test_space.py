@@ -10,10 +10,13 @@ from __future__ import annotations
 import subprocess
 import sys
 import tempfile
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from musetwilight import recipe
+from musetwilight.core.resample import ResampleOptions, resample_tables
 from musetwilight.errors import OutputError, SpaceError
 from musetwilight.io import space
 from musetwilight.params import make_settings
@@ -123,3 +126,21 @@ def test_cli_scratch_dir_option(mini, tmp_path):
     assert done.returncode == 1
     assert f"{tmp_path / 'absent'}: the scratch directory does not exist or is not a directory" in done.stderr
     assert "Traceback" not in done.stderr and "reduced (" not in done.stderr and not (tmp_path / "out").exists()
+
+
+def test_each_spilled_table_is_removed_when_the_resampling_is_done_with_it(mini, tmp_path):
+    settings = make_settings()
+    inputs = recipe.read_inputs(mini.sof, settings)
+    reductions = recipe.reduce_ifus(inputs, settings, "WFM-NOAO-N", recipe.RunOptions.resolve({}, workers=1),
+                                    str(tmp_path), mini.ifus)
+    tables = [reductions.results[ifu].table for ifu in sorted(reductions.results)]
+    assert len(list(tmp_path.glob("*.npy"))) == 6 * len(tables)
+    in_memory = [SimpleNamespace(**vars(table.load()), nrow=table.nrow) for table in tables]
+    grid = recipe._cube_grid(tables, settings.dlambda)
+    options = ResampleOptions.from_settings(settings)
+    rows_per_tile = sum(t.nrow for t in tables) // 5
+    tiled = resample_tables(list(tables), [1.0] * len(tables), grid, options, rows_per_tile)
+    assert list(tmp_path.glob("*.npy")) == []  # each table's files went after its last tile
+    whole = resample_tables(in_memory, [1.0] * len(tables), grid, options)
+    for name in ("data", "stat", "dq"):
+        np.testing.assert_array_equal(getattr(tiled, name), getattr(whole, name))

@@ -29,7 +29,7 @@ from typing import Literal
 import numpy as np
 from astropy.io import fits
 
-from . import memory
+from . import memory, precompile
 from .core import combine, fluxscale, illum, illumination, pixtable
 from .core.basicproc import Calibrations, process_exposures
 from .core.cube import CubeGrid, grid_from_limits, white_light
@@ -172,10 +172,13 @@ def run(frames: FrameSet | str | os.PathLike, settings: Settings | Mapping | Non
             skyflat, reductions = load_skyflat(opts.skip_cube), IfuReductions()
         else:
             assert plan is not None
+            compiling = precompile.start(settings, mode, bool(inputs.vignetting) and not is_nfm(mode))
+            stack.callback(compiling.stop)
             with scratch_space(plan.low_memory, inputs, settings, present, opts.scratch_dir) as spill_dir:
                 with clock.stage("ifus"):
                     reductions = reduce_ifus(inputs, settings, mode, opts, spill_dir, present, plan.workers)
                 with clock.stage("resample"):
+                    compiling.wait()
                     skyflat = build_skyflat(reductions, inputs, settings, mode, opts, plan.rows_per_tile)
         with clock.stage("smooth"):
             twilight = smooth_skyflat(skyflat, inputs, settings, mode, opts)

@@ -9,6 +9,7 @@ are copied in cell order so that the kernels read contiguous memory.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -109,14 +110,17 @@ def _scatter_rows(cells, fill, first_row, xpos, ypos, lbda, data, stat, dq, divi
         sq[k] = dq[row]
 
 
-def build_pixgrid_from_tables(grid: CubeGrid, parts: list, first: int = 0, last: int | None = None) -> PixGrid:
+def build_pixgrid_from_tables(grid: CubeGrid, parts: list, first: int = 0, last: int | None = None,
+                              threads: int = 1) -> PixGrid:
     """Sort the rows of several pixel tables, in list order, into the cells of the grid rows
     ``first..last`` (default: all) of ``grid``.
 
     ``parts`` are ``(table, divisor)`` pairs (a table has xpos, ypos, lambda_, data, stat,
     dq); the result equals :func:`build_pixgrid` on the concatenated tables after dividing
     each by its divisor (the per-IFU flux scaling), restricted to those grid rows, without
-    ever holding the merged table.
+    ever holding the merged table.  ``threads`` share the rows in consecutive runs: each
+    counts its runs' cells, then fills them from where the runs before it end, so every row
+    lands where the serial sort puts it.
     """
     last = grid.ny - 1 if last is None else last
     nyt = last - first + 1
@@ -124,26 +128,60 @@ def build_pixgrid_from_tables(grid: CubeGrid, parts: list, first: int = 0, last:
     small = np.int32 if ncell < 2**31 else np.int64
     limits = (float(grid.crval1), float(grid.crval2), float(grid.crval3), float(grid.cd3),
               grid.nx, grid.ny, grid.nz, first, last)
-    columns = []
-    counts = np.zeros(ncell, np.int64)
+    tables = []
     for table, divisor in parts:
         arrays = [np.ascontiguousarray(getattr(table, name), np.float32)
                   for name in ("xpos", "ypos", "lambda_", "data", "stat")]
         arrays.append(np.ascontiguousarray(table.dq).astype(np.uint32, copy=False))
-        cells = np.empty(len(arrays[0]), small)
-        _tile_cells(arrays[0], arrays[1], arrays[2], *limits, cells)
-        _count_cells(cells, counts)
-        columns.append((cells, arrays, divisor))
-    offsets = np.zeros(ncell + 1, np.int64)
-    np.cumsum(counts, out=offsets[1:])
-    del counts
-    total = int(offsets[-1])
-    fill = offsets[:-1].copy()
-    sx, sy, sl, sd, ss = (np.empty(total, np.float32) for _ in range(5))
-    sq = np.empty(total, np.uint32)
-    order = np.empty(total, np.int32 if total < 2**31 else np.int64)
-    first_row = 0
-    for cells, (x, y, lam, data, stat, dq), divisor in columns:
-        _scatter_rows(cells, fill, first_row, x, y, lam, data, stat, dq, float(divisor), sx, sy, sl, sd, ss, sq, order)
-        first_row += len(cells)
+        tables.append((arrays, float(divisor)))
+    runs = _split_rows([len(arrays[0]) for arrays, _ in tables], max(1, threads))
+
+    def count(pieces: list[tuple[int, int, int, int]]) -> tuple[list[np.ndarray], np.ndarray]:
+        counts = np.zeros(ncell, np.int64)
+        cells = []
+        for k, lo, hi, _ in pieces:
+            x, y, lam = (column[lo:hi] for column in tables[k][0][:3])
+            piece = np.empty(hi - lo, small)
+            _tile_cells(x, y, lam, *limits, piece)
+            _count_cells(piece, counts)
+            cells.append(piece)
+        return cells, counts
+
+    with ThreadPoolExecutor(max_workers=len(runs)) as pool:
+        counted = list(pool.map(count, runs))
+        offsets = np.zeros(ncell + 1, np.int64)
+        np.cumsum(sum(counts for _, counts in counted), out=offsets[1:])
+        total = int(offsets[-1])
+        sx, sy, sl, sd, ss = (np.empty(total, np.float32) for _ in range(5))
+        sq = np.empty(total, np.uint32)
+        order = np.empty(total, np.int32 if total < 2**31 else np.int64)
+        starts, fill = [], offsets[:-1].copy()
+        for _, counts in counted:
+            starts.append(fill.copy())
+            fill += counts
+
+        def scatter(number: int) -> None:
+            fill = starts[number]
+            for cells, (k, lo, hi, first_row) in zip(counted[number][0], runs[number]):
+                x, y, lam, data, stat, dq = (column[lo:hi] for column in tables[k][0])
+                _scatter_rows(cells, fill, first_row, x, y, lam, data, stat, dq, tables[k][1],
+                              sx, sy, sl, sd, ss, sq, order)
+
+        list(pool.map(scatter, range(len(runs))))
     return PixGrid(grid.nx, nyt, grid.nz, offsets, order, sx, sy, sl, sd, ss, sq)
+
+
+def _split_rows(sizes: list[int], runs: int) -> list[list[tuple[int, int, int, int]]]:
+    """The rows of tables of ``sizes``, in order, cut into ``runs`` consecutive runs of about
+    equal length: per run its pieces (table, first row, end row, row number in the whole)."""
+    total = sum(sizes)
+    bounds = [total * number // runs for number in range(runs + 1)]
+    pieces: list[list[tuple[int, int, int, int]]] = [[] for _ in range(runs)]
+    start = 0
+    for k, size in enumerate(sizes):
+        for number in range(runs):
+            lo, hi = max(bounds[number], start), min(bounds[number + 1], start + size)
+            if lo < hi:
+                pieces[number].append((k, lo - start, hi - start, lo))
+        start += size
+    return [run for run in pieces if run] or [[]]

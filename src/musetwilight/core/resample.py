@@ -486,12 +486,13 @@ class TableSource:
     nrow: int
     ylimits: tuple[float, float]
     load: Callable[[], Any]
+    discard: Callable[[], None] | None = None  # frees its storage once the last tile has it
 
     @classmethod
     def of(cls, table: Any) -> TableSource:
         """A source for a table in memory, or for an object that loads one (``nrow``, ``ylimits``, ``load()``)."""
         if hasattr(table, "load"):
-            return cls(table.nrow, table.ylimits, table.load)
+            return cls(table.nrow, table.ylimits, table.load, getattr(table, "discard", None))
         ypos = np.asarray(table.ypos)
         limits = (float(ypos.min()), float(ypos.max())) if ypos.size else (0.0, 0.0)
         return cls(len(ypos), limits, lambda: table)
@@ -524,9 +525,11 @@ def resample_tables(tables: list, divisors, grid: CubeGrid, options: ResampleOpt
     y0-1..y1, so the result is identical to resampling everything at once (the rows of a
     cell keep their order).  ``tables`` are pixel tables in memory or objects that load one
     (:class:`TableSource`); each is loaded when the first tile needs it (the next one read in
-    the background while a tile is computed, with ``prefetch``) and released after the last.
+    the background while a tile is computed, with ``prefetch``) and released after the last
+    (a spilled table's files removed).
     The entries of ``tables`` are set to None.  ``pixel_dq`` is returned for a single tile
-    only; ``ncosmic`` counts each flagged row once.  ``threads`` share the planes of each tile.
+    only; ``ncosmic`` counts each flagged row once.  ``threads`` share the sorting of the rows into
+    cells and the planes of each tile.
     """
     sources = [TableSource.of(table) for table in tables]
     for index in range(len(tables)):
@@ -561,7 +564,8 @@ def resample_tables(tables: list, divisors, grid: CubeGrid, options: ResampleOpt
                 for k in wanted(number + 1):
                     fetch(k)
             first, last = reach(number)
-            pix = build_pixgrid_from_tables(grid, [(loaded[k].result(), divisors[k]) for k in needed], first, last)
+            pix = build_pixgrid_from_tables(grid, [(loaded[k].result(), divisors[k]) for k in needed], first, last,
+                                            threads)
             core = (y0 - first, y1 - 1 - first)
             flagged = (max(y0 - 1, 0) - first, min(y1, grid.ny - 1) - first)
             reject_cosmics(pix, options.crtype, options.crsigma, flagged, threads)
@@ -576,6 +580,8 @@ def resample_tables(tables: list, divisors, grid: CubeGrid, options: ResampleOpt
             later = wanted(number + 1) if number + 1 < len(tiles) else []
             for k in [k for k in loaded if k not in later]:
                 loaded.pop(k)
+                if sources[k].discard is not None:  # its scratch files, while the next tile is computed
+                    reader.submit(sources[k].discard)
     _blank(data, stat, dq)
     return ResampledCube(grid, data, stat, dq, pixel_dq, ncosmic)
 

@@ -35,6 +35,11 @@ class SpilledTable:
         """All resampling columns, read into memory."""
         return SimpleNamespace(**{column: np.load(path) for column, path in self.paths.items()})
 
+    def discard(self) -> None:
+        """Remove the files (the resampling is done with the table)."""
+        for path in self.paths.values():
+            path.unlink(missing_ok=True)
+
     def __getattr__(self, column: str) -> np.ndarray:
         if column in RESAMPLING_COLUMNS:
             return np.load(self.paths[column], mmap_mode="r")
