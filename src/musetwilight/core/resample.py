@@ -580,8 +580,9 @@ def resample_tables(tables: list, divisors, grid: CubeGrid, options: ResampleOpt
             later = wanted(number + 1) if number + 1 < len(tiles) else []
             for k in [k for k in loaded if k not in later]:
                 loaded.pop(k)
-                if sources[k].discard is not None:  # its scratch files, while the next tile is computed
-                    reader.submit(sources[k].discard)
+                discard = sources[k].discard
+                if discard is not None:  # its scratch files, while the next tile is computed
+                    reader.submit(discard)
     _blank(data, stat, dq)
     return ResampledCube(grid, data, stat, dq, pixel_dq, ncosmic)
 
