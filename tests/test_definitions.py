@@ -10,6 +10,8 @@ precision: tests/test_pixtable.py.)
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from astropy.io import fits
@@ -153,3 +155,66 @@ def test_drizzle_weights_rows_by_their_overlap_in_x_y_and_wavelength():
     w0 = overlap(lam.astype(float), 1.25, 5000.0, 250.0)
     w1 = overlap(lam.astype(float), 1.25, 5250.0, 250.0)
     assert (w0[1:3] > 0).all() and (w1[1:3] > 0).all()
+
+
+FLT_MAX = float(np.finfo(np.float32).max)  # ESO's weight of a row at a voxel centre
+
+
+def _linear_cube_in_loop_order(x, y, lam, data, stat, grid, order):
+    """The linear-weighted cube by its definition, each voxel summing the rows of its 27
+    neighbour cells in the given loop order of the cell offsets ("xyl": ESO's i2, j2, l2)."""
+    cell = [np.clip(np.floor(np.float64(v) - c + 0.5).astype(int), 0, n - 1)
+            for v, c, n in ((x, grid.crval1, grid.nx), (y, grid.crval2, grid.ny))]
+    cell.append(np.clip(np.floor((np.float64(lam) - grid.crval3) / grid.cd3 + 0.5).astype(int), 0, grid.nz - 1))
+    members: dict[tuple[int, int, int], list[int]] = {}
+    for row, key in enumerate(zip(*cell)):
+        members.setdefault(tuple(int(k) for k in key), []).append(row)
+    offsets = [(a, b, c) for a in (-1, 0, 1) for b in (-1, 0, 1) for c in (-1, 0, 1)]
+    if order == "lyx":
+        offsets = [(a, b, c) for c in (-1, 0, 1) for b in (-1, 0, 1) for a in (-1, 0, 1)]
+    out_data = np.full((grid.nz, grid.ny, grid.nx), np.nan, np.float32)
+    out_stat = np.full_like(out_data, np.nan)
+    for l in range(grid.nz):
+        for j in range(grid.ny):
+            for i in range(grid.nx):
+                sw = sd = ss = 0.0
+                for di, dj, dl in offsets:
+                    for row in members.get((i + di, j + dj, l + dl), []):
+                        dx = abs((grid.crval1 + i) - float(x[row]))
+                        dy = abs((grid.crval2 + j) - float(y[row]))
+                        dz = abs((grid.crval3 + l * grid.cd3) - float(lam[row])) * (1.0 / 1.25)
+                        r = math.sqrt(dx * dx + dy * dy + dz * dz)
+                        w = FLT_MAX if r == 0 else 1.0 / r
+                        sw += w
+                        sd += float(data[row]) * w
+                        ss += float(stat[row]) * w * w
+                if sw > 0:
+                    out_data[l, j, i], out_stat[l, j, i] = sd / sw, ss / (sw * sw)
+    return out_data, out_stat
+
+
+def test_linear_voxels_add_their_neighbour_cells_in_esos_loop_order():
+    """ESO's weighted resampling loops over the neighbour cells x outermost, then y, then
+    wavelength, and over each cell's rows in table order; the sums are double, the voxel float.
+    Summed in another order, some float32 voxels come out one ulp apart (checked below), so
+    the cube must equal the definition in that order exactly."""
+    rng = np.random.default_rng(12)
+    nrow = 4000
+    x = rng.uniform(0.0, 5.0, nrow).astype(np.float32)
+    y = rng.uniform(0.0, 4.0, nrow).astype(np.float32)
+    lam = rng.uniform(5000.0, 5750.0, nrow).astype(np.float32)
+    data = rng.normal(10.0, 1.0, nrow).astype(np.float32)
+    stat = rng.lognormal(2.0, 3.0, nrow).astype(np.float32)
+    # pairs of coincident rows of +-1e12 that cancel exactly: what they leave of the partial sum
+    # depends on what was added before them, which makes the order of the cells visible
+    pairs = rng.choice(nrow - 1, 60, replace=False) // 2 * 2
+    for first in pairs:
+        x[first + 1], y[first + 1], lam[first + 1] = x[first], y[first], lam[first]
+        data[first], data[first + 1] = 1e12, -1e12
+    options = ResampleOptions(Resample.LINEAR, CrType.MEDIAN, 0.0)
+    cube = resample_cube(x, y, lam, data, stat, np.zeros(nrow, np.uint32), options=options, dlambda=250.0)
+    eso_data, eso_stat = _linear_cube_in_loop_order(x, y, lam, data, stat, cube.grid, "xyl")
+    np.testing.assert_array_equal(cube.data, eso_data)
+    np.testing.assert_array_equal(cube.stat, eso_stat)
+    other_data, other_stat = _linear_cube_in_loop_order(x, y, lam, data, stat, cube.grid, "lyx")
+    assert np.sum(other_data != eso_data) + np.sum(other_stat != eso_stat) > 0  # the order is visible

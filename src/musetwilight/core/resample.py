@@ -288,100 +288,103 @@ def _weighted(offsets, xpos, ypos, lbda, data, stat, dq, nx, ny, nz,
     nxy = nx * ny
     xout, yout, zout = 1.0, 1.0, abs(cd3)
     volume = xin * yin * zin
-    cfirst, clast = max(jlo - ld, 0) * nx, (min(jhi + ld, ny - 1) + 1) * nx  # the cells that reach them
+    jfirst, jlast = max(jlo - ld, 0), min(jhi + ld, ny - 1)  # the cell rows that reach them
     for l in range(lstart, nz, lstep):
         lam = l * cd3 + crval3
         sumw = np.zeros(nxy, np.float64)
         sumd = np.zeros(nxy, np.float64)
         sums = np.zeros(nxy, np.float64)
-        for l2 in range(max(l - ld, 0), min(l + ld, nz - 1) + 1):
-            for c in range(l2 * nxy + cfirst, l2 * nxy + clast):
-                start, stop = offsets[c], offsets[c + 1]
-                if start == stop:
-                    continue
-                ic = c % nx
-                jc = (c // nx) % ny
-                i1, i2 = max(ic - ld, 0), min(ic + ld, nx - 1)
-                j1, j2 = max(jc - ld, jlo), min(jc + ld, jhi)
-                for p in range(start, stop):
-                    if dq[p] != 0:
+        lfirst, llast = max(l - ld, 0), min(l + ld, nz - 1)
+        # the cells in ESO's order, x outermost, then y, then wavelength: each voxel adds the
+        # rows of its neighbour cells in the order of ESO's loops over i2, j2 and l2
+        for ic in range(nx):
+            for jc in range(jfirst, jlast + 1):
+                for l2 in range(lfirst, llast + 1):
+                    c = ic + nx * (jc + ny * l2)
+                    start, stop = offsets[c], offsets[c + 1]
+                    if start == stop:
                         continue
-                    dp = np.float64(data[p])
-                    sp = np.float64(stat[p])
-                    # ESO adds every neighbour, weight 0 or not: a non-finite
-                    # value spoils all of them, so such rows are never pruned
-                    keep_all = not (math.isfinite(dp) and math.isfinite(sp))
-                    dl = abs(lam - lbda[p])
-                    zterm = 0.0
-                    if method == _DRIZZLE:
-                        zterm = _drizzle_term(zin, zout, dl)
-                        if zterm <= 0:
-                            if not keep_all:
-                                continue
-                            zterm = 0.0
-                        zterm = min(zterm, zin)
-                    else:
-                        dl *= _ZNORM
-                        if method == _LANCZOS:
-                            if dl > ld:
+                    i1, i2 = max(ic - ld, 0), min(ic + ld, nx - 1)
+                    j1, j2 = max(jc - ld, jlo), min(jc + ld, jhi)
+                    for p in range(start, stop):
+                        if dq[p] != 0:
+                            continue
+                        dp = np.float64(data[p])
+                        sp = np.float64(stat[p])
+                        # ESO adds every neighbour, weight 0 or not: a non-finite
+                        # value spoils all of them, so such rows are never pruned
+                        keep_all = not (math.isfinite(dp) and math.isfinite(sp))
+                        dl = abs(lam - lbda[p])
+                        zterm = 0.0
+                        if method == _DRIZZLE:
+                            zterm = _drizzle_term(zin, zout, dl)
+                            if zterm <= 0:
                                 if not keep_all:
                                     continue
                                 zterm = 0.0
-                            else:
-                                zterm = _sinc(dl) * _sinc(dl / ld)
-                    xp = np.float64(xpos[p])
-                    yp = np.float64(ypos[p])
-                    for i in range(i1, i2 + 1):
-                        dx = abs((crval1 + i) - xp)
-                        xterm = 0.0
-                        if method == _DRIZZLE:
-                            xterm = _drizzle_term(xin, xout, dx)
-                            if xterm <= 0:
-                                if not keep_all:
-                                    continue
-                                xterm = 0.0
-                            xterm = min(xterm, xin)
-                        elif method == _LANCZOS:
-                            if dx >= ld:
-                                if not keep_all:
-                                    continue
-                            else:
-                                xterm = _sinc(dx) * _sinc(dx / ld)
-                        for j in range(j1, j2 + 1):
-                            dy = abs((crval2 + j) - yp)
+                            zterm = min(zterm, zin)
+                        else:
+                            dl *= _ZNORM
+                            if method == _LANCZOS:
+                                if dl > ld:
+                                    if not keep_all:
+                                        continue
+                                    zterm = 0.0
+                                else:
+                                    zterm = _sinc(dl) * _sinc(dl / ld)
+                        xp = np.float64(xpos[p])
+                        yp = np.float64(ypos[p])
+                        for i in range(i1, i2 + 1):
+                            dx = abs((crval1 + i) - xp)
+                            xterm = 0.0
                             if method == _DRIZZLE:
-                                yterm = _drizzle_term(yin, yout, dy)
-                                if yterm <= 0:
+                                xterm = _drizzle_term(xin, xout, dx)
+                                if xterm <= 0:
                                     if not keep_all:
                                         continue
-                                    yterm = 0.0
-                                w = xterm * min(yterm, yin) * zterm / volume
+                                    xterm = 0.0
+                                xterm = min(xterm, xin)
                             elif method == _LANCZOS:
-                                if dy >= ld:
+                                if dx >= ld:
                                     if not keep_all:
                                         continue
-                                    w = 0.0
                                 else:
-                                    w = xterm * _sinc(dy) * _sinc(dy / ld) * zterm
-                            else:
-                                r2 = dx * dx + dy * dy + dl * dl
-                                if method == _QUADRATIC:
-                                    w = _FLT_MAX if r2 == 0 else 1.0 / r2
-                                else:
-                                    r = math.sqrt(r2)
-                                    if method == _LINEAR:
-                                        w = _FLT_MAX if r == 0 else 1.0 / r
-                                    elif r == 0:
-                                        w = _FLT_MAX
-                                    elif r >= renka_rc:
-                                        w = _DBL_MIN
+                                    xterm = _sinc(dx) * _sinc(dx / ld)
+                            for j in range(j1, j2 + 1):
+                                dy = abs((crval2 + j) - yp)
+                                if method == _DRIZZLE:
+                                    yterm = _drizzle_term(yin, yout, dy)
+                                    if yterm <= 0:
+                                        if not keep_all:
+                                            continue
+                                        yterm = 0.0
+                                    w = xterm * min(yterm, yin) * zterm / volume
+                                elif method == _LANCZOS:
+                                    if dy >= ld:
+                                        if not keep_all:
+                                            continue
+                                        w = 0.0
                                     else:
-                                        q = (renka_rc - r) / (renka_rc * r)
-                                        w = q * q
-                            k = i + nx * j
-                            sumw[k] += w
-                            sumd[k] += dp * w
-                            sums[k] += sp * w * w
+                                        w = xterm * _sinc(dy) * _sinc(dy / ld) * zterm
+                                else:
+                                    r2 = dx * dx + dy * dy + dl * dl
+                                    if method == _QUADRATIC:
+                                        w = _FLT_MAX if r2 == 0 else 1.0 / r2
+                                    else:
+                                        r = math.sqrt(r2)
+                                        if method == _LINEAR:
+                                            w = _FLT_MAX if r == 0 else 1.0 / r
+                                        elif r == 0:
+                                            w = _FLT_MAX
+                                        elif r >= renka_rc:
+                                            w = _DBL_MIN
+                                        else:
+                                            q = (renka_rc - r) / (renka_rc * r)
+                                            w = q * q
+                                k = i + nx * j
+                                sumw[k] += w
+                                sumd[k] += dp * w
+                                sums[k] += sp * w * w
         for j in range(jlo, jhi + 1):
             for i in range(nx):
                 k = i + nx * j
