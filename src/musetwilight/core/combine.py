@@ -381,8 +381,8 @@ def image_stats(data: np.ndarray, rejected: np.ndarray | None = None) -> dict[st
     n = values.size
     if n == 0:
         raise InputError("no good pixels for image statistics")
-    middle = median_of(values)
-    total, mean, varsum, vmin, vmax = _moments(values)
+    total, mean, varsum, vmin, vmax = _moments(values)  # in pixel order, before the partition
+    middle = median_of(values, overwrite=rejected is not None)  # a fresh copy then: partitioned in place
     stdev = math.sqrt(varsum / (n - 1)) if n > 1 else 0.0
     return dict(MEDIAN=middle, MEAN=mean, STDEV=stdev, MIN=float(vmin), MAX=float(vmax),
                 INTFLUX=total)

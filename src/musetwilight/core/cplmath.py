@@ -307,16 +307,22 @@ def median_float(vals, n, work):
     return low + (high - low) / np.float32(2.0)
 
 
-def median_of(values: np.ndarray) -> float:
+def median_of(values: np.ndarray, overwrite: bool = False) -> float:
     """CPL's median of a NumPy array in its own precision (float32 for CPL float data): the
-    middle value, or ``a + (b - a) / 2`` of the middle pair computed in that precision."""
+    middle value, or ``a + (b - a) / 2`` of the middle pair computed in that precision.
+
+    One partition at the upper middle: the lower middle is then the largest value before it.
+    With ``overwrite`` the array (a private copy of the caller's) is partitioned in place."""
     values = np.ravel(values)
     n = values.size
     if n == 0:
         return float("nan")
+    work = values if overwrite else values.copy()
+    half = n // 2
+    work.partition(half)
+    high = work[half]
     if n % 2:
-        return float(np.partition(values, n // 2)[n // 2])
-    part = np.partition(values, (n // 2 - 1, n // 2))
-    low, high = part[n // 2 - 1], part[n // 2]
+        return float(high)
+    low = work[:half].max()
     two = values.dtype.type(2) if values.dtype.kind == "f" else 2.0
     return float(low + (high - low) / two)

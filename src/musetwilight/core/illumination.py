@@ -89,6 +89,7 @@ from .smooth import (
     _mean_good,
     _scale,
     adapt_vignetting_mask,
+    checked_cube_and_white,
     collapse,
     nfm_vignetting_mask,
     white_light_mask,
@@ -1040,16 +1041,9 @@ def postprocess_joint(cube: np.ndarray, settings: Settings, mode: str, *, white:
     the zone; ``white_cor``: white_div_global / vign_fit; ``white_div_global_excl_edges`` (WFM,
     ``vignmaskedges`` > 0) as ESO computes it, for the same diagnostic.
     """
-    cube = np.asarray(cube, np.float32)
-    if cube.ndim != 3:
-        raise InputError(f"DATACUBE_SKYFLAT: expected a 3D cube, got shape {cube.shape}")
+    cube, white = checked_cube_and_white(cube, white)
     nz, ny, nx = cube.shape
     nfm = is_nfm(mode)
-    if white is None:
-        white, _ = collapse(cube)
-    white = np.asarray(white, np.float32)
-    if white.shape != (ny, nx):
-        raise InputError(f"white-light image {white.shape} does not match the cube planes {(ny, nx)}")
     white_bad = white_light_mask(white)
     vign: np.ndarray | None
     if nfm:

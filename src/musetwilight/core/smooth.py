@@ -462,6 +462,20 @@ def _fill_failed_planes(fitted: np.ndarray, failed: dict[int, str], wavelengths:
         fitted[k] = fitted[source]
 
 
+def checked_cube_and_white(cube: np.ndarray, white: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """The cube as float32 (nz, ny, nx) and its white-light image (collapsed from the cube when
+    None, 0 where empty, as ESO's skip mode), both checked for their shapes."""
+    cube = np.asarray(cube, np.float32)
+    if cube.ndim != 3:
+        raise InputError(f"DATACUBE_SKYFLAT: expected a 3D cube, got shape {cube.shape}")
+    if white is None:
+        white, _ = collapse(cube)
+    white = np.asarray(white, np.float32)
+    if white.shape != cube.shape[1:]:
+        raise InputError(f"white-light image {white.shape} does not match the cube planes {cube.shape[1:]}")
+    return cube, white
+
+
 def postprocess(cube: np.ndarray, settings: Settings, mode: str, *, white: np.ndarray | None = None,
                 vignetting_mask: np.ndarray | None = None,
                 wavelengths: np.ndarray | None = None) -> TwilightResult:
@@ -482,17 +496,10 @@ def postprocess(cube: np.ndarray, settings: Settings, mode: str, *, white: np.nd
     >>> result.cube.shape, float(result.cube[1].mean())
     ((3, 20, 24), 1.0)
     """
-    cube = np.asarray(cube, np.float32)
-    if cube.ndim != 3:
-        raise InputError(f"DATACUBE_SKYFLAT: expected a 3D cube, got shape {cube.shape}")
+    cube, white = checked_cube_and_white(cube, white)
     nz, ny, nx = cube.shape
     is_wfm = not is_nfm(mode)
     warnings: list[str] = []
-    if white is None:
-        white, _ = collapse(cube)
-    white = np.asarray(white, np.float32)
-    if white.shape != (ny, nx):
-        raise InputError(f"white-light image {white.shape} does not match the cube planes {(ny, nx)}")
     white_bad = white_light_mask(white)
 
     if is_wfm:
