@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_recipe import timed
+from bench_recipe import run_ours, timed
 
 from musetwilight.tools import eso
 from musetwilight.tools.simulate import simulate_dataset
@@ -25,10 +25,7 @@ def measure(ifus: int, nexp: int, with_eso: bool) -> dict:
     work = Path(tempfile.mkdtemp(prefix=f"scaling_{ifus}x{nexp}_"))
     try:
         sim = simulate_dataset(work / "set", scale="full", seed=1, nexp=nexp, ifus=list(range(1, ifus + 1)))
-        out = work / "ours"
-        out.mkdir()
-        row = {"ours": timed([sys.executable, "-m", "musetwilight", "-q", "run", f"--output-dir={out}",
-                              str(sim.sof)], out)}
+        row = {"ours": run_ours(sim.sof, work / "ours", {})}  # peak RSS: the largest of the per-stage peaks
         if with_eso:
             eso_out = work / "eso"
             eso_out.mkdir()
