@@ -51,10 +51,16 @@ class BusyError(OutputError):
     """Another run is writing into the same output directory."""
 
 
+def os_error_reason(err: OSError) -> str:
+    """What went wrong, without the path, as part of a sentence: "read-only file system"."""
+    reason = err.strerror or str(err)
+    return reason[:1].lower() + reason[1:]
+
+
 def os_error_text(err: OSError) -> str:
     """An OSError as a sentence naming its path ("DIR: read-only file system"), never "[Errno 30] ..."."""
     if isinstance(err, MuseTwilightError) or err.strerror is None:
         return str(err)
-    reason = err.strerror[:1].lower() + err.strerror[1:]
+    reason = os_error_reason(err)
     paths = [str(p) for p in (err.filename, err.filename2) if p is not None]
     return f"{' -> '.join(paths)}: {reason}" if paths else reason

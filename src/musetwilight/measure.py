@@ -26,14 +26,30 @@ def _reset_peak() -> bool:
         return False
 
 
+def kb_fields(text: str, *fields: str) -> dict[str, int]:
+    """The "Name:  N kB" lines of a /proc file (status, meminfo) among ``fields``, in bytes."""
+    found = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        parts = value.split()
+        if name in fields and len(parts) == 2 and parts[1] == "kB" and parts[0].isdigit():
+            found[name] = int(parts[0]) * 1024
+    return found
+
+
+def status_bytes(*fields: str) -> dict[str, int]:
+    """Sizes of this process from /proc/self/status (e.g. VmRSS, VmHWM), in bytes; {} elsewhere."""
+    try:
+        return kb_fields(_STATUS.read_text(), *fields)
+    except OSError:
+        return {}
+
+
 def peak_rss_mb() -> float:
     """The process's peak resident memory (MiB) since the last reset (or since it started)."""
-    try:
-        for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
+    peak = status_bytes("VmHWM").get("VmHWM")
+    if peak is not None:
+        return peak / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from .errors import MemoryLimitError, ParameterError
 from .io import formats, space
 from .io.frames import Inputs
+from .measure import kb_fields, status_bytes
 from .params import Settings
 
 MEMORY_ENV = "MUSETWILIGHT_MAX_MEMORY"
@@ -79,20 +80,11 @@ def parse_size(text: str | int | float) -> int:
     return int(number)
 
 
-def _status_bytes(field: str, status: str) -> int | None:
-    match = re.search(rf"^{field}:\s+(\d+) kB", status, flags=re.M)
-    return int(match.group(1)) * 1024 if match else None
-
-
 def process_memory() -> dict[str, int]:
     """This process's resident, virtual and data-segment sizes in bytes (Linux /proc; {} elsewhere)."""
-    try:
-        status = Path("/proc/self/status").read_text()
-    except OSError:
-        return {}
-    found = {name: _status_bytes(field, status) for name, field in (("rss", "VmRSS"), ("vsize", "VmSize"),
-                                                                      ("data", "VmData"))}
-    return {name: value for name, value in found.items() if value is not None}
+    found = status_bytes("VmRSS", "VmSize", "VmData")
+    return {name: found[field] for name, field in (("rss", "VmRSS"), ("vsize", "VmSize"), ("data", "VmData"))
+            if field in found}
 
 
 def _read_int(path: Path) -> int | None:
@@ -176,7 +168,7 @@ def dask_worker_budget() -> MemoryBudget | None:
 def available_budget(own_rss: int, meminfo: Path = Path("/proc/meminfo")) -> MemoryBudget | None:
     """The memory this machine has available (MemAvailable, swap left aside), plus what we hold."""
     try:
-        available = _status_bytes("MemAvailable", meminfo.read_text())
+        available = kb_fields(meminfo.read_text(), "MemAvailable").get("MemAvailable")
     except OSError:
         return None
     return None if available is None else MemoryBudget(own_rss + available, "memory available on this machine")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .instrument import SPECTRAL_SAMPLING
 from .params import Settings, make_settings
 
 log = logging.getLogger("musetwilight.precompile")
@@ -100,7 +101,7 @@ def exercise_late_stages(settings: Settings, mode: str, vignetting: bool) -> Non
 
     rng = np.random.default_rng(1)
     nrow, half, nplanes = 60_000, 15.0, 3
-    dlambda = settings.dlambda or 1.25
+    dlambda = settings.dlambda or SPECTRAL_SAMPLING
     xpos = rng.uniform(-half, half, nrow).astype(np.float32)
     ypos = rng.uniform(-half, half, nrow).astype(np.float32)
     lambda_ = rng.uniform(6000.0, 6000.0 + (nplanes - 1) * dlambda, nrow).astype(np.float32)

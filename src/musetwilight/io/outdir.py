@@ -18,7 +18,7 @@ import socket
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ..errors import BusyError, OutputError
+from ..errors import BusyError, OutputError, os_error_reason
 
 LOCK_NAME = ".musetwilight.lock"
 TEMPORARY_SUFFIX = ".tmp"  # temporary files of a run: "." + final name + "." + random + ".tmp"
@@ -59,7 +59,7 @@ def make_directory(directory: str | os.PathLike, what: str = "output directory")
     except FileExistsError:
         raise OutputError(f"{path}: cannot be the {what}: a file of that name exists") from None
     except OSError as err:
-        raise OutputError(f"{path}: cannot create the {what}: {_reason(err)}") from None
+        raise OutputError(f"{path}: cannot create the {what}: {os_error_reason(err)}") from None
     if not path.is_dir():
         raise OutputError(f"{path}: cannot be the {what}: not a directory")
     return path
@@ -79,7 +79,7 @@ def claim(directory: str | os.PathLike) -> OutputLock:
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as err:
-            raise OutputError(f"{path}: cannot write into the output directory: {_reason(err)}") from None
+            raise OutputError(f"{path}: cannot write into the output directory: {os_error_reason(err)}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -100,12 +100,6 @@ def claim(directory: str | os.PathLike) -> OutputLock:
     lock = OutputLock(path, fd)
     remove_leftovers(path)
     return lock
-
-
-def _reason(err: OSError) -> str:
-    """What went wrong, without the path (the sentence names it): "read-only file system"."""
-    reason = err.strerror or str(err)
-    return reason[:1].lower() + reason[1:]
 
 
 def _holder(fd: int) -> str:
