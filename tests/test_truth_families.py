@@ -124,3 +124,55 @@ def test_expected_twilight_holds_the_per_ifu_flux_scaling(simulated_set):
     ratio = sky["DATA"].data / cube
     ratio /= np.nanmedian(ratio[:, field], axis=1)[:, None, None]
     assert np.nanmedian(np.abs(ratio[:, field] - 1)) < 0.01
+
+
+def test_bayes_terms_is_least_squares_without_priors_and_shrinks_with_them():
+    """The floor's estimator: flat priors give least squares, a prior shrinks by s2 / (s2 + noise / n)."""
+    rng = np.random.default_rng(3)
+    design = np.column_stack([np.ones(40), np.linspace(-1, 1, 40)])
+    observed = design @ np.array([0.2, -0.05]) + rng.normal(0, 0.01, 40)
+    flat = report.bayes_terms(design, np.zeros(2), observed, 1e-4)
+    np.testing.assert_allclose(flat, np.linalg.lstsq(design, observed, rcond=None)[0], rtol=1e-12)
+    one = np.ones((12, 1))
+    values = rng.normal(0.003, 0.008, 12)
+    shrunk = report.bayes_terms(one, np.array([1 / 0.002 ** 2]), values, 0.008 ** 2)
+    weight = 0.002 ** 2 / (0.002 ** 2 + 0.008 ** 2 / 12)
+    np.testing.assert_allclose(shrunk, [weight * values.mean()], rtol=1e-12)
+
+
+def _cube_wcs(truth):
+    grid = truth["cube_grid"]
+    return fits.Header({"CRVAL1": grid["crval1"], "CRPIX1": 1.0, "CRVAL2": grid["crval2"], "CRPIX2": 1.0}), \
+        (int(grid["ny"]), int(grid["nx"]))
+
+
+def test_confusion_floor_is_zero_where_nothing_is_confused(simulated_set):
+    """With ILLUM (slices levelled) and for a field without per-IFU or per-stack terms, the floor is 0."""
+    for family, used_illum in (("stack", True), ("smooth", False)):
+        truth = simulated_set(seed=4, family=family).truth()
+        wcs, shape = _cube_wcs(truth)
+        assert not report.confusion_floor(truth, wcs, shape, used_illum).any()
+
+
+def test_confusion_floor_of_slice_stacks_is_one_level_per_stack(simulated_set):
+    """Without ILLUM, the stack means of the slice efficiencies pass for stack levels: the floor is
+    one constant per slice stack (its Bayes error), of the size of those means, not zero."""
+    from musetwilight.tools.simulate import slice_membership, truth_geometry
+
+    truth = simulated_set(seed=4, family="stack").truth()
+    wcs, shape = _cube_wcs(truth)
+    floor = report.confusion_floor(truth, wcs, shape, used_illum=False)
+    ifu, stack = slice_membership(truth_geometry(truth), wcs["CRVAL1"], wcs["CRVAL2"], shape[1], shape[0], 4)
+    whole = (ifu == ifu[..., :1]).all(axis=2) & (stack == stack[..., :1]).all(axis=2) & (ifu[..., 0] > 0)
+    levels = []
+    for n in np.unique(ifu[..., 0][whole]):
+        for k in range(4):
+            inside = whole & (ifu[..., 0] == n) & (stack[..., 0] == k)
+            values = floor[inside]
+            assert values.size > 10
+            np.testing.assert_allclose(values, values[0], atol=1e-12)
+            levels.append(values[0])
+    levels = np.array(levels)
+    eff = np.concatenate([np.asarray(e["slice_efficiency"]) for e in truth["ifus"].values()])
+    stack_mean_scatter = np.std(np.log(eff)) / np.sqrt(12)
+    assert 0.2 * stack_mean_scatter < np.std(levels) < 2 * stack_mean_scatter

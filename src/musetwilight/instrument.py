@@ -16,6 +16,8 @@ import numpy as np
 
 NUM_IFUS = 24
 NUM_SLICES = 48  # slices per IFU (CCD slices 1..48 from left to right)
+SLICES_PER_STACK = 12  # sky slices 12k+1..12k+12 form slice stack k (0..3) of an IFU
+IFU_HALF_HEIGHT = 6.0  # half the 12 slice rows of an IFU in the field (GEOMETRY_TABLE y units)
 
 MODES = ("WFM-NOAO-N", "WFM-NOAO-E", "WFM-AO-N", "WFM-AO-E", "NFM-AO-N")
 

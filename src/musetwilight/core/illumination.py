@@ -80,7 +80,7 @@ from scipy.linalg import LinAlgError, cho_factor, cho_solve
 from scipy.ndimage import binary_dilation, distance_transform_edt
 
 from ..errors import InputError
-from ..instrument import is_nfm
+from ..instrument import IFU_HALF_HEIGHT, SLICES_PER_STACK, is_nfm
 from ..params import Settings
 from .smooth import (
     TwilightResult,
@@ -97,9 +97,7 @@ from .smooth import (
 
 log = logging.getLogger(__name__)
 
-IFU_HALF_HEIGHT = 6.0  # eta = (y - yc) / 6: -1..1 over the 12 slice rows of an IFU
 STACKS_PER_IFU = 4
-SLICES_PER_STACK = 12
 TUKEY_MAD = 1.4826  # MAD -> sigma of a Gaussian
 
 

@@ -36,7 +36,7 @@ from astropy.io import fits
 
 from .. import __version__
 from ..errors import MuseTwilightError
-from ..instrument import ifu_ranges, is_nfm
+from ..instrument import IFU_HALF_HEIGHT, SLICES_PER_STACK, ifu_ranges, is_nfm
 from ..io.products import DATACUBE_SKYFLAT, ILLUM_MODEL_KEY, TWILIGHT_CUBE
 
 DEFAULT_TITLE = "musetwilight QA report"
@@ -1164,6 +1164,82 @@ def expected_twilight(truth: dict, header: fits.Header, wcs: fits.Header, shape:
     stack_boundary[:, :-1] |= mixed[:, 1:] & (count[:, :-1] > 0)
     return {"cube": cube, "excess": excess, "ifu": ifu, "ifu_boundary": ifu_boundary,
             "stack_boundary": stack_boundary, "used_illum": used_illum, "wavelengths": lam}
+
+
+def bayes_terms(design: np.ndarray, prior_precision: np.ndarray, observed: np.ndarray,
+                noise_variance: float) -> np.ndarray:
+    """Posterior mean of the terms c of ``observed`` = ``design`` c + e, e ~ N(0, ``noise_variance``),
+    c ~ N(0, 1 / ``prior_precision``) (precision 0: a flat prior): the estimate with the least
+    mean squared error a method can have when it knows the form of the field and its scatter."""
+    normal = design.T @ design / noise_variance + np.diag(prior_precision)
+    return np.linalg.solve(normal, design.T @ observed / noise_variance)
+
+
+def confusion_floor(truth: dict, wcs: fits.Header, shape: tuple[int, int], used_illum: bool) -> np.ndarray:
+    """Log error (ny, nx) of the best possible smooth model of a simulated set: its floor.
+
+    Without ILLUM the slice efficiencies stay in the data (:func:`expected_twilight` leaves
+    them out), and the part of them that has the form of the family's per-IFU slopes and
+    per-stack levels cannot be told from illumination of that form, by any method and at any
+    signal-to-noise.  This is the error of the Bayes estimate (:func:`bayes_terms`) of those
+    terms from noise-free data, per IFU, knowing their form and scatter (the injected ones)
+    and the efficiencies' scatter: the field as the slice levels carry it
+    (``gx u + gy eta`` per IFU, ``s`` per stack; the IFU level is free, as the recipe's flux
+    scaling makes it; x slopes within a stack and chromatic terms are not confused, as a slice
+    spans its stack and its efficiency is grey), mapped onto the spaxels like
+    :func:`expected_twilight`.  Zero with ILLUM (it levels the slices) and for families
+    without per-IFU or per-stack terms.
+    """
+    from .simulate import slice_index_map, truth_geometry
+
+    ny, nx = shape
+    family = truth.get("family") or {}
+    components = set(family.get("components") or ())
+    if used_illum or not components & {"ifu", "stack"}:
+        return np.zeros((ny, nx))
+    geometry = truth_geometry(truth)
+    ifu_terms = {int(k): v for k, v in (family.get("ifu_terms") or {}).items()}
+    stack_terms = {int(k): v for k, v in (family.get("stack_terms") or {}).items()}
+    xscale = float(truth["field_illumination"]["xscale"])
+    scatter = {}
+    if "ifu" in components:
+        scatter["gx"] = float(np.mean([t["gx"] ** 2 for t in ifu_terms.values()]))
+        scatter["gy"] = float(np.mean([t["gy"] ** 2 for t in ifu_terms.values()]))
+    if "stack" in components:
+        scatter["s"] = float(np.mean([t["s"] ** 2 for terms in stack_terms.values() for t in terms]))
+    rows, efficiency = [], []
+    for n, entry in (truth.get("ifus") or {}).items():
+        mine = np.nonzero(geometry["SubField"] == int(n))[0]
+        eff = np.asarray(entry["slice_efficiency"], float)[geometry["SliceCCD"][mine] - 1]
+        rows.append(mine)
+        efficiency.append(np.log(eff) - np.log(np.mean(eff)))
+    noise_variance = float(np.var(np.concatenate(efficiency)))
+    error = np.zeros(len(geometry))
+    for n, mine, e in zip((int(k) for k in (truth.get("ifus") or {})), rows, efficiency):
+        g = geometry[mine]
+        stack = (g["SliceSky"] - 1) // SLICES_PER_STACK
+        columns, precision, injected = [np.ones(len(g))], [0.0], [0.0]
+        if "gx" in scatter:
+            columns += [g["x"] / xscale, (g["y"] - g["y"].mean()) / IFU_HALF_HEIGHT]
+            precision += [1.0 / scatter["gx"], 1.0 / scatter["gy"]]
+            injected += [ifu_terms[n]["gx"], ifu_terms[n]["gy"]]
+        if "s" in scatter:
+            for k in range(4):
+                columns.append((stack == k).astype(float))
+                precision.append(1.0 / scatter["s"])
+                injected.append(stack_terms[n][k]["s"])
+        design, c = np.array(columns).T, np.array(injected)
+        estimate = bayes_terms(design, np.array(precision), design @ c + e, noise_variance)
+        error[mine] = design @ (estimate - c)
+    m = EXPECTED_SUBSAMPLES
+    x0 = float(wcs.get("CRVAL1", 1.0)) + (1.0 - float(wcs.get("CRPIX1", 1.0)))
+    y0 = float(wcs.get("CRVAL2", 1.0)) + (1.0 - float(wcs.get("CRPIX2", 1.0)))
+    index = slice_index_map(geometry, x0, y0, nx, ny, m)
+    inside = index >= 0
+    count = inside.sum(axis=2)
+    with np.errstate(invalid="ignore"):
+        return np.where(count > 0, np.where(inside, error[np.where(inside, index, 0)], 0.0).sum(axis=2)
+                        / np.maximum(count, 1), 0.0)
 
 
 def _ratio_stats(dev: np.ndarray) -> dict[str, float | int]:

@@ -32,6 +32,7 @@ from astropy.io import fits
 from numpy.polynomial import Polynomial
 
 from ..instrument import (
+    IFU_HALF_HEIGHT,
     MODES,
     NOTCH_RANGES,
     NUM_IFUS,
@@ -39,6 +40,7 @@ from ..instrument import (
     PORT_X_RIGHT,
     PORT_Y_TOP,
     SATURATION_LIMIT,
+    SLICES_PER_STACK,
     Euro3D,
     is_nfm,
 )
@@ -229,7 +231,7 @@ def build_instrument(layout: CcdLayout, mode: str, seed: int) -> Instrument:
         dx_ifu = rng.normal(0.0, 0.15)
         for s in range(NSLICES):
             sky = int(CCD_TO_SKY[s])
-            stack, row = (sky - 1) // 12, (sky - 1) % 12
+            stack, row = (sky - 1) // SLICES_PER_STACK, (sky - 1) % SLICES_PER_STACK
             r = (ifu - 1) * NSLICES + s
             geo[r] = (ifu, s + 1, sky,
                       (stack - 1.5) * (inst.sky_width + gap) + dx_ifu + rng.normal(0.0, 0.03), 0.01,
@@ -391,7 +393,6 @@ CORNER_SHAPES = ("cosine", "linear", "gaussian", "elliptic", "straight")
 EDGE_SHAPES = ("quadratic", "linear", "cosine", "cubic", "exponential")
 POLY_TERMS = ("a10", "a01", "a20", "a11", "a02")
 LAMBDA_REF, LAMBDA_HALF = 7000.0, 2000.0  # w = (lambda - 7000) / 2000 spans 5000..9000 A
-IFU_HALF_HEIGHT = 6.0  # eta = (y - yc_ifu) / 6 spans an IFU's 12 slice rows
 FAMILY_FORMULAS = {
     "smooth": "G = 1 + sum_ij (a_ij + b_ij w + c_ij w^2) u^i v^j over ij in 10,01,20,11,02; "
               "u = x/xscale, v = y/yscale, w = (lambda - 7000)/2000; a_ij as 'coeffs' (today's field)",
@@ -426,7 +427,7 @@ def stack_layout(geometry: np.ndarray) -> dict[int, dict]:
     out = {}
     for ifu in np.unique(geometry["SubField"]):
         g = geometry[geometry["SubField"] == ifu]
-        stack = (g["SliceSky"] - 1) // 12
+        stack = (g["SliceSky"] - 1) // SLICES_PER_STACK
         stacks = []
         for k in range(4):
             s = g[stack == k]
@@ -451,9 +452,8 @@ def layout_membership(layout: dict, x, y) -> tuple[np.ndarray, np.ndarray]:
     return ifu, stack
 
 
-def slice_membership(geometry: np.ndarray, x0: float, y0: float, nx: int, ny: int,
-                     sub: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """IFU number (0: none) and slice stack (-1: none) on a grid, slice by slice.
+def slice_index_map(geometry: np.ndarray, x0: float, y0: float, nx: int, ny: int, sub: int = 1) -> np.ndarray:
+    """Row of ``geometry`` (-1: none) covering each point of a grid, slice by slice.
 
     The grid has rows at y0 + j and, in x, ``sub`` positions across each unit cell centred on
     x0 + i (shape (ny, nx, sub)).  A slice covers x - width/2 .. x + width/2, y - 0.5 .. y + 0.5
@@ -461,18 +461,27 @@ def slice_membership(geometry: np.ndarray, x0: float, y0: float, nx: int, ny: in
     stack's bounding box.
     """
     xs = (x0 + np.arange(nx)[:, None] + (np.arange(sub)[None, :] + 0.5) / sub - 0.5).ravel()
-    ifu = np.zeros((ny, nx * sub), int)
-    stack = np.full((ny, nx * sub), -1)
-    for g in geometry:  # one slice at a time, on its own rows and columns only
+    index = np.full((ny, nx * sub), -1)
+    for row, g in enumerate(geometry):  # one slice at a time, on its own rows and columns only
         j0, j1 = int(np.ceil(g["y"] - 0.5 - y0)), int(np.floor(g["y"] + 0.5 - y0))
         i0 = int(np.searchsorted(xs, g["x"] - g["width"] / 2, side="left"))
         i1 = int(np.searchsorted(xs, g["x"] + g["width"] / 2, side="right"))
         j0, j1 = max(j0, 0), min(j1, ny - 1)
         if j1 < j0 or i1 <= i0:
             continue
-        ifu[j0:j1 + 1, i0:i1] = int(g["SubField"])
-        stack[j0:j1 + 1, i0:i1] = (int(g["SliceSky"]) - 1) // 12
-    return ifu.reshape(ny, nx, sub), stack.reshape(ny, nx, sub)
+        index[j0:j1 + 1, i0:i1] = row
+    return index.reshape(ny, nx, sub)
+
+
+def slice_membership(geometry: np.ndarray, x0: float, y0: float, nx: int, ny: int,
+                     sub: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """IFU number (0: none) and slice stack (-1: none) on the grid of :func:`slice_index_map`."""
+    index = slice_index_map(geometry, x0, y0, nx, ny, sub)
+    inside = index >= 0
+    rows = geometry[np.where(inside, index, 0)]
+    ifu = np.where(inside, rows["SubField"], 0).astype(int)
+    stack = np.where(inside, (rows["SliceSky"].astype(int) - 1) // SLICES_PER_STACK, -1)
+    return ifu, stack
 
 
 def truth_geometry(truth: dict) -> np.ndarray:
@@ -917,7 +926,7 @@ class _Writer:
         flux *= self.slice_eff[ifu][maps.slice_index[inside]].astype(np.float32)
         flux *= np.float32(self.ifu_throughput[ifu])
         if getattr(self.field, "contextual", False):  # truth families: wavelength, IFU, stack
-            stack = (CCD_TO_SKY[maps.slice_index[inside]] - 1) // 12
+            stack = (CCD_TO_SKY[maps.slice_index[inside]] - 1) // SLICES_PER_STACK
             flux *= field_factor(maps.xpos[inside], maps.ypos[inside], lam, ifu, stack).astype(np.float32)
         else:
             flux *= field_factor(maps.xpos[inside], maps.ypos[inside]).astype(np.float32)
