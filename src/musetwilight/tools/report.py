@@ -1179,16 +1179,15 @@ def confusion_floor(truth: dict, wcs: fits.Header, shape: tuple[int, int], used_
     """Log error (ny, nx) of the best possible smooth model of a simulated set: its floor.
 
     Without ILLUM the slice efficiencies stay in the data (:func:`expected_twilight` leaves
-    them out), and the part of them that has the form of the family's per-IFU slopes and
+    them out), and the part of them that has the form of the family's per-IFU y slopes and
     per-stack levels cannot be told from illumination of that form, by any method and at any
     signal-to-noise.  This is the error of the Bayes estimate (:func:`bayes_terms`) of those
     terms from noise-free data, per IFU, knowing their form and scatter (the injected ones)
-    and the efficiencies' scatter: the field as the slice levels carry it
-    (``gx u + gy eta`` per IFU, ``s`` per stack; the IFU level is free, as the recipe's flux
-    scaling makes it; x slopes within a stack and chromatic terms are not confused, as a slice
-    spans its stack and its efficiency is grey), mapped onto the spaxels like
-    :func:`expected_twilight`.  Zero with ILLUM (it levels the slices) and for families
-    without per-IFU or per-stack terms.
+    and the efficiencies' scatter: the terms that are constant along each slice (``gy eta``
+    per IFU, ``s`` per stack; the IFU level is free, as the recipe's flux scaling makes it;
+    x slopes are seen along every slice and chromatic terms are not confused, as a slice's
+    efficiency is grey), mapped onto the spaxels like :func:`expected_twilight`.  Zero with
+    ILLUM (it levels the slices) and for families without per-IFU or per-stack terms.
     """
     from .simulate import slice_index_map, truth_geometry
 
@@ -1200,10 +1199,8 @@ def confusion_floor(truth: dict, wcs: fits.Header, shape: tuple[int, int], used_
     geometry = truth_geometry(truth)
     ifu_terms = {int(k): v for k, v in (family.get("ifu_terms") or {}).items()}
     stack_terms = {int(k): v for k, v in (family.get("stack_terms") or {}).items()}
-    xscale = float(truth["field_illumination"]["xscale"])
     scatter = {}
     if "ifu" in components:
-        scatter["gx"] = float(np.mean([t["gx"] ** 2 for t in ifu_terms.values()]))
         scatter["gy"] = float(np.mean([t["gy"] ** 2 for t in ifu_terms.values()]))
     if "stack" in components:
         scatter["s"] = float(np.mean([t["s"] ** 2 for terms in stack_terms.values() for t in terms]))
@@ -1219,10 +1216,10 @@ def confusion_floor(truth: dict, wcs: fits.Header, shape: tuple[int, int], used_
         g = geometry[mine]
         stack = (g["SliceSky"] - 1) // SLICES_PER_STACK
         columns, precision, injected = [np.ones(len(g))], [0.0], [0.0]
-        if "gx" in scatter:
-            columns += [g["x"] / xscale, (g["y"] - g["y"].mean()) / IFU_HALF_HEIGHT]
-            precision += [1.0 / scatter["gx"], 1.0 / scatter["gy"]]
-            injected += [ifu_terms[n]["gx"], ifu_terms[n]["gy"]]
+        if "gy" in scatter:
+            columns.append((g["y"] - g["y"].mean()) / IFU_HALF_HEIGHT)
+            precision.append(1.0 / scatter["gy"])
+            injected.append(ifu_terms[n]["gy"])
         if "s" in scatter:
             for k in range(4):
                 columns.append((stack == k).astype(float))
