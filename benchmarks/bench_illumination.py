@@ -8,6 +8,12 @@ each model; the TWILIGHT_CUBE is compared with the expected one
 recovered / injected - 1 in the unvignetted field, in the vignetted zone, at IFU and at
 slice-stack boundaries, the vignetting depth error, and the smoothing time.
 
+Without ILLUM a ``floor`` row follows where it is not zero: the error of the best possible
+smooth model (:func:`musetwilight.tools.report.confusion_floor`: the slice efficiencies that
+ILLUM would have levelled imitate per-IFU y slopes and per-stack levels, and no method can
+tell them apart, at any signal-to-noise).  The verdict names the rows that miss a goal and
+those whose rms goal lies below that floor.
+
 Seeds 0-4 are the training seeds (the joint model's choices were tuned on them), 5-9 are
 held back (``--seeds held``).  Cubes are cached (``--cache``), so the costly simulation and
 reduction happen once; full-size sets (~12 GB each) are written under ``--workdir`` and

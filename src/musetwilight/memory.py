@@ -264,8 +264,12 @@ class MemoryPlan:
                 "budget_source": self.budget.source if self.budget else None}
 
     def describe(self) -> str:
-        path = (f"low-memory path, tiles of {self.rows_per_tile / 1e6:.3g} M rows" if self.low_memory
-                else "tables in memory")
+        if not self.low_memory:
+            path = "tables in memory"
+        elif self.rows_per_tile is None:
+            path = "low-memory path"
+        else:
+            path = f"low-memory path, tiles of {self.rows_per_tile / 1e6:.3g} M rows"
         limit = f", may use {self.budget}" if self.budget is not None else ""
         return (f"{self.workers} IFU{'s' if self.workers != 1 else ''} at a time, {path}; "
                 f"peak estimated at {space.format_bytes(self.estimate)}{limit}")

@@ -185,9 +185,9 @@ def _check_header_counts(path: Path) -> None:
                             values[key.decode("ascii").strip()] = int(card[10:80].split(b"/")[0])
                         except ValueError:
                             pass
-            for key in _COUNT_KEYS.values():
-                if key in values and not 0 <= values[key] <= 999:
-                    raise InputError(f"{path}: corrupt FITS header of HDU {index}: {key} = {values[key]} "
+            for name in _COUNT_KEYS.values():
+                if name in values and not 0 <= values[name] <= 999:
+                    raise InputError(f"{path}: corrupt FITS header of HDU {index}: {name} = {values[name]} "
                                      "(FITS allows 0..999)")
             naxis = values.get("NAXIS", 0)
             dims = [values.get(f"NAXIS{k}", 0) for k in range(1, naxis + 1)]
@@ -211,7 +211,7 @@ def stored_header(hdu: fits.hdu.base._BaseHDU) -> fits.Header:
     return hdu.header
 
 
-def _hdu(hdul: fits.HDUList, index: int, path: Path | str) -> fits.hdu.base._BaseHDU:
+def _hdu(hdul: fits.HDUList, index: int, path: str | os.PathLike) -> fits.hdu.base._BaseHDU:
     """HDU ``index``; a header that cannot be read (truncated file) is an InputError."""
     try:
         with warnings.catch_warnings():
@@ -221,7 +221,7 @@ def _hdu(hdul: fits.HDUList, index: int, path: Path | str) -> fits.hdu.base._Bas
         raise InputError(f"{path}: cannot read the header of HDU {index} ({err})") from None
 
 
-def iter_hdus(hdul: fits.HDUList, path: Path | str) -> Iterator[tuple[int, fits.hdu.base._BaseHDU]]:
+def iter_hdus(hdul: fits.HDUList, path: str | os.PathLike) -> Iterator[tuple[int, fits.hdu.base._BaseHDU]]:
     """(index, HDU) pairs, reading the headers one by one (lazily); a header announcing more
     data than the machine's memory is an InputError (:func:`check_data_size`)."""
     index = 0
@@ -252,7 +252,7 @@ def check_data_size(header: fits.Header, where: str) -> None:
                          f"({size / 1e9:.1f} GB), more than the {memory / 1e9:.1f} GB of memory of this machine")
 
 
-def _check_complete(hdul: fits.HDUList, last: int, path: Path | str) -> None:
+def _check_complete(hdul: fits.HDUList, last: int, path: str | os.PathLike) -> None:
     """After the last HDU astropy could read: bytes left over mean a truncated or corrupt
     HDU (astropy drops it with a warning only); a file shorter than the last HDU's data
     (padding not counted) is truncated."""
@@ -321,11 +321,11 @@ def matching_hdu(headers: Iterable[fits.Header], ifu: int, tag: str | None = Non
     return None
 
 
-def _headers(hdul: fits.HDUList, path: Path | str) -> Iterator[fits.Header]:
+def _headers(hdul: fits.HDUList, path: str | os.PathLike) -> Iterator[fits.Header]:
     return (hdu.header for _, hdu in iter_hdus(hdul, path))
 
 
-def ifu_extension(hdul: fits.HDUList, ifu: int, path: Path | str = "") -> int | None:
+def ifu_extension(hdul: fits.HDUList, ifu: int, path: str | os.PathLike = "") -> int | None:
     """Index of the first HDU (primary = 0) whose EXTNAME names ``ifu``, else None."""
     for index, header in enumerate(_headers(hdul, path)):
         if ifu_of_extname(header.get("EXTNAME")) == ifu:
@@ -573,11 +573,12 @@ def read_muse_image(path: str | os.PathLike, ifu: int | None = None) -> MuseImag
                 if card.keyword.startswith("ESO ") and card.keyword not in header:
                     header.append(fits.Card(hierarch(card.keyword), card.value, card.comment), end=True)
         data = _read_image_hdu(hdul, data_index, file_path, np.float32)
-        indices = {}
+        indices: dict[str, int] = {}
         for kind in (EXTNAME_DQ, EXTNAME_STAT):
-            indices[kind] = find_extension(hdul, names[kind], file_path)
-            if indices[kind] is None:
+            at = find_extension(hdul, names[kind], file_path)
+            if at is None:
                 raise InputError(f"{file_path}: could not load extension {names[kind]} (missing)")
+            indices[kind] = at
         dq = _read_dq(hdul, indices[EXTNAME_DQ], file_path)
         stat = _read_image_hdu(hdul, indices[EXTNAME_STAT], file_path, np.float32)
     if dq.shape != data.shape or stat.shape != data.shape:
@@ -656,7 +657,7 @@ def _check_columns(table: Table, required: Sequence[tuple[str, str]], where: str
             problems.append(f"column '{name}' not found")
             continue
         tform = tforms[name]
-        repeat = re.match(r"^\d*", tform.strip()).group(0)
+        repeat = re.sub(r"\D.*", "", tform.strip())  # the leading repeat count
         found = cpl_column_type(tform)
         if found != cpl_type or (repeat not in ("", "1") and found != "string"):
             problems.append(f"column '{name}' format '{tform}' ({found}) is not '{cpl_type}'")

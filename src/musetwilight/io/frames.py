@@ -84,6 +84,13 @@ class FrameSet:
         paths = self.paths(tag)
         return paths[0] if paths else None
 
+    def required(self, tag: str) -> Path:
+        """The one file of ``tag``, which the frame set must have (:func:`validate_frameset`)."""
+        path = self.single(tag)
+        if path is None:
+            raise InputError(f"no {tag} in the input frames")
+        return path
+
     @property
     def raw(self) -> list[Frame]:
         return [f for f in self.frames if f.group == "raw"]
@@ -211,7 +218,7 @@ class Inputs:
     @classmethod
     def from_frameset(cls, frames: FrameSet) -> Inputs:
         validate_frameset(frames)
-        required = {tag: frames.single(tag) for tag in ("MASTER_BIAS", "MASTER_FLAT", "TRACE_TABLE",
+        required = {tag: frames.required(tag) for tag in ("MASTER_BIAS", "MASTER_FLAT", "TRACE_TABLE",
                                                          "WAVECAL_TABLE", "GEOMETRY_TABLE")}
         return cls(frames, frames.paths("SKYFLAT"), frames.single("ILLUM"), required["MASTER_BIAS"],
                    required["MASTER_FLAT"], frames.single("MASTER_DARK"), required["TRACE_TABLE"],

@@ -158,8 +158,8 @@ def product_primary_header(source: fits.Header, catg: str, raw, calib, settings,
             header.append(card)
     for key, value, comment in provenance_cards(catg, raw, calib, settings):
         header.append((hierarch(key), value, comment))
-    for key, value, comment in extra:
-        header.append((hierarch(key), value, comment))
+    for name, value, note in extra:
+        header.append((hierarch(name), value, note))
     return product_order(header)
 
 
