@@ -1,4 +1,4 @@
-"""The code's standing checks: ruff over the package, tests, tools and benchmarks; mypy over the core and io."""
+"""The code's standing checks: ruff over the package, tests, tools and benchmarks; mypy over the package."""
 
 import re
 import shutil
@@ -23,7 +23,7 @@ def test_ruff_is_clean():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_mypy_is_clean_on_the_core_and_io():
+def test_mypy_is_clean_on_the_package():
     result = subprocess.run([sys.executable, "-m", "mypy"], cwd=ROOT, capture_output=True, text=True)
     if "No module named mypy" in result.stderr:
         pytest.skip("mypy is not installed (pip install -e '.[test]' installs it)")

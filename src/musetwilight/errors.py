@@ -57,7 +57,7 @@ def os_error_reason(err: OSError) -> str:
     return reason[:1].lower() + reason[1:]
 
 
-def os_error_text(err: OSError) -> str:
+def os_error_text(err: OSError | MuseTwilightError) -> str:
     """An OSError as a sentence naming its path ("DIR: read-only file system"), never "[Errno 30] ..."."""
     if isinstance(err, MuseTwilightError) or err.strerror is None:
         return str(err)

@@ -19,6 +19,7 @@ every failure of a call, a bad parameter value included, raises :class:`CplError
 
 from __future__ import annotations
 
+import builtins
 import logging
 import os
 import resource
@@ -108,6 +109,8 @@ class Parameter:
 
 class ParameterList:
     """The recipe's parameters as attributes (``param.xorder = 3``; ``del param.xorder``)."""
+
+    _items: dict[str, Parameter]
 
     def __init__(self, source: Mapping[str, Any] | None = None):
         object.__setattr__(self, "_items", {p.name: Parameter(p) for p in _params.PARAMETERS})
@@ -227,7 +230,7 @@ class FrameList:
 class LogList(list):
     """Captured log records with python-cpl's ``error`` / ``warning`` / ``info`` / ``debug`` views."""
 
-    def _at_least(self, level: int) -> list[str]:
+    def _at_least(self, level: int) -> builtins.list[str]:
         return [record.getMessage() for record in self if record.levelno >= level]
 
     error = property(lambda self: self._at_least(logging.ERROR))
@@ -327,7 +330,7 @@ class Recipe:
         self._calib = FrameList()
 
     @staticmethod
-    def list() -> list[tuple[str, list[str]]]:
+    def list() -> builtins.list[tuple[str, builtins.list[str]]]:
         """The recipes available and their versions, as python-cpl lists them."""
         return [(name, [ESO_VERSION[1]]) for name in RECIPES]
 
@@ -341,7 +344,7 @@ class Recipe:
         return recipe.__file__
 
     @staticmethod
-    def get_libs() -> list[str]:
+    def get_libs() -> builtins.list[str]:
         """python-cpl's recipe libraries: none (the recipe is Python)."""
         return []
 
@@ -362,7 +365,7 @@ class Recipe:
                                          ""))
 
     @property
-    def tags(self) -> list[str]:
+    def tags(self) -> builtins.list[str]:
         return list(RAW_TAGS)
 
     @property
@@ -407,7 +410,7 @@ class Recipe:
         self._calib = FrameList()
 
     @property
-    def output(self) -> dict[str, list[str]]:
+    def output(self) -> dict[str, builtins.list[str]]:
         return {"SKYFLAT": list(PRODUCT_TAGS), "ILLUM": []}
 
     def __repr__(self) -> str:

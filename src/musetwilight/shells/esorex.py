@@ -510,7 +510,8 @@ def _recipe_rc(path: Path, messages: Messages) -> dict[str, Any]:
 
 def _wrap(first: str, indent: str, text: str, later: int = 79) -> str:
     """Words wrapped as EsoRex wraps them: 80 columns on the first line, ``later`` on the others."""
-    lines, current = [], first
+    lines: list[str] = []
+    current = first
     for word in text.split(" "):  # a double space stays, as in EsoRex's texts
         if len(current) + 1 + len(word) > (80 if not lines else later) and current.strip():
             lines.append(current)

@@ -161,12 +161,8 @@ class ComparisonReport:
             "missing_in_test": self.missing_in_test,
             "missing_in_ref": self.missing_in_ref,
             "problems": self.problems,
-            "files": [],
+            "files": [dict(asdict(comparison), ok=comparison.ok) for comparison in self.files],
         }
-        for comparison in self.files:
-            entry = asdict(comparison)
-            entry["ok"] = comparison.ok
-            data["files"].append(entry)
         return _json_safe(data)
 
     def format(self) -> str:
@@ -306,7 +302,7 @@ def compare_keywords(ext: str, ref: fits.Header, test: fits.Header,
                      tolerances: Tolerances) -> tuple[int, list[KeywordDiff]]:
     """QC / DRS / WCS keywords of one HDU: (number compared, differences)."""
     def selected(header: fits.Header) -> dict:
-        out = {}
+        out: dict[str, object] = {}
         for card in header.cards:
             key = card.keyword
             if key.startswith(COMPARED_KEY_PREFIXES) or WCS_KEYS.match(key):

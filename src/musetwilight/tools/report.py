@@ -354,7 +354,7 @@ def footprints(geometry, ifus) -> list[Footprint]:
             return (float(boxes[:, 0].min()), float(boxes[:, 1].max()), float(boxes[:, 2].min()),
                     float(boxes[:, 3].max()))
         stacks = tuple(bounds(slices[stack_of == k]) for k in np.unique(stack_of))
-        out.append(Footprint(ifu, bounds(slices), stacks, tuple(tuple(map(float, b)) for b in slices)))
+        out.append(Footprint(ifu, bounds(slices), stacks, tuple(bounds(box[None]) for box in slices)))
     return out
 
 
@@ -411,7 +411,7 @@ class _Plotter:
             info = {"kind": "image" if ax.images else "plot", "title": ax.get_title(), "xlabel": ax.get_xlabel(),
                     "ylabel": ax.get_ylabel()}
             if ax.images:
-                data = np.ma.masked_invalid(np.ma.asarray(ax.images[0].get_array(), dtype=float))
+                data: np.ma.MaskedArray = np.ma.masked_invalid(np.ma.asarray(ax.images[0].get_array(), dtype=float))
                 info["data_fraction"] = float(data.count() / data.size) if data.size else 0.0
                 info["data_spread"] = float(data.std()) if data.count() else 0.0
                 info["limits"] = [float(v) for v in ax.images[0].get_clim()]
@@ -849,9 +849,9 @@ def _read_products(datacube_skyflat, twilight_cube) -> _Products:
             raise ReportError("the QA report needs a TWILIGHT_CUBE")
         return _load(sky, twi)
     finally:
-        if sky_opened:
+        if sky_opened and sky is not None:
             sky.close()
-        if twi_opened:
+        if twi_opened and twi is not None:
             twi.close()
 
 
@@ -999,7 +999,7 @@ def _write(out: Path, products: _Products, truth: dict | None, title: str, outli
     sections.append(("Smooth fit and vignetting", "".join(fit_html)))
 
     flux_html = []
-    if flux:
+    if flux and reference is not None:
         flux_html.append(_figure_html(plotter.intflux(flux, reference, comparison.injected_ratio)))
         flux_html.append(_table(["IFU", "INTFLUX", f"INTFLUX / IFU {reference}"],
                                 [[i, v, v / flux[reference]] for i, v in flux.items()]))

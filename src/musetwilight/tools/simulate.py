@@ -158,7 +158,7 @@ class Instrument:
     seed: int
     trace: dict[int, np.ndarray] = field(default_factory=dict)  # ifu -> (48, 3, order+1)
     wave: dict[int, np.ndarray] = field(default_factory=dict)  # ifu -> (48, 3, 7) wlcXY
-    geometry: np.ndarray | None = None  # structured (24*48,)
+    geometry: np.ndarray = field(default_factory=lambda: np.zeros(0))  # structured (24*48,), set by build_instrument
     sky_width: float = 75.0
 
     @property
@@ -373,8 +373,8 @@ class FieldModel:
         t = np.clip((y - g["ystart"]) / (g["ytop"] - g["ystart"]), 0.0, 1.0)
         return 1.0 - g["depth"] * t * t
 
-    def sky(self, x, y):
-        """Factor on the twilight sky exposures."""
+    def sky(self, x, y, lam=None, ifu=None, stack=None):
+        """Factor on the twilight sky exposures (``lam``, ``ifu``, ``stack``: only truth families use them)."""
         top = self.vign is not None and self.vign["kind"] == "top"
         return self.illumination(x, y) * (self.vignetting(x, y) if top else 1.0)
 
@@ -887,7 +887,7 @@ class _Writer:
         response += 1.0 + 0.02 * xx - 0.015 * yy
         structure = np.broadcast_to(0.6 * xx + 0.3 * rng.standard_normal(nx, dtype=np.float32)[None, :],
                                     (ny, nx)).astype(np.float32)
-        defects = {"hot_columns": [], "trap_columns": [], "dark_pixels": []}
+        defects: dict[str, list] = {"hot_columns": [], "trap_columns": [], "dark_pixels": []}
         nhot = 2 if o.scale == "mini" else 6
         for _ in range(nhot):
             x = int(rng.integers(1, nx + 1))
