@@ -8,11 +8,11 @@ each model; the TWILIGHT_CUBE is compared with the expected one
 recovered / injected - 1 in the unvignetted field, in the vignetted zone, at IFU and at
 slice-stack boundaries, the vignetting depth error, and the smoothing time.
 
-Without ILLUM a ``floor`` row follows where it is not zero: the error of the best possible
-smooth model (:func:`musetwilight.tools.report.confusion_floor`: the slice efficiencies that
-ILLUM would have levelled imitate per-IFU y slopes and per-stack levels, and no method can
-tell them apart, at any signal-to-noise).  The verdict names the rows that miss a goal and
-those whose rms goal lies below that floor.
+Without ILLUM a ``floor`` row follows where it is not zero: the error of an ideal smooth model
+that knows the family's form and scatter, from noise-free data
+(:func:`musetwilight.tools.report.confusion_floor`: the slice efficiencies that ILLUM would have
+levelled look like per-IFU y slopes and per-stack levels, at any signal-to-noise).  The verdict
+names the rows that miss a goal and those whose rms goal lies below that floor.
 
 Seeds 0-4 are the training seeds (the joint model's choices were tuned on them), 5-9 are
 held back (``--seeds held``).  Cubes are cached (``--cache``), so the costly simulation and
@@ -217,7 +217,7 @@ def _pct(value: float, digits: int = 3) -> str:
 def table(results: dict[tuple[str, bool], list[dict]]) -> tuple[str, str]:
     """Markdown table: one row per family x ILLUM x model (``floor``: the best possible smooth
     model, where it is not zero); and the verdict: every goal met, or which are missed and
-    whether the floor puts the rms goal out of any method's reach."""
+    whether the floor puts the rms goal out of reach."""
     head = ("| family | ILLUM | model | field rms % | field max % | vign rms % | vign max % | IFU bnd rms % "
             "| IFU bnd max % | stack bnd rms % | depth err % (max) | time s | goals |")
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
@@ -259,7 +259,7 @@ def table(results: dict[tuple[str, bool], list[dict]]) -> tuple[str, str]:
     else:
         verdict = f"all goals met: no ({', '.join(missed)})"
         if beyond:
-            verdict += (f"; of these, only the rms goal is missed, and it lies below the floor, beyond any method, on "
+            verdict += (f"; of these, only the rms goal is missed, and it lies below the floor (out of reach) on "
                         f"{', '.join(beyond)}")
     return "\n".join(lines), verdict
 

@@ -1176,14 +1176,15 @@ def bayes_terms(design: np.ndarray, prior_precision: np.ndarray, observed: np.nd
 
 
 def confusion_floor(truth: dict, wcs: fits.Header, shape: tuple[int, int], used_illum: bool) -> np.ndarray:
-    """Log error (ny, nx) of the best possible smooth model of a simulated set: its floor.
+    """Log error (ny, nx) of an ideal smooth model of a simulated set: the floor the data set.
 
     Without ILLUM the slice efficiencies stay in the data (:func:`expected_twilight` leaves
     them out), and the part of them that has the form of the family's per-IFU y slopes and
-    per-stack levels cannot be told from illumination of that form, by any method and at any
-    signal-to-noise.  This is the error of the Bayes estimate (:func:`bayes_terms`) of those
-    terms from noise-free data, per IFU, knowing their form and scatter (the injected ones)
-    and the efficiencies' scatter: the terms that are constant along each slice (``gy eta``
+    per-stack levels is, in the data, the same thing as illumination of that form, at any
+    signal-to-noise.  This is the error of the Bayes estimate (:func:`bayes_terms`: the least
+    mean squared error among estimates linear in the data, the least of all for Gaussian
+    scatter) of those terms from noise-free data, per IFU, knowing their form and scatter (the
+    injected ones) and the efficiencies' scatter, which no real model knows: the terms that are constant along each slice (``gy eta``
     per IFU, ``s`` per stack; the IFU level is free, as the recipe's flux scaling makes it;
     x slopes are seen along every slice and chromatic terms are not confused, as a slice's
     efficiency is grey), mapped onto the spaxels like :func:`expected_twilight`.  Zero with
