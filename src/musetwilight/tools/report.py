@@ -1184,10 +1184,10 @@ def confusion_floor(truth: dict, wcs: fits.Header, shape: tuple[int, int], used_
     signal-to-noise.  This is the error of the Bayes estimate (:func:`bayes_terms`: the least
     mean squared error among estimates linear in the data, the least of all for Gaussian
     scatter) of those terms from noise-free data, per IFU, knowing their form and scatter (the
-    injected ones) and the efficiencies' scatter, which no real model knows: the terms that are constant along each slice (``gy eta``
-    per IFU, ``s`` per stack; the IFU level is free, as the recipe's flux scaling makes it;
-    x slopes are seen along every slice and chromatic terms are not confused, as a slice's
-    efficiency is grey), mapped onto the spaxels like :func:`expected_twilight`.  Zero with
+    injected ones) and the efficiencies' scatter, which no real model knows.  The terms are
+    those constant along each slice (``gy eta`` per IFU, ``s`` per stack; the IFU level is
+    free, as the recipe's flux scaling makes it; x slopes are seen along every slice and
+    chromatic terms are not confused, as a slice's efficiency is grey); the error is mapped onto the spaxels like :func:`expected_twilight`.  Zero with
     ILLUM (it levels the slices) and for families without per-IFU or per-stack terms.
     """
     from .simulate import slice_index_map, truth_geometry
