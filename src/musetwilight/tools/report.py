@@ -1187,8 +1187,9 @@ def confusion_floor(truth: dict, wcs: fits.Header, shape: tuple[int, int], used_
     injected ones) and the efficiencies' scatter, which no real model knows.  The terms are
     those constant along each slice (``gy eta`` per IFU, ``s`` per stack; the IFU level is
     free, as the recipe's flux scaling makes it; x slopes are seen along every slice and
-    chromatic terms are not confused, as a slice's efficiency is grey); the error is mapped onto the spaxels like :func:`expected_twilight`.  Zero with
-    ILLUM (it levels the slices) and for families without per-IFU or per-stack terms.
+    chromatic terms are not confused, as a slice's efficiency is grey); the error is mapped
+    onto the spaxels like :func:`expected_twilight`.  Zero with ILLUM (it levels the slices)
+    and for families without per-IFU or per-stack terms.
     """
     from .simulate import slice_index_map, truth_geometry
 
