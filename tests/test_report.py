@@ -225,6 +225,34 @@ def test_no_empty_table_rows(real_report):
             assert any(row[column].strip() for row in cells), table[:200]  # no column empty in every row
 
 
+def test_joint_run_report_shows_the_fit_both_models_and_the_floor(simulated_set, tmp_path, matplotlib_image):
+    """A --illum-model=joint run of a slice-stack family without ILLUM, as `demo` reports it: what
+    the model fitted (per-IFU and per-stack terms, its components) and both models and the floor
+    of an ideal model against the injected truth, in the table, the figure and summary.json."""
+    sim = simulated_set(seed=4, family="stack")
+    joint = recipe.run(sim.sof, None, tmp_path / "joint", workers=2, illum_model="joint")
+    eso_run = recipe.run(sim.sof, make_settings(), None, skip_cube=joint.paths["DATACUBE_SKYFLAT"],
+                         illum_model="eso")
+    index = report.write_report(tmp_path / "report", joint.datacube_skyflat, joint.twilight_cube,
+                                truth=sim.truth(), fit=joint.illumination_fit,
+                                alternatives={"eso": eso_run.twilight_cube}, geometry=sim.files["GEOMETRY_TABLE"][0])
+    page = index.read_text()
+    assert "Joint illumination model: what it fitted" in page and "TWILIGHT_CUBE models versus the truth" in page
+    linked = set(IMG_RE.findall(page))
+    assert {"joint_components.png", "models_vs_truth.png"} <= linked
+    _pngs_decode_with_content(index.parent, matplotlib_image)
+    for ifu in sim.ifus:  # one row of per-IFU terms each, with the four stack levels
+        assert re.search(rf'<tr><td class="num">{ifu}</td>(<td class="num">[^<]+</td>){{8}}</tr>', page), ifu
+    summary = json.loads((index.parent / "summary.json").read_text())
+    vs = summary["models_vs_truth"]
+    assert list(vs) == ["joint", "eso", report.FLOOR_COLUMN]
+    assert f"<th>{report.FLOOR_COLUMN}</th>" in page
+    field = {name: vs[name]["field"]["rms"] for name in vs}
+    assert field["joint"] < field["eso"]
+    assert 0 < field[report.FLOOR_COLUMN] < field["eso"]
+    assert summary["joint_fit"]["lambda_order"] == joint.illumination_fit.lambda_order
+
+
 # ----------------------------------------------------------------------------------------------
 # synthetic products with an exactly known truth
 

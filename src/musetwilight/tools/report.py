@@ -1286,6 +1286,10 @@ def recovery_metrics(twilight: np.ndarray, expected: dict, field: np.ndarray) ->
 # the illumination model: what --illum-model=joint fitted, and both models against the truth
 
 
+#: The column of the models-versus-truth table with the floor of an ideal smooth model.
+FLOOR_COLUMN = "floor (ideal model)"
+
+
 def _model_name(products: _Products) -> str:
     return str(products.twi_primary.get(ILLUM_MODEL_KEY, "eso")).strip() or "eso"
 
@@ -1377,6 +1381,9 @@ def _model_sections(plotter: _Plotter, products: _Products, truth: dict | None, 
         return sections, numbers
     field = products.field_mask()
     metrics = {name: recovery_metrics(p.twi_cube, expected, field) for name, p in models.items()}
+    floor = confusion_floor(truth, products.wcs, products.twi_cube.shape[1:], bool(expected["used_illum"]))
+    if floor.any():  # no ILLUM: what an ideal smooth model would still get wrong
+        metrics[FLOOR_COLUMN] = recovery_metrics(expected["cube"] * np.exp(floor)[None], expected, field)
     numbers["models_vs_truth"] = metrics
     names = list(metrics)
     rows = []
@@ -1391,9 +1398,14 @@ def _model_sections(plotter: _Plotter, products: _Products, truth: dict | None, 
         rows.append(["vignetting excess recovered %", *(100 * metrics[n]["depth"]["recovered"] for n in names)])
     parts = ["<p>Recovered / expected - 1 of each TWILIGHT_CUBE model, all planes, each plane normalised by its "
              "median over the unvignetted field. Expected: the injected sky-versus-lamp field times the "
-             "recipe's per-IFU flux scaling (report.expected_twilight).</p>",
+             "recipe's per-IFU flux scaling (report.expected_twilight)."
+             + (f" {FLOOR_COLUMN}: the error an ideal smooth model would still make, one that knew the "
+                "injected form and scatter of the per-IFU and per-stack terms, on noise-free data: without "
+                "ILLUM the slice efficiencies look like such terms (report.confusion_floor)."
+                if FLOOR_COLUMN in metrics else "") + "</p>",
              _table(["", *names], rows)]
     maps = {}
+    names = list(models)
     with _quiet_nanmean(), np.errstate(invalid="ignore", divide="ignore"):
         plain = field & (np.abs(expected["excess"]) <= VIGNETTED_ZONE) & np.isfinite(expected["cube"][0])
         for name in names:
