@@ -157,10 +157,16 @@ def smooth_cube(d: dict, model: str, options: illumination.JointOptions | None =
     return result.cube, time.perf_counter() - t0, fit
 
 
+def _expected(d: dict) -> dict:
+    """The set's expected TWILIGHT_CUBE (:func:`musetwilight.tools.report.expected_twilight`), made once."""
+    if "expected" not in d:
+        d["expected"] = report.expected_twilight(d["truth"], d["primary"], d["wcs"], d["cube"].shape)
+    return d["expected"]
+
+
 def evaluate(d: dict, cube: np.ndarray) -> dict:
-    expected = report.expected_twilight(d["truth"], d["primary"], d["wcs"], d["cube"].shape)
     field = np.isfinite(d["white"]) & (d["white"] != 0)
-    return report.recovery_metrics(cube, expected, field)
+    return report.recovery_metrics(cube, _expected(d), field)
 
 
 def run_set(key: Path, options=None, models=MODELS, repeat: int = 1) -> dict:
@@ -178,17 +184,10 @@ def run_set(key: Path, options=None, models=MODELS, repeat: int = 1) -> dict:
             out[model]["fit"] = {k: v for k, v in fit.summary().items() if k not in ("ifu_terms", "stack_terms")}
     if "esorex" in d:
         out["esorex"] = {"metrics": evaluate(d, d["esorex"]), "seconds": float("nan")}
-    out["floor"] = {"metrics": evaluate(d, floor_cube(d)), "seconds": float("nan")}
+    expected = _expected(d)
+    floor = report.floor_twilight(d["truth"], expected, d["wcs"])  # the ideal smooth model
+    out["floor"] = {"metrics": evaluate(d, expected["cube"] if floor is None else floor), "seconds": float("nan")}
     return out
-
-
-def floor_cube(d: dict) -> np.ndarray:
-    """The expected cube times the error of the best possible smooth model (its floor,
-    :func:`musetwilight.tools.report.confusion_floor`): zero with ILLUM, the slice efficiencies'
-    confusion with per-IFU and per-stack terms without."""
-    expected = report.expected_twilight(d["truth"], d["primary"], d["wcs"], d["cube"].shape)
-    error = report.confusion_floor(d["truth"], d["wcs"], d["cube"].shape[1:], expected["used_illum"])
-    return expected["cube"] * np.exp(error)[None]
 
 
 # ---- the table ---------------------------------------------------------------------------------

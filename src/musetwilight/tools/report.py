@@ -1123,8 +1123,7 @@ def expected_twilight(truth: dict, header: fits.Header, wcs: fits.Header, shape:
         used_illum = _used_illum(header)
     step = float(wcs.get("CD3_3", wcs.get("CDELT3", 1.0)))
     lam = float(wcs.get("CRVAL3", 1.0)) + (np.arange(nz) + 1.0 - float(wcs.get("CRPIX3", 1.0))) * step
-    x0 = float(wcs.get("CRVAL1", 1.0)) + (1.0 - float(wcs.get("CRPIX1", 1.0)))
-    y0 = float(wcs.get("CRVAL2", 1.0)) + (1.0 - float(wcs.get("CRPIX2", 1.0)))
+    x0, y0 = _grid_origin(wcs)
     m = EXPECTED_SUBSAMPLES
     xs = x0 + np.arange(nx)[:, None] + (np.arange(m)[None, :] + 0.5) / m - 0.5  # (nx, m)
     X = np.broadcast_to(xs[None], (ny, nx, m))
@@ -1148,9 +1147,8 @@ def expected_twilight(truth: dict, header: fits.Header, wcs: fits.Header, shape:
     with np.errstate(invalid="ignore", divide="ignore"):
         excess = np.where(count > 0, (np.where(inside, factor, 0).sum(axis=2)) / count, np.nan) - 1.0
         cube = np.full(shape, np.nan)
-        contextual = getattr(fm, "contextual", False)
         for k in range(nz):
-            sky = fm.sky(X, Y, lam[k], ifu_sub, stack_sub) if contextual else fm.sky(X, Y)
+            sky = fm.sky(X, Y, lam[k], ifu_sub, stack_sub)
             value = np.where(inside, sky / lamp * weight, 0.0).sum(axis=2) / count
             cube[k] = np.where(count > 0, value, np.nan)
     ifu = np.where(count > 0, np.max(np.where(inside, ifu_sub, 0), axis=2), 0)
@@ -1164,6 +1162,12 @@ def expected_twilight(truth: dict, header: fits.Header, wcs: fits.Header, shape:
     stack_boundary[:, :-1] |= mixed[:, 1:] & (count[:, :-1] > 0)
     return {"cube": cube, "excess": excess, "ifu": ifu, "ifu_boundary": ifu_boundary,
             "stack_boundary": stack_boundary, "used_illum": used_illum, "wavelengths": lam}
+
+
+def _grid_origin(wcs: fits.Header) -> tuple[float, float]:
+    """Field x and y (GEOMETRY_TABLE units) of spaxel (0, 0) of a cube's DATA header."""
+    return (float(wcs.get("CRVAL1", 1.0)) + (1.0 - float(wcs.get("CRPIX1", 1.0))),
+            float(wcs.get("CRVAL2", 1.0)) + (1.0 - float(wcs.get("CRPIX2", 1.0))))
 
 
 def bayes_terms(design: np.ndarray, prior_precision: np.ndarray, observed: np.ndarray,
@@ -1206,15 +1210,14 @@ def confusion_floor(truth: dict, wcs: fits.Header, shape: tuple[int, int], used_
         scatter["gy"] = float(np.mean([t["gy"] ** 2 for t in ifu_terms.values()]))
     if "stack" in components:
         scatter["s"] = float(np.mean([t["s"] ** 2 for terms in stack_terms.values() for t in terms]))
-    rows, efficiency = [], []
+    per_ifu = []  # (IFU, its geometry rows, log slice efficiency relative to the IFU's mean)
     for n, entry in (truth.get("ifus") or {}).items():
         mine = np.nonzero(geometry["SubField"] == int(n))[0]
         eff = np.asarray(entry["slice_efficiency"], float)[geometry["SliceCCD"][mine] - 1]
-        rows.append(mine)
-        efficiency.append(np.log(eff) - np.log(np.mean(eff)))
-    noise_variance = float(np.var(np.concatenate(efficiency)))
+        per_ifu.append((int(n), mine, np.log(eff) - np.log(np.mean(eff))))
+    noise_variance = float(np.var(np.concatenate([e for _, _, e in per_ifu])))
     error = np.zeros(len(geometry))
-    for n, mine, e in zip((int(k) for k in (truth.get("ifus") or {})), rows, efficiency):
+    for n, mine, e in per_ifu:
         g = geometry[mine]
         stack = (g["SliceSky"] - 1) // SLICES_PER_STACK
         columns, precision, injected = [np.ones(len(g))], [0.0], [0.0]
@@ -1230,15 +1233,21 @@ def confusion_floor(truth: dict, wcs: fits.Header, shape: tuple[int, int], used_
         design, c = np.array(columns).T, np.array(injected)
         estimate = bayes_terms(design, np.array(precision), design @ c + e, noise_variance)
         error[mine] = design @ (estimate - c)
-    m = EXPECTED_SUBSAMPLES
-    x0 = float(wcs.get("CRVAL1", 1.0)) + (1.0 - float(wcs.get("CRPIX1", 1.0)))
-    y0 = float(wcs.get("CRVAL2", 1.0)) + (1.0 - float(wcs.get("CRPIX2", 1.0)))
-    index = slice_index_map(geometry, x0, y0, nx, ny, m)
+    x0, y0 = _grid_origin(wcs)
+    index = slice_index_map(geometry, x0, y0, nx, ny, EXPECTED_SUBSAMPLES)
     inside = index >= 0
     count = inside.sum(axis=2)
     with np.errstate(invalid="ignore"):
         return np.where(count > 0, np.where(inside, error[np.where(inside, index, 0)], 0.0).sum(axis=2)
                         / np.maximum(count, 1), 0.0)
+
+
+def floor_twilight(truth: dict, expected: dict, wcs: fits.Header) -> np.ndarray | None:
+    """The expected cube (:func:`expected_twilight`) times the floor's error
+    (:func:`confusion_floor`): the TWILIGHT_CUBE of an ideal smooth model; None where the floor is 0."""
+    cube = expected["cube"]
+    error = confusion_floor(truth, wcs, cube.shape[1:], bool(expected["used_illum"]))
+    return cube * np.exp(error)[None] if error.any() else None
 
 
 def _ratio_stats(dev: np.ndarray) -> dict[str, float | int]:
@@ -1381,9 +1390,9 @@ def _model_sections(plotter: _Plotter, products: _Products, truth: dict | None, 
         return sections, numbers
     field = products.field_mask()
     metrics = {name: recovery_metrics(p.twi_cube, expected, field) for name, p in models.items()}
-    floor = confusion_floor(truth, products.wcs, products.twi_cube.shape[1:], bool(expected["used_illum"]))
-    if floor.any():  # no ILLUM: what an ideal smooth model would still get wrong
-        metrics[FLOOR_COLUMN] = recovery_metrics(expected["cube"] * np.exp(floor)[None], expected, field)
+    floor = floor_twilight(truth, expected, products.wcs)
+    if floor is not None:  # no ILLUM: what an ideal smooth model would still get wrong
+        metrics[FLOOR_COLUMN] = recovery_metrics(floor, expected, field)
     numbers["models_vs_truth"] = metrics
     names = list(metrics)
     rows = []
